@@ -1,0 +1,116 @@
+"""``sparseforge-compile``: eval, report, prune, generate.
+
+Each subcommand parses its flags here and calls one function of the room that owns the work, so
+the CLI and the Python API stay one code path. Errors users can act on (bad model name, missing
+data, bad pattern) print one line and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .data import DataError
+from .models import SMOLLM2_NAME, ModelLoadError
+
+
+class UsageError(RuntimeError):
+    """Bad input a user can fix; printed as one line."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DataError, UsageError, ValueError, FileNotFoundError)
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but CUDA is not available here: use --device cpu")
+    return name
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_windows, load_wikitext2, tokenize
+    from .evaluate import perplexity
+    from .models import load_model
+
+    device = pick_device(args.device)
+    loaded = load_model(args.model, device=device, dtype=args.dtype)
+    if loaded.tokenizer is None:
+        raise UsageError(f"{args.model} ships no tokenizer: perplexity needs one")
+    tokens = tokenize(loaded.tokenizer, load_wikitext2(args.split, args.data_dir))
+    all_windows = eval_windows(tokens, args.seqlen)
+    windows = all_windows[: args.max_windows] if args.max_windows else all_windows
+    result = perplexity(loaded.model, windows, batch_size=args.batch_size, total_windows=all_windows.shape[0],
+                        progress=not args.quiet)
+    scope = f"{result.windows} of {result.total_windows} windows" + (" (SUBSET)" if result.subset else "")
+    rows = [["model", args.model], ["dataset", f"wikitext2 {args.split}"], ["seqlen", result.seqlen],
+            ["windows", scope], ["tokens scored", result.tokens], ["device / dtype", f"{device} / {args.dtype}"],
+            ["seconds", f"{result.seconds:.1f}"]]
+    print(tabulate(rows, tablefmt="simple"))
+    subset_note = f" on a subset ({result.windows}/{result.total_windows} windows)" if result.subset else ""
+    print(f"WikiText-2 {args.split} perplexity{subset_note}: {result.ppl:.4f}")
+    if args.json:
+        write_json(args.json, {"model": args.model, "dataset": "wikitext2", "split": args.split,
+                               "device": device, "dtype": args.dtype, **result.as_dict()})
+    return 0
+
+
+# ----------------------------------------------------------------------------------- the parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseforge-compile", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=SMOLLM2_NAME,
+                       help=f"'{SMOLLM2_NAME}' (default), tiny-llama|tiny-qwen2|tiny-gpt2|tiny-opt|tiny-bert, "
+                            f"a local HF folder, a sparse checkpoint folder, a .gguf file or a hub id")
+        p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+        p.add_argument("--data-dir", default=None, help="data folder (default $SPARSEFORGE_DATA or ../shared/data)")
+        p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("eval", help="WikiText-2 perplexity by the standard protocol")
+    common(p)
+    p.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a subset)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"sparseforge-compile {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
