@@ -101,10 +101,17 @@ def soft_nm_mask(scores: torch.Tensor, pattern: NMPattern, temperature: float | 
 class MaskState(nn.Module):
     """The mask of one Linear while it anneals; the graph calls it to get the mask to apply.
 
-    State: ``score`` (importance, a parameter so that the masked graph is differentiable in it),
-    ``temperature`` of the soft mask, and ``blend`` in [0, 1] moving from the soft mask (0) to the
-    exact N:M projection of the scores (1). With ``straight_through`` the forward value is the
-    blended mask while gradients reach the scores through the soft mask.
+    State: ``score`` (log-importance, a parameter so that the masked graph is differentiable in it),
+    ``temperature`` of the soft mask, ``blend`` in [0, 1] moving from the soft mask (0) to the exact
+    N:M projection of the scores (1), and ``importance``, an EMA of the squared gradient of the loss
+    with respect to the mask, filled while ``collecting`` is on.
+
+    Why the mask gradient: dL/dm_ij = g_ij * w_ij (g the gradient of the effective weight), so its
+    square is the empirical-Fisher estimate of the OBD saliency H_ij w_ij^2 at no extra backward cost.
+
+    The group threshold and the hard projection depend only on ``score``; they are cached and
+    recomputed when the score tensor changes (its version counter), not on every forward. Schedule
+    values are mirrored as Python floats so a forward never synchronizes with the device.
     """
 
     def __init__(self, weight_shape: torch.Size | tuple[int, ...], pattern: NMPattern, layer: str = "") -> None:
@@ -115,11 +122,20 @@ class MaskState(nn.Module):
         self.score = nn.Parameter(torch.ones(weight_shape), requires_grad=False)
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("blend", torch.tensor(0.0))
+        self.register_buffer("importance", torch.zeros(weight_shape), persistent=True)
+        self.importance_beta = 0.9
         self.straight_through = False
+        self.collecting = False
+        self._t = 1.0
+        self._blend = 0.0
+        self._cache_key: tuple | None = None
+        self._thr: torch.Tensor | None = None
+        self._hard: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, pattern={self.pattern}, shape={tuple(self.score.shape)}"
 
+    # -- state -------------------------------------------------------------------------------
     @torch.no_grad()
     def set_scores(self, scores: torch.Tensor) -> None:
         self.score.copy_(scores.to(self.score.dtype))
@@ -128,34 +144,72 @@ class MaskState(nn.Module):
     def set_hard(self, mask: torch.Tensor) -> None:
         """Pin the mask to a given binary mask (one-shot methods): score 1 where kept, 0 where pruned."""
         self.score.copy_(mask.to(self.score.dtype))
-        self.blend.fill_(1.0)
+        self.set_schedule(self._t, 1.0)
 
+    @torch.no_grad()
+    def set_schedule(self, temperature: float, blend: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"{self.layer}: temperature must be > 0, got {temperature}")
+        self._t, self._blend = float(temperature), float(min(max(blend, 0.0), 1.0))
+        self.temperature.fill_(self._t)
+        self.blend.fill_(self._blend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._t, self._blend = float(self.temperature), float(self.blend)
+        self._cache_key = None
+
+    def _refresh(self) -> None:
+        key = (self.score.data_ptr(), self.score._version, self.score.device)
+        if key != self._cache_key:
+            with torch.no_grad():
+                self._thr = group_thresholds(self.score, self.pattern)
+                self._hard = nm_mask(self.score, self.pattern)
+            self._cache_key = key
+
+    # -- views -------------------------------------------------------------------------------
     def hard_mask(self) -> torch.Tensor:
-        return nm_mask(self.score, self.pattern)
+        self._refresh()
+        return self._hard
 
     def soft_mask(self) -> torch.Tensor:
-        return soft_nm_mask(self.score, self.pattern, self.temperature)
+        self._refresh()
+        return torch.sigmoid((self.score - self._thr) / self._t)
 
     def undecided_fraction(self, tol: float = 0.1) -> float:
-        """Fraction of groups where some soft value sits between tol and 1 - tol."""
+        """Fraction of groups where some value of the mask in use sits between tol and 1 - tol."""
         with torch.no_grad():
-            soft = _groups(self.soft_mask(), self.pattern)
-            undecided = ((soft > tol) & (soft < 1 - tol)).any(dim=-1)
+            mask = _groups(self._mixed(), self.pattern)
+            undecided = ((mask > tol) & (mask < 1 - tol)).any(dim=-1)
             return float(undecided.float().mean())
 
     def entropy(self) -> float:
-        """Mean binary entropy (bits) of the soft mask: 0 when fully hardened."""
+        """Mean binary entropy (bits) of the mask in use: 0 when fully hardened."""
         with torch.no_grad():
-            p = self.soft_mask().clamp(1e-7, 1 - 1e-7)
+            p = self._mixed().clamp(1e-7, 1 - 1e-7)
             h = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
             return float(h.mean())
 
-    def forward(self) -> torch.Tensor:
+    def _mixed(self) -> torch.Tensor:
         hard = self.hard_mask().to(self.score.dtype)
-        if float(self.blend) >= 1.0 and not self.straight_through:
+        if self._blend >= 1.0:
             return hard
         soft = self.soft_mask()
-        mixed = soft + self.blend * (hard - soft)
-        if self.straight_through:
-            return mixed.detach() + (soft - soft.detach())
-        return mixed
+        return soft + self._blend * (hard - soft)
+
+    # -- the graph's call ----------------------------------------------------------------------
+    def _accumulate(self, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.importance.mul_(self.importance_beta).addcmul_(grad, grad, value=1 - self.importance_beta)
+
+    def forward(self) -> torch.Tensor:
+        if self.straight_through and self._blend < 1.0:
+            soft = self.soft_mask()
+            mask = self._mixed().detach() + (soft - soft.detach())
+        else:
+            mask = self._mixed()
+        if self.collecting and torch.is_grad_enabled():
+            if not mask.requires_grad:
+                mask = mask.detach().requires_grad_()
+            mask.register_hook(self._accumulate)
+        return mask
