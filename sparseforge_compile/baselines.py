@@ -1,0 +1,726 @@
+"""One-shot peer pruning methods: magnitude, Wanda (Sun et al. 2023) and SparseGPT (Frantar &
+Alistarh 2023), each as its paper and reference implementation define it.
+
+``prune_oneshot`` prunes a model's weights in place and returns the keep-masks in
+``(out_features, in_features)`` layout (also for GPT-2's ``Conv1D``, whose weight is stored
+``(in, out)``). N:M groups are M consecutive *input* features, as in :mod:`masks`.
+
+Wanda and SparseGPT calibrate sequentially, block by block, as the references do: the inputs of
+the first decoder block are captured once, then every block collects its layers' input
+statistics, is pruned, and is run again so that the next block sees the outputs of the pruned
+model so far. Only one block's statistics exist at a time, and a block can be moved to the
+compute device on its own while the rest of the model stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .hessian import LayerInputStats
+from .masks import NMPattern, nm_mask
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")
+# With percdamp 0 a failing Cholesky has nothing to multiply by 10; retries start here instead.
+MIN_RETRY_PERCDAMP = 1e-4
+DEFAULT_PATTERN = NMPattern(2, 4)
+
+
+class PruneError(RuntimeError):
+    """A layer could not be pruned; the message names it, its shape and what to change."""
+
+
+# ------------------------------------------------------------------------------------ config
+
+@dataclass
+class OneShotConfig:
+    """Knobs of the one-shot methods; the defaults are the papers'."""
+
+    percdamp: float = 0.01  # SparseGPT: damping = percdamp * mean(diag(H))
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    batch_size: int = 8  # calibration sequences per catcher / block forward
+    device: str | torch.device | None = None  # compute device; None: where the model's parameters are
+    max_damp_retries: int = 6  # SparseGPT: Cholesky retries, percdamp x damp_growth each
+    damp_growth: float = 10.0
+    measure_error: bool = True  # relative reconstruction error per layer (needs X^T X for Wanda too)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.percdamp, (int, float)) and self.percdamp >= 0 and math.isfinite(self.percdamp)):
+            raise ValueError(f"percdamp {self.percdamp!r} must be a finite number >= 0 (the paper uses 0.01)")
+        for name in ("blocksize", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} {value!r} must be a positive integer")
+        if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
+            raise ValueError(f"max_damp_retries {self.max_damp_retries!r} must be an integer >= 0")
+        if not self.damp_growth > 1:
+            raise ValueError(f"damp_growth {self.damp_growth!r} must be > 1 so that each retry damps more")
+
+
+# ------------------------------------------------------------------------------------ results
+
+@dataclass
+class LayerPruneStats:
+    name: str
+    out_features: int
+    in_features: int
+    sparsity: float  # achieved: fraction of mask entries pruned
+    seconds: float
+    reconstruction_error: float | None = None  # ||W X - W' X||_F^2 / ||W X||_F^2 over the calibration tokens
+    damping: float | None = None  # SparseGPT: absolute value added to diag(H)
+    percdamp: float | None = None  # SparseGPT: damping relative to mean(diag(H)) actually used
+    damping_retries: int = 0  # SparseGPT: Cholesky failures before damping was enough
+    dead_inputs: int = 0  # SparseGPT: input features that were zero on every calibration token
+    calibration_sequences: int = 0
+    calibration_tokens: int = 0
+
+
+@dataclass
+class OneShotResult:
+    method: str
+    pattern: str | None  # "2:4", or None for unstructured
+    target_sparsity: float
+    masks: dict[str, torch.Tensor]  # layer name -> bool keep-mask, (out_features, in_features)
+    layers: dict[str, LayerPruneStats]
+    seconds: float
+    device: str
+    peak_memory_bytes: int | None  # CUDA: max allocated during the call; CPU: process peak RSS
+    peak_memory_kind: str  # "cuda_max_allocated" or "process_peak_rss"
+    calibration_shape: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights over all pruned layers."""
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def layer_rows(self) -> list[dict]:
+        """Flat per-layer rows for a results file."""
+        return [{"method": self.method, "pattern": self.pattern, **asdict(s)} for s in self.layers.values()]
+
+    def summary(self) -> dict:
+        errors = [s.reconstruction_error for s in self.layers.values() if s.reconstruction_error is not None]
+        return {"method": self.method, "pattern": self.pattern, "target_sparsity": self.target_sparsity,
+                "sparsity": self.sparsity, "layers": len(self.layers), "seconds": self.seconds,
+                "device": self.device, "peak_memory_bytes": self.peak_memory_bytes,
+                "peak_memory_kind": self.peak_memory_kind,
+                "mean_reconstruction_error": sum(errors) / len(errors) if errors else None,
+                "damping_retries": sum(s.damping_retries for s in self.layers.values())}
+
+
+# ------------------------------------------------------------------------ layers and blocks
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the math below does not need it
+        return None
+    return Conv1D
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an ``(out, in)`` view of the parameter's storage (in-place edits stick)."""
+    weight = module.weight.data
+    return weight.t() if _is_conv1d(module) else weight
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the longest ``nn.ModuleList`` of one block class holding linear layers.
+
+    LLaMA/Qwen2 ``model.layers``, GPT-2 ``transformer.h``, OPT ``model.decoder.layers``, BERT
+    ``encoder.layer``. Ties go to the outermost list.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(block) for block in module}
+        if len(kinds) != 1 or is_prunable(module[0]):
+            continue
+        if not any(is_prunable(m) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise PruneError(
+            f"{type(model).__name__}: found no repeated block list (an nn.ModuleList of identical blocks "
+            f"with linear layers); pass layers=[...] to name the layers to prune (magnitude only)"
+        )
+    return best
+
+
+def default_prune_layers(model: nn.Module) -> list[str]:
+    """Every Linear / Conv1D inside the decoder blocks (never the LM head or the embeddings)."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    return [f"{blocks_name}.{name}" for name, module in blocks.named_modules() if is_prunable(module)]
+
+
+def _resolve_layers(model: nn.Module, layers: list[str] | None,
+                    pattern: NMPattern | None) -> dict[str, nn.Module]:
+    names = default_prune_layers(model) if layers is None else list(layers)
+    if not names:
+        raise PruneError("no layers to prune: the layer list is empty")
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        if name not in modules:
+            near = [n for n in modules if n.endswith(name.split(".")[-1])][:3]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise PruneError(f"layer {name!r} is not a module of {type(model).__name__}{hint}")
+        module = modules[name]
+        if not is_prunable(module):
+            raise PruneError(
+                f"layer {name!r} is a {type(module).__name__}; only nn.Linear and transformers Conv1D layers "
+                f"can be pruned"
+            )
+        if pattern is not None:
+            pattern.check_divides(int(weight_out_in(module).shape[1]), name)
+        out[name] = module
+    return out
+
+
+# ------------------------------------------------------------------------------ mask selection
+
+def _prune_smallest(scores: torch.Tensor, count: int, per_row: bool = False) -> torch.Tensor:
+    """Bool mask (True = prune) of exactly ``count`` smallest scores, of the whole tensor or of each row.
+
+    A stable sort makes ties go to the lower index; NaN scores are pruned first.
+    """
+    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    prune = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if count <= 0:
+        return prune
+    if per_row:
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
+        return prune.scatter_(1, order, True)
+    order = torch.sort(scores.flatten(), stable=True).indices[:count]
+    return prune.view(-1).index_fill_(0, order, True).view(scores.shape)
+
+
+def _count_for(sparsity: float, total: int) -> int:
+    return int(math.floor(sparsity * total + 0.5))
+
+
+def magnitude_keep_mask(weight: torch.Tensor, pattern: NMPattern | None,
+                        sparsity: float | None = None) -> torch.Tensor:
+    """Keep-mask by |W| of an ``(out, in)`` weight: N:M per group, else the smallest ``sparsity`` of the layer."""
+    scores = weight.detach().abs()
+    if pattern is not None:
+        return nm_mask(scores, pattern)
+    return ~_prune_smallest(scores, _count_for(_check_ratio(sparsity), scores.numel()))
+
+
+def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2`` for an ``(out, in)`` weight and the input-feature norms ``(in,)``."""
+    return weight.detach().abs().float() * feature_norms.to(weight.device, torch.float32).reshape(1, -1)
+
+
+def wanda_keep_mask(weight: torch.Tensor, feature_norms: torch.Tensor, pattern: NMPattern | None,
+                    sparsity: float | None = None) -> torch.Tensor:
+    """Wanda's keep-mask: N:M per group, else the smallest ``sparsity`` of each output row."""
+    scores = wanda_scores(weight, feature_norms)
+    if pattern is not None:
+        return nm_mask(scores, pattern)
+    return ~_prune_smallest(scores, _count_for(_check_ratio(sparsity), scores.shape[1]), per_row=True)
+
+
+def _check_ratio(sparsity: float | None) -> float:
+    if sparsity is None or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"unstructured sparsity {sparsity!r} must be a ratio in [0, 1), e.g. 0.5")
+    return float(sparsity)
+
+
+# ----------------------------------------------------------------------------------- SparseGPT
+
+@dataclass
+class SparseGPTLayerResult:
+    weight: torch.Tensor  # (out, in) fp32, pruned entries zero, kept entries updated
+    keep: torch.Tensor  # bool (out, in)
+    damping: float
+    percdamp: float
+    damping_retries: int
+    dead_inputs: int
+    loss: float  # the algorithm's own OBS error estimate, sum over rows of sum (w - q)^2 / d^2 / 2
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, max_retries: int, growth: float,
+                               layer: str, shape: tuple[int, int]) -> tuple[torch.Tensor, float, float, int]:
+    """Upper Cholesky factor of (H + damp I)^-1, damping more after each failed factorization.
+
+    Adds the damping to ``hessian``'s diagonal in place. Returns (factor, damp, percdamp, retries).
+    """
+    mean_diag = float(hessian.diagonal().mean())
+    relative, applied, retries = percdamp, 0.0, 0
+    while True:
+        damp = relative * mean_diag
+        hessian.diagonal().add_(damp - applied)
+        applied = damp
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0 and bool(torch.isfinite(upper.diagonal()).all()):
+                return upper, damp, relative, retries
+        if retries >= max_retries:
+            raise PruneError(
+                f"{layer}: the {shape[1]}x{shape[1]} Hessian of this {shape[0]}x{shape[1]} layer is not positive "
+                f"definite even with percdamp {relative:g} after {retries} retries; use more calibration data, "
+                f"raise percdamp, or exclude the layer"
+            )
+        retries += 1
+        next_relative = max(relative * growth, MIN_RETRY_PERCDAMP)
+        log.warning("%s: Cholesky of the %dx%d Hessian failed with percdamp %g (damping %.4g); retrying with "
+                    "percdamp %g", layer, shape[1], shape[1], relative, damp, next_relative)
+        relative = next_relative
+
+
+@torch.no_grad()
+def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, pattern: NMPattern | None,
+                           sparsity: float | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                           max_damp_retries: int = 6, damp_growth: float = 10.0,
+                           layer: str = "layer") -> SparseGPTLayerResult:
+    """SparseGPT's ``fasterprune`` on one ``(out, in)`` weight with its Hessian ``2 X X^T`` ``(in, in)``.
+
+    ``hessian`` is consumed: it is modified in place (dead columns, damping). The weight is not
+    touched; the pruned and updated weight comes back in fp32 on the Hessian's device.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise PruneError(f"{layer}: Hessian of shape {tuple(hessian.shape)} does not match the {rows}x{cols} weight")
+    if not bool(torch.isfinite(hessian).all()):
+        raise PruneError(
+            f"{layer}: the Hessian of this {rows}x{cols} layer holds NaN/inf, so its calibration inputs overflowed; "
+            f"run the calibration in fp32 or exclude the layer"
+        )
+    if pattern is not None:
+        pattern.check_divides(cols, layer)
+        if blocksize % pattern.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for pattern {pattern}")
+    else:
+        sparsity = _check_ratio(sparsity)
+    W = weight.detach().to(device=hessian.device, dtype=torch.float32, copy=True)
+    H = hessian if hessian.dtype == torch.float32 else hessian.float()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    hinv, damp, relative, retries = _upper_cholesky_of_inverse(
+        H, percdamp, max_damp_retries, damp_growth, layer, (rows, cols))
+    del H
+
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    losses = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        d1 = Hinv1.diagonal()
+        if pattern is None:
+            # Unstructured: the block's share of the layer's exact prune count, by w^2 / d^2.
+            count = _count_for(sparsity, rows * i2) - _count_for(sparsity, rows * i1)
+            prune1 = _prune_smallest(W1.square() / d1.square(), count)
+        else:
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern.m == 0:
+                # Select on the weights as updated by the errors of the columns before them.
+                scores = W1[:, i : i + pattern.m].square() / d1[i : i + pattern.m].square()
+                prune1[:, i : i + pattern.m] = ~nm_mask(scores, pattern)
+            w = W1[:, i]
+            q = w.masked_fill(prune1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d1[i]
+            Losses1[:, i] = err.square()
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        losses += Losses1.sum(dim=1) / 2
+        W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)  # the lazy batch update
+        keep[:, i1:i2] = ~prune1
+    return SparseGPTLayerResult(weight=W, keep=keep, damping=damp, percdamp=relative, damping_retries=retries,
+                                dead_inputs=int(dead.sum()), loss=float(losses.sum()))
+
+
+def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||W X - W' X||_F^2 / ||W X||_F^2`` from the Gram matrix ``G ~ X X^T`` (any positive scale)."""
+    dense = dense.detach().to(gram.device, torch.float32)
+    delta = dense - pruned.detach().to(gram.device, torch.float32)
+    num = float(((delta @ gram) * delta).sum())
+    den = float(((dense @ gram) * dense).sum())
+    return num / den if den > 0 else float("nan")
+
+
+# --------------------------------------------------------------------- sequential calibration
+
+class _StopForward(Exception):
+    """Raised by the catcher on block 0 once its inputs are recorded."""
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _drop_caches(value: object) -> object:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+@dataclass
+class BlockInputs:
+    """What the model passes to its first block for the calibration set, captured once.
+
+    ``hidden``: ``(nsamples, seqlen, hidden)``. ``extras``: for each mini-batch size, the other
+    positional and keyword arguments (attention mask, position ids / embeddings, cache disabled).
+    Calibration windows are unpadded and of equal length, so these depend only on the batch size.
+    """
+
+    hidden: torch.Tensor
+    extras: dict[int, tuple[tuple, dict]]
+    batch_size: int
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor, tuple, dict]]:
+        for start in range(0, self.hidden.shape[0], self.batch_size):
+            chunk = self.hidden[start : start + self.batch_size]
+            args, kwargs = self.extras[chunk.shape[0]]
+            yield start, chunk, args, kwargs
+
+
+@contextlib.contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer outside ``blocks`` to ``device``, and back afterwards.
+
+    Parameters keep their identity (``.data`` is swapped), so tied weights stay tied.
+    """
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    moved_params: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    moved_buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+    try:
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is None or id(param) in inside or id(param) in moved_params or param.device == device:
+                    continue
+                moved_params[id(param)] = (param, param.data)
+                param.data = param.data.to(device)
+            for name, buf in module._buffers.items():
+                if buf is None or id(buf) in inside or buf.device == device:
+                    continue
+                moved_buffers.append((module, name, buf))
+                module._buffers[name] = buf.to(device)
+        yield
+    finally:
+        for param, original in moved_params.values():
+            param.data = original
+        for module, name, buf in moved_buffers:
+            module._buffers[name] = buf
+
+
+@contextlib.contextmanager
+def _block_on(block: nn.Module, device: torch.device) -> Iterator[None]:
+    first = next(block.parameters(), None)
+    home = first.device if first is not None else device
+    if home != device:
+        block.to(device)
+    try:
+        yield
+    finally:
+        if home != device:
+            block.to(home)
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no KV cache, full-precision fp32 matmuls (as the references pin), restored after."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    precision = torch.get_float32_matmul_precision()
+    model.eval()
+    if use_cache is not None:
+        config.use_cache = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        if use_cache is not None:
+            config.use_cache = use_cache
+        model.train(was_training)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, device: torch.device,
+                         batch_size: int) -> BlockInputs:
+    """Run the calibration windows up to block 0 (a catcher stops the forward there)."""
+    recorded: dict[str, object] = {}
+
+    def catcher(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if args:
+            hidden, rest = args[0], tuple(_drop_caches(a) for a in args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        for key in _CACHE_KWARGS:
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        recorded.update(hidden=hidden, rest=rest, kwargs=kwargs)
+        raise _StopForward
+
+    hidden_all: torch.Tensor | None = None
+    extras: dict[int, tuple[tuple, dict]] = {}
+    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        with _outside_blocks_on(model, blocks, device):
+            for start in range(0, calib.shape[0], batch_size):
+                batch = calib[start : start + batch_size].to(device)
+                try:
+                    model(input_ids=batch)
+                except _StopForward:
+                    pass
+                else:
+                    raise PruneError(f"{type(model).__name__}: the forward pass never reached the first decoder block")
+                hidden = recorded.pop("hidden")
+                if hidden_all is None:
+                    hidden_all = torch.empty((calib.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                hidden_all[start : start + batch.shape[0]] = hidden
+                extras.setdefault(batch.shape[0], (recorded.pop("rest"), recorded.pop("kwargs")))
+                recorded.clear()
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden_all, extras=extras, batch_size=batch_size)
+
+
+def _run_block(block: nn.Module, inputs: BlockInputs, out: torch.Tensor | None) -> None:
+    for start, chunk, args, kwargs in inputs.batches():
+        y = block(chunk, *args, **kwargs)
+        if out is not None:
+            out[start : start + chunk.shape[0]] = y[0] if isinstance(y, tuple) else y
+
+
+# ----------------------------------------------------------------------------------- the API
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _validate_calib(model: nn.Module, calib: torch.Tensor | None, method: str) -> torch.Tensor:
+    if calib is None:
+        raise ValueError(
+            f"{method} needs calibration token windows: pass calib=data.calibration_windows(tokenizer, 128, 2048)"
+        )
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype.is_floating_point or calib.numel() == 0:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"calib must be a non-empty (nsamples, seqlen) tensor of token ids, got {shape}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = int(calib.min()), int(calib.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(
+            f"calib holds token ids in [{low}, {high}] but the model's vocabulary has {vocab} entries: "
+            f"tokenize the calibration text with this model's tokenizer"
+        )
+    return calib.long()
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+
+
+def prune_oneshot(model: nn.Module, method: str, *, pattern: NMPattern | str | None = DEFAULT_PATTERN,
+                  sparsity: float | None = None, calib: torch.Tensor | None = None, layers: list[str] | None = None,
+                  config: OneShotConfig | None = None, progress: bool = True) -> OneShotResult:
+    """Prune ``model`` in place with ``method`` ("magnitude" | "wanda" | "sparsegpt").
+
+    ``pattern``: N:M groups of consecutive input features; pass ``pattern=None`` and a ``sparsity``
+    ratio for unstructured pruning (per layer for magnitude and SparseGPT, per output row for Wanda).
+    ``calib``: ``(nsamples, seqlen)`` token ids, needed by Wanda and SparseGPT.
+    ``layers``: qualified module names; default every Linear / Conv1D inside the decoder blocks.
+    """
+    config = config or OneShotConfig()
+    if method not in METHODS:
+        raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
+    pattern = NMPattern.parse(pattern) if pattern is not None else None
+    if pattern is not None and sparsity is not None:
+        raise ValueError(f"give either pattern ({pattern}) or sparsity ({sparsity}): pass pattern=None for "
+                         f"unstructured pruning at a ratio")
+    if pattern is None:
+        sparsity = _check_ratio(sparsity)
+    if method == "sparsegpt" and pattern is not None and config.blocksize % pattern.m:
+        raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={pattern.m} for pattern {pattern}")
+    device = torch.device(config.device) if config.device is not None else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available here: use device='cpu'")
+    targets = _resolve_layers(model, layers, pattern)
+    calib = _validate_calib(model, calib, method) if method in CALIBRATED_METHODS else None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with _calibration_mode(model):
+        if method == "magnitude":
+            stats, masks = _prune_magnitude(targets, pattern, sparsity, device, progress)
+        else:
+            stats, masks = _prune_sequential(model, method, targets, calib, pattern, sparsity, config, device,
+                                             progress)
+    seconds = time.perf_counter() - start
+    peak, kind = _peak_memory(device)
+    return OneShotResult(method=method, pattern=str(pattern) if pattern is not None else None,
+                         target_sparsity=1.0 - pattern.density if pattern is not None else float(sparsity),
+                         masks=masks, layers=stats, seconds=seconds, device=str(device), peak_memory_bytes=peak,
+                         peak_memory_kind=kind,
+                         calibration_shape=tuple(calib.shape) if calib is not None else None)
+
+
+def _layer_stats(name: str, keep: torch.Tensor, seconds: float, **extra: object) -> LayerPruneStats:
+    return LayerPruneStats(name=name, out_features=int(keep.shape[0]), in_features=int(keep.shape[1]),
+                           sparsity=1.0 - float(keep.float().mean()), seconds=seconds, **extra)
+
+
+@torch.no_grad()
+def _prune_magnitude(targets: dict[str, nn.Module], pattern: NMPattern | None, sparsity: float | None,
+                     device: torch.device, progress: bool) -> tuple[dict, dict]:
+    stats: dict[str, LayerPruneStats] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for name, module in tqdm(targets.items(), desc="magnitude", disable=not progress, unit="layer"):
+        t0 = time.perf_counter()
+        weight = weight_out_in(module)
+        keep = magnitude_keep_mask(weight.to(device), pattern, sparsity).to(weight.device)
+        weight.mul_(keep)
+        masks[name] = keep
+        stats[name] = _layer_stats(name, keep, time.perf_counter() - t0)
+    return stats, masks
+
+
+def _group_by_block(targets: dict[str, nn.Module], blocks_name: str, count: int) -> dict[int, list[str]]:
+    grouped: dict[int, list[str]] = {}
+    prefix = f"{blocks_name}."
+    for name in targets:
+        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        if not index.isdigit() or int(index) >= count:
+            raise PruneError(
+                f"layer {name!r} is outside the decoder blocks {blocks_name!r}: Wanda and SparseGPT calibrate "
+                f"block by block, so they prune only layers inside the blocks (use magnitude for others)"
+            )
+        grouped.setdefault(int(index), []).append(name)
+    return grouped
+
+
+@torch.no_grad()
+def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Module], calib: torch.Tensor,
+                      pattern: NMPattern | None, sparsity: float | None, config: OneShotConfig,
+                      device: torch.device, progress: bool) -> tuple[dict, dict]:
+    blocks_name, blocks = find_decoder_blocks(model)
+    per_block = _group_by_block(targets, blocks_name, len(blocks))
+    last = max(per_block)
+    stats: dict[str, LayerPruneStats] = {}
+    masks: dict[str, torch.Tensor] = {}
+    inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
+    spare = torch.empty_like(inputs.hidden)
+    bar = tqdm(range(last + 1), desc=f"{method} {pattern or sparsity}", disable=not progress, unit="block")
+    try:
+        for index in bar:
+            block = blocks[index]
+            with _block_on(block, device):
+                names = per_block.get(index, [])
+                if names:
+                    collected = _collect_block_stats(block, inputs, {n: targets[n] for n in names}, method,
+                                                     config.measure_error)
+                    for name in names:
+                        keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern,
+                                                         sparsity, config)
+                        masks[name], stats[name] = keep, layer_stats
+                    del collected
+                if index < last:
+                    # The next block's inputs come from this block as pruned.
+                    _run_block(block, inputs, spare)
+                    inputs.hidden, spare = spare, inputs.hidden
+            for name in names:
+                masks[name] = masks[name].to(weight_out_in(targets[name]).device)
+    except PruneError as exc:
+        done = sorted(stats)
+        if done:
+            raise PruneError(f"{exc} (the model is already pruned in {len(done)} layers up to {done[-1]}: "
+                             f"reload it before retrying)") from exc
+        raise
+    return stats, masks
+
+
+def _collect_block_stats(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], method: str,
+                         measure_error: bool) -> dict[str, LayerInputStats]:
+    want_gram = method == "sparsegpt" or measure_error
+    collected = {
+        name: LayerInputStats(int(weight_out_in(module).shape[1]), gram=want_gram, norms=method == "wanda",
+                              layer=name)
+        for name, module in layers.items()
+    }
+    handles = [module.register_forward_hook(lambda _m, args, _out, s=collected[name]: s.add_batch(args[0]))
+               for name, module in layers.items()]
+    try:
+        _run_block(block, inputs, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collected
+
+
+def _prune_layer(method: str, name: str, module: nn.Module, collected: LayerInputStats, pattern: NMPattern | None,
+                 sparsity: float | None, config: OneShotConfig) -> tuple[torch.Tensor, LayerPruneStats]:
+    t0 = time.perf_counter()
+    weight = weight_out_in(module)
+    extra: dict[str, object] = {"calibration_sequences": collected.nsamples, "calibration_tokens": collected.ntokens}
+    dense = weight.float().clone() if config.measure_error else None
+    if method == "wanda":
+        keep = wanda_keep_mask(weight, collected.feature_norms(), pattern, sparsity)
+        weight.mul_(keep)
+        gram = collected.hessian if config.measure_error else None
+    else:
+        hessian = collected.take_hessian()
+        gram = hessian.clone() if config.measure_error else None
+        result = sparsegpt_prune_weight(weight, hessian, pattern=pattern, sparsity=sparsity,
+                                        blocksize=config.blocksize, percdamp=config.percdamp,
+                                        max_damp_retries=config.max_damp_retries, damp_growth=config.damp_growth,
+                                        layer=name)
+        del hessian
+        weight.copy_(result.weight)
+        keep = result.keep
+        extra.update(damping=result.damping, percdamp=result.percdamp, damping_retries=result.damping_retries,
+                     dead_inputs=result.dead_inputs)
+    if gram is not None:
+        extra["reconstruction_error"] = reconstruction_error(dense, weight, gram)
+    collected.free()
+    return keep, _layer_stats(name, keep, time.perf_counter() - t0, **extra)
