@@ -1,0 +1,483 @@
+"""The SparseForge calibration-training loop: Hessian-guided soft masks annealed to exact N:M.
+
+Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks.MaskState``), where
+
+    score = log(I) + margin(p) * (2 * warm_mask - 1) + u
+
+- ``I`` is a per-weight OBD saliency ``H_ii * w_ii^2``, normalized per layer and kept as an EMA. It starts
+  from the layer-wise Hessian diagonal (``diag(X^T X)`` of the calibration inputs, i.e. Wanda's score
+  squared) and is refreshed every ``importance_every`` steps from a Hessian-diagonal estimate of the
+  *global* KD loss: the empirical Fisher (EMA of squared mask gradients, free in the backward) or
+  Hutchinson (``E[(Hv) * v]``, Rademacher ``v``, by double backward).
+- ``margin(p)`` anchors the mask to the warm start (SparseGPT / Wanda / magnitude) and decays, so the
+  evidence has to accumulate before a group flips.
+- ``u`` is an optional learned offset: the scores also get the gradient of the loss through the soft
+  mask (Adam, i.e. preconditioned by the squared-gradient EMA).
+
+The schedule over the run's progress ``p`` (0..1): a soft phase with the temperature annealing
+``t_start -> t_end`` (until ``anneal_end``), a hardening phase whose ``blend`` moves the mask linearly
+into the exact N:M projection (until ``harden_end``), then training with the final hard mask. Weights
+train through the mask the whole time; the loss is CE + tau^2 KL to the dense teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distill import kd_loss
+from .masks import MaskState, NMPattern
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson", "layer")
+WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
+
+
+class AnnealError(RuntimeError):
+    """The annealing run cannot go on; the message says why and what was kept."""
+
+
+@dataclass
+class AnnealConfig:
+    """Every field is one CLI flag of ``sparseforge-compile prune`` (``--field-name``)."""
+
+    pattern: str = "2:4"
+    steps: int | None = None  # total training steps; None: as many as the time budget allows
+    batch_size: int = 32
+    seqlen: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.03
+    min_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    kd_temperature: float = 2.0
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    importance: str = "fisher"
+    importance_every: int = 8
+    importance_beta: float = 0.9
+    learn_scores: bool = True
+    score_lr: float = 0.02
+    t_start: float = 0.3
+    t_end: float = 0.02
+    anneal_end: float = 0.5
+    harden_end: float = 0.7
+    warm_start: str = "sparsegpt"
+    prior_margin: float = 1.5
+    prior_floor: float = 0.5
+    fixed_mask: bool = False  # the peer: KD fine-tuning with the warm-start mask held fixed
+    teacher_data_ratio: float = 0.7
+    seed: int = 0
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    checkpoint_every: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        NMPattern.parse(self.pattern)
+        if self.importance not in IMPORTANCE_ESTIMATORS:
+            raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(IMPORTANCE_ESTIMATORS)}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}")
+        if not 0 <= self.anneal_end <= self.harden_end <= 1:
+            raise ValueError(f"need 0 <= anneal_end ({self.anneal_end}) <= harden_end ({self.harden_end}) <= 1")
+        if not 0 < self.t_end <= self.t_start:
+            raise ValueError(f"need 0 < t_end ({self.t_end}) <= t_start ({self.t_start})")
+        if not 0 <= self.teacher_data_ratio <= 1:
+            raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
+        for name in ("batch_size", "seqlen", "importance_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast {self.autocast!r}: use auto, bf16 or off")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict) -> AnnealConfig:
+        unknown = set(payload) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown AnnealConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**payload)
+
+
+# ----------------------------------------------------------------------------------- schedule
+
+@dataclass(frozen=True)
+class SchedulePoint:
+    temperature: float
+    blend: float
+    margin: float
+    lr_scale: float
+    soft_phase: bool  # scores still move
+
+
+def schedule(cfg: AnnealConfig, step: int, total: int) -> SchedulePoint:
+    """Temperature, blend, prior margin and LR scale at ``step`` of ``total`` (pure function)."""
+    p = step / max(total, 1)
+    harden_start = cfg.anneal_end
+    # Temperature: geometric from t_start to t_end over the soft + hardening phases.
+    t_span = max(cfg.harden_end, 1e-9)
+    q = min(p / t_span, 1.0)
+    temperature = cfg.t_start * (cfg.t_end / cfg.t_start) ** q
+    if cfg.harden_end > harden_start:
+        blend = min(max((p - harden_start) / (cfg.harden_end - harden_start), 0.0), 1.0)
+    else:
+        blend = 1.0 if p >= harden_start else 0.0
+    margin_q = min(p / max(cfg.anneal_end, 1e-9), 1.0)
+    margin = cfg.prior_margin * (1 - (1 - cfg.prior_floor) * margin_q)
+    warm = max(int(cfg.warmup_frac * total), 1)
+    if step < warm:
+        lr_scale = (step + 1) / warm
+    else:
+        r = (step - warm) / max(total - warm, 1)
+        lr_scale = cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
+    if cfg.fixed_mask:
+        return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False)
+    return SchedulePoint(temperature, blend, margin, lr_scale, p < harden_start)
+
+
+# --------------------------------------------------------------------------------------- data
+
+class TrainingBatches:
+    """Deterministic batches: step ``s`` always gets the same rows (a resumed run sees the same data).
+
+    A ``teacher_data_ratio`` share of each batch comes from teacher-sampled sequences, the rest are
+    random windows of the calibration token stream (C4).
+    """
+
+    def __init__(self, stream: torch.Tensor, teacher_rows: torch.Tensor | None, cfg: AnnealConfig) -> None:
+        if stream.numel() < cfg.seqlen + 1 and (teacher_rows is None or teacher_rows.numel() == 0):
+            raise AnnealError(
+                f"no calibration tokens: the token stream has {stream.numel()} tokens, fewer than one "
+                f"{cfg.seqlen}-token window, and no teacher samples; give more text or a smaller --seqlen"
+            )
+        self.stream, self.teacher, self.cfg = stream, teacher_rows, cfg
+        has_teacher = teacher_rows is not None and teacher_rows.shape[0] > 0
+        self.n_teacher = round(cfg.batch_size * cfg.teacher_data_ratio) if has_teacher else 0
+        if stream.numel() < cfg.seqlen + 1:
+            self.n_teacher = cfg.batch_size
+
+    def batch(self, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        rows = []
+        if self.n_teacher:
+            idx = torch.randint(0, self.teacher.shape[0], (self.n_teacher,), generator=gen)
+            rows.append(self.teacher[idx, : self.cfg.seqlen])
+        n_c4 = self.cfg.batch_size - self.n_teacher
+        if n_c4:
+            starts = torch.randint(0, self.stream.numel() - self.cfg.seqlen, (n_c4,), generator=gen)
+            rows.append(torch.stack([self.stream[s : s + self.cfg.seqlen] for s in starts.tolist()]))
+        return torch.cat(rows)
+
+
+# ----------------------------------------------------------------------------- the annealer
+
+@dataclass
+class AnnealResult:
+    steps: int
+    seconds: float
+    tokens: int
+    final_loss: float
+    flips_vs_warm_start: int
+    metrics_path: str | None
+    history: list[dict] = field(default_factory=list)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.mean().clamp_min(1e-30)
+
+
+class Annealer:
+    """Runs the loop over a masked forward (the graph with one mask node per layer).
+
+    ``forward(input_ids) -> logits`` must route every masked Linear through its ``MaskState``;
+    ``weights`` maps each layer name to the parameter its mask applies to (in the mask's (out, in)
+    layout, see ``weight_views``); ``teacher(input_ids) -> logits`` is the dense model.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                 masks: dict[str, MaskState], weight_views: dict[str, Callable[[], torch.Tensor]],
+                 teacher: Callable[[torch.Tensor], torch.Tensor], batches: TrainingBatches, cfg: AnnealConfig,
+                 *, device: torch.device, warm_masks: dict[str, torch.Tensor] | None = None,
+                 layer_hessian: dict[str, torch.Tensor] | None = None, out_dir: Path | None = None,
+                 progress: bool = True) -> None:
+        self.forward, self.params, self.masks = forward, params, masks
+        self.weight_views, self.teacher, self.batches, self.cfg = weight_views, teacher, batches, cfg
+        self.device, self.out_dir, self.progress = device, out_dir, progress
+        self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
+        self.importance: dict[str, torch.Tensor] = {}
+        for name, ms in masks.items():
+            w = weight_views[name]().detach().float()
+            diag = layer_hessian.get(name) if layer_hessian else None
+            h = diag.to(w.device).float().expand_as(w) if diag is not None else torch.ones_like(w)
+            self.importance[name] = _normalized(h * w.square())
+            ms.importance_beta = cfg.importance_beta
+        self.offsets = {n: torch.zeros_like(ms.score, requires_grad=True) for n, ms in masks.items()}
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                     **({"fused": True} if device.type == "cuda" else {}))
+        self.score_opt = (torch.optim.Adam(list(self.offsets.values()), lr=cfg.score_lr)
+                          if cfg.learn_scores and not cfg.fixed_mask else None)
+        self.step = 0
+        self.total_steps = cfg.steps or 0
+        self.history: list[dict] = []
+        self.tokens = 0
+        self._autocast = (cfg.autocast == "bf16") or (cfg.autocast == "auto" and device.type == "cuda")
+        self._refresh_scores(margin=cfg.prior_margin)
+
+    # -- scores -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _refresh_scores(self, margin: float) -> None:
+        for name, ms in self.masks.items():
+            imp = self.importance[name]
+            score = torch.log(imp + 1e-6)
+            if name in self.warm and margin:
+                score += margin * (2 * self.warm[name].float() - 1)
+            score += self.offsets[name].detach()
+            ms.set_scores(score)
+
+    @torch.no_grad()
+    def _update_importance(self) -> None:
+        beta = self.cfg.importance_beta
+        for name, ms in self.masks.items():
+            if self.cfg.importance == "fisher":
+                fresh = ms.importance  # EMA of (dL/dm)^2 = empirical-Fisher OBD saliency
+            else:
+                fresh = self._hutch.get(name) if self.cfg.importance == "hutchinson" else None
+                if fresh is None:
+                    continue
+            if float(fresh.sum()) > 0:
+                self.importance[name].mul_(beta).add_(_normalized(fresh.float()), alpha=1 - beta)
+
+    def _hutchinson(self, ids: torch.Tensor) -> None:
+        """E[(Hv) * v] per weight, one Rademacher probe, by double backward (needs eager attention)."""
+        from .hessian import hutchinson_diagonal
+
+        weights = {n: self.weight_views[n]() for n in self.masks}
+        loss = self._loss(ids, create_graph=True)[0]
+        diag = hutchinson_diagonal(loss, weights, seed=self.cfg.seed + self.step)
+        self._hutch = {n: d * weights[n].detach().float().square() for n, d in diag.items()}
+
+    # -- one step -------------------------------------------------------------------------------
+    def _loss(self, ids: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            t_logits = self.teacher(ids)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            s_logits = self.forward(ids)
+        return kd_loss(s_logits, t_logits, ids, temperature=self.cfg.kd_temperature,
+                       ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        point = schedule(cfg, self.step, self.total_steps)
+        for ms in self.masks.values():
+            ms.set_schedule(point.temperature, point.blend)
+            ms.collecting = point.soft_phase and cfg.importance == "fisher"
+            ms.score.requires_grad_(self.score_opt is not None and point.soft_phase)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * point.lr_scale
+        ids = self.batches.batch(self.step).to(self.device)
+        if point.soft_phase and cfg.importance == "hutchinson" and self.step % cfg.importance_every == 0:
+            self._hutchinson(ids)
+            self.opt.zero_grad(set_to_none=True)
+        loss, parts = self._loss(ids)
+        if not torch.isfinite(loss):
+            raise AnnealError(self._nonfinite_message(loss))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
+        if not torch.isfinite(norm):
+            raise AnnealError(f"non-finite gradient at step {self.step} in {self._first_nonfinite_grad()}; "
+                              f"lower --lr; the model was not hardened; {self._kept_note()}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.score_opt is not None and point.soft_phase:
+            self._learn_scores()
+        if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
+            self._update_importance()
+            self._refresh_scores(point.margin)
+        if cfg.fixed_mask:
+            self._reapply_masks()
+        self.step += 1
+        self.tokens += ids.numel()
+        return {"loss": loss.detach(), **parts, "temperature": point.temperature, "blend": point.blend,
+                "margin": point.margin, "lr": cfg.lr * point.lr_scale}
+
+    @torch.no_grad()
+    def _learn_scores(self) -> None:
+        """Adam step on the score offsets from the gradient through the soft mask, applied to the scores."""
+        before = {}
+        for name, ms in self.masks.items():
+            if ms.score.grad is not None:
+                self.offsets[name].grad = ms.score.grad
+                before[name] = self.offsets[name].detach().clone()
+                ms.score.grad = None
+        self.score_opt.step()
+        self.score_opt.zero_grad(set_to_none=True)
+        for name, old in before.items():
+            self.masks[name].score.add_(self.offsets[name].detach() - old)
+
+    @torch.no_grad()
+    def _reapply_masks(self) -> None:
+        for name, ms in self.masks.items():
+            self.weight_views[name]().mul_(ms.hard_mask())
+
+    def _first_nonfinite_grad(self) -> str:
+        names = self._param_names()
+        for p in self.params:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+        return "(no single parameter: the total norm overflowed)"
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(self.weight_views[n]()): n for n in self.masks}
+
+    def _kept_note(self) -> str:
+        return (f"the last good checkpoint is in {self.out_dir / 'checkpoint'}"
+                if self.out_dir and (self.out_dir / "checkpoint").exists() else "no checkpoint was written yet")
+
+    def _nonfinite_message(self, loss: torch.Tensor) -> str:
+        names = self._param_names()
+        culprit = next((names.get(id(p), "?") for p in self.params if not torch.isfinite(p).all()), None)
+        where = f"; non-finite weights in {culprit}" if culprit else ""
+        return (f"loss is {float(loss)} at step {self.step}{where}; lower --lr or check the data. "
+                f"The model was not hardened; {self._kept_note()}")
+
+    # -- stats -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def flips(self) -> int:
+        return int(sum((ms.hard_mask() != self.warm[n]).sum() for n, ms in self.masks.items() if n in self.warm))
+
+    @torch.no_grad()
+    def undecided(self) -> float:
+        total = sum(ms.score.numel() for ms in self.masks.values())
+        return sum(ms.undecided_fraction() * ms.score.numel() for ms in self.masks.values()) / max(total, 1)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
+                "params": [p.detach().clone() for p in self.params],
+                "masks": {n: ms.state_dict() for n, ms in self.masks.items()},
+                "importance": self.importance, "offsets": {n: o.detach() for n, o in self.offsets.items()},
+                "opt": self.opt.state_dict(), "score_opt": self.score_opt.state_dict() if self.score_opt else None,
+                "history": self.history, "config": self.cfg.to_json(),
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "state.pt.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, directory / "state.pt")  # atomic: a crash keeps the previous checkpoint
+
+    def load_checkpoint(self, directory: Path) -> None:
+        path = directory / "state.pt"
+        if not path.exists():
+            raise AnnealError(f"no checkpoint at {path}: --resume needs a folder written by an earlier run")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved_cfg = dict(state["config"])
+        if {k: v for k, v in saved_cfg.items() if k != "checkpoint_every"} != {
+                k: v for k, v in self.cfg.to_json().items() if k != "checkpoint_every"}:
+            raise AnnealError(f"{path} was written with another configuration; resume with the same flags")
+        self._restore(state)
+        self.total_steps = state["total_steps"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, deadline: float | None = None, resume_from: Path | None = None) -> AnnealResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else None  # noqa: SIM115
+        try:
+            if not self.total_steps:
+                self.total_steps = self._steps_for_budget(deadline)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="anneal", disable=not self.progress,
+                       unit="step")
+            t_last, tok_last = time.perf_counter(), self.tokens
+            last = {}
+            while self.step < self.total_steps:
+                last = self.train_step()
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
+                           "kl": float(last["kl"]), "temperature": last["temperature"], "blend": last["blend"],
+                           "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
+                           "tokens_per_s": (self.tokens - tok_last) / max(now - t_last, 1e-9),
+                           "elapsed_s": now - start}
+                    t_last, tok_last = now, self.tokens
+                    self.history.append(row)
+                    if metrics_file:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}",
+                                    undecided=f"{row['undecided']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if cfg.checkpoint_every and self.out_dir and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(self.out_dir / "checkpoint")
+            bar.close()
+        finally:
+            if metrics_file:
+                metrics_file.close()
+        for ms in self.masks.values():
+            ms.collecting = False
+            ms.score.requires_grad_(False)
+            ms.set_schedule(cfg.t_end, 1.0)
+        return AnnealResult(steps=self.step, seconds=time.perf_counter() - start, tokens=self.tokens,
+                            final_loss=float(last["loss"]) if last else float("nan"),
+                            flips_vs_warm_start=self.flips() if self.warm else 0,
+                            metrics_path=str(self.out_dir / "metrics.jsonl") if self.out_dir else None,
+                            history=self.history)
+
+    def _steps_for_budget(self, deadline: float | None) -> int:
+        """Time two probe steps (not kept) to size the run to the remaining budget."""
+        if deadline is None:
+            raise AnnealError("give either --steps or a time budget")
+        remaining = deadline - time.perf_counter()
+        snapshot = self.state_dict()
+        self.total_steps = 1000
+        t0 = time.perf_counter()
+        self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = time.perf_counter() - t1
+        self._restore(snapshot)
+        remaining -= time.perf_counter() - t0 + per_step  # the probe itself, and one step of slack
+        steps = int(remaining / per_step)
+        if steps < 1:
+            raise AnnealError(
+                f"the budget leaves {max(remaining, 0):.1f}s for training but one step takes {per_step:.1f}s: "
+                f"raise --budget-minutes or lower --batch-size / --seqlen"
+            )
+        log.info("one step takes %.3fs: %d steps fit the budget", per_step, steps)
+        return steps
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+            for n, ms in self.masks.items():
+                ms.load_state_dict(state["masks"][n])
+                self.importance[n].copy_(state["importance"][n])
+                self.offsets[n].copy_(state["offsets"][n])
+        self.opt.load_state_dict(state["opt"])
+        if self.score_opt and state["score_opt"]:
+            self.score_opt.load_state_dict(state["score_opt"])
+        self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
