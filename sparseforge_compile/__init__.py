@@ -1,8 +1,9 @@
 """SparseForge-compile: dense LLM -> 2:4 (N:M) semi-structured sparse model on sparse tensor cores."""
 
+from .checkpoint import load, save
 from .masks import NMPattern
 from .models import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["NMPattern", "__version__", "load_model"]
+__all__ = ["NMPattern", "__version__", "load", "load_model", "save"]

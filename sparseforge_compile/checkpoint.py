@@ -54,8 +54,11 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the file or tensor and the fix."""
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file or tensor and the fix.
+
+    A ValueError: it is bad input (a model or folder) the user can fix, which the CLI reports in one line.
+    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +168,14 @@ def _is_transposed_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight in its state_dict layout; a lowered SparseLinear gives its dense weight back."""
+    if hasattr(module, "materialize_weight"):
+        weight = module.materialize_weight()
+        return weight.t() if getattr(module, "transposed_source", False) else weight
+    return getattr(module, "weight", None)
+
+
 def _grouped_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The weight as [out, in], the layout whose last dim the N:M groups run along."""
     return weight.t() if transposed else weight
@@ -220,11 +231,12 @@ def resolve_layers(model: nn.Module, layers: Mapping[str, Mapping] | Iterable[st
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"layer {name!r} listed as N:M is not a submodule of the model") from exc
-        weight = getattr(module, "weight", None)
+        weight = _stored_weight(module)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise CheckpointError(f"layer {name!r} ({type(module).__name__}) has no 2-D weight to store as N:M")
         layer_pattern = NMPattern.parse(entry.get("pattern") or pattern or "2:4")
-        transposed = bool(entry.get("transposed", _is_transposed_linear(module)))
+        transposed = bool(entry.get("transposed", _is_transposed_linear(module)
+                                    or getattr(module, "transposed_source", False)))
         grouped = _grouped_weight(weight, transposed)
         layer_pattern.check_divides(grouped.shape[-1], name)
         violations = count_nm_violations(grouped, layer_pattern)
@@ -399,10 +411,6 @@ def _check_saveable(model: nn.Module) -> None:
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise CheckpointError(f"save needs a Hugging Face PreTrainedModel, got {type(model).__name__}; pass the "
                               f"model itself, not a captured GraphModule or wrapper")
-    foreign = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__name__ == "SparseLinear"]
-    if foreign:
-        raise CheckpointError(f"{foreign[0][0]} is already lowered ({foreign[0][1]}): save the hardened model "
-                              f"before lower_model, or reload the checkpoint without lowering (lower=False)")
 
 
 def _save_hf(model: nn.Module, staging: Path, state: Mapping[str, torch.Tensor]) -> dict:
@@ -714,7 +722,7 @@ def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path) -> None:
             raise CheckpointError(f"{folder}: {alias} should be tied to {target} but the loaded model does not tie "
                                   f"them (config.tie_word_embeddings false?)")
     for layer, entry in manifest["layers"].items():
-        weight = model.get_submodule(layer).weight
+        weight = _stored_weight(model.get_submodule(layer))
         if count_nm_violations(_grouped_weight(weight, entry["transposed"]), NMPattern.parse(entry["pattern"])):
             raise CheckpointError(f"{folder}: layer {layer!r} is not {entry['pattern']} sparse after loading")
 

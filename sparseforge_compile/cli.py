@@ -73,6 +73,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- generate
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .models import load_model
+
+    device = pick_device(args.device)
+    loaded = load_model(args.model, device=device, dtype=args.dtype)
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{args.model} ships no tokenizer: generation needs one")
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"the tokenizer of {args.model} has no chat template: drop --chat")
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                add_generation_prompt=True, return_tensors="pt")
+    else:
+        encoded = tokenizer(args.prompt, return_tensors="pt")
+    input_ids = (encoded["input_ids"] if hasattr(encoded, "keys") else encoded).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        start = time.perf_counter()
+        output = loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    new_tokens = output[0, input_ids.shape[1]:]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    print(text if args.chat else args.prompt + text)
+    sparse = sum(type(m).__name__ == "SparseLinear" for m in loaded.model.modules())
+    print(f"{len(new_tokens)} new tokens in {seconds:.2f} s: {len(new_tokens) / seconds:.1f} tokens/s "
+          f"(greedy, {device} / {args.dtype}, {sparse} sparse layers)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a subset)")
     p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy text generation and its speed (sparse checkpoints lowered)")
+    p.add_argument("--model", default=SMOLLM2_NAME, help="a sparse checkpoint folder, or any --model of eval")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -268,6 +268,10 @@ def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dty
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
+        elif path.is_dir() and (path / "sparseforge.json").is_file():
+            from .checkpoint import load  # a sparse checkpoint: verified, lowered on `device`
+
+            return load(path, device=device, dtype=torch_dtype)
         elif path.is_dir():
             model, tokenizer = _load_hf(str(path), torch_dtype, local=True)
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
