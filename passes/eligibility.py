@@ -247,7 +247,8 @@ def _consumers(graph: nx.DiGraph, start: str) -> set[str]:
     return found
 
 
-def _module_path(node: fx.Node, prefix: str) -> str | None:
+def module_path(node: fx.Node, prefix: str = "") -> str | None:
+    """Qualified name (in the original model) of the innermost module that ran ``node``."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
@@ -260,23 +261,23 @@ def _module_path(node: fx.Node, prefix: str) -> str | None:
 def _owner_name(model: nn.Module | None, node: fx.Node, tensor: torch.Tensor, prefix: str,
                 fallback_fqn: str) -> tuple[str, str]:
     """(module name, parameter fqn) of the module that owns ``tensor`` and ran ``node``."""
-    module_path = _module_path(node, prefix)
-    if model is not None and module_path is not None:
+    path = module_path(node, prefix)
+    if model is not None and path is not None:
         try:
-            module = model.get_submodule(module_path)
+            module = model.get_submodule(path)
         except AttributeError:
             module = None
         if module is not None:
             for pname, param in module.named_parameters(recurse=False):
                 if param is tensor:
-                    return module_path, f"{module_path}.{pname}" if module_path else pname
+                    return path, f"{path}.{pname}" if path else pname
     module_name, _, _ = fallback_fqn.rpartition(".")
     return module_name, fallback_fqn
 
 
 def _block_of(name: str) -> str | None:
     parts = name.split(".")
-    numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    numeric = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]  # a container index with a layer below
     return ".".join(parts[: numeric[-1] + 1]) if numeric else None
 
 
@@ -395,7 +396,7 @@ def _verdict(info: LayerInfo, others: set[str], graph: nx.DiGraph, gm: fx.GraphM
     embeddings = sorted(n for n in others if graph.nodes[n]["fx"].target in _EMBEDDING_OPS)
     if embeddings:
         lookup = graph.nodes[embeddings[0]]["fx"]
-        where = _module_path(lookup, prefix) or lookup.name
+        where = module_path(lookup, prefix) or lookup.name
         return "tied", f"tied to the input embedding: its weight is also read by the embedding lookup {where!r}"
     if info.name in head_names or info.name.rsplit(".", 1)[-1] == "lm_head":
         return "lm_head", "lm_head: the output projection to the vocabulary stays dense"
@@ -414,9 +415,11 @@ def _verdict(info: LayerInfo, others: set[str], graph: nx.DiGraph, gm: fx.GraphM
 def _notes(layers: list[LayerInfo], pattern: NMPattern, rule: KernelShapeRule | None) -> list[str]:
     notes = []
     if not layers:
-        notes.append("the graph has no matmul with a parameter weight")
+        notes.append("no eligible layer: the graph has no matmul with a parameter weight")
     elif not any(layer.eligible for layer in layers):
-        notes.append("no layer is eligible for N:M sparsity")
+        codes = sorted({layer.reason_code or "other" for layer in layers})
+        notes.append(f"no eligible layer: none of the {len(layers)} weight matmuls can be made {pattern} sparse "
+                     f"(reasons: {', '.join(codes)})")
     if rule is not None and str(pattern) != rule.pattern:
         notes.append(f"pattern {pattern} has no {rule.backend} kernel (it runs {rule.pattern}): eligible layers can "
                      f"be masked and hardened, but will run as dense matmuls")

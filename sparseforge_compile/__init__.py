@@ -3,7 +3,8 @@
 from .checkpoint import load, save
 from .masks import NMPattern
 from .models import load_model
+from .report import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["NMPattern", "__version__", "load", "load_model", "save"]
+__all__ = ["NMPattern", "__version__", "inspect", "load", "load_model", "save"]

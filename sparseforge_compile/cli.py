@@ -112,6 +112,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- report
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from .capture import CaptureError
+    from .models import load_model
+    from .report import inspect
+
+    loaded = load_model(args.model, device=pick_device(args.device), dtype=args.dtype)
+    kernel = None if args.kernel == "none" else args.kernel
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.target_dtype]
+    try:
+        report = inspect(loaded.model, pattern=args.pattern, exclude=tuple(args.exclude), dtype=target,
+                         kernel_constraints=kernel)
+    except CaptureError as exc:
+        raise UsageError(str(exc)) from exc
+    print(report)
+    if args.json:
+        write_json(args.json, {"model": args.model, **report.as_dict()})
+    if args.graph:
+        print("graph written to " + ", ".join(str(p) for p in report.write_graph(args.graph)))
+    return 0
+
+
 # ----------------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("report", help="per-layer N:M eligibility, mask state, density and estimated savings")
+    p.add_argument("--model", default=SMOLLM2_NAME, help="any --model of eval (a pruned checkpoint shows density)")
+    p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="module names to keep dense (fnmatch, or re:REGEX)")
+    p.add_argument("--kernel", default="cusparselt", choices=["cusparselt", "cutlass", "none"],
+                   help="sparse-kernel shape rule to apply (none: only N:M divisibility)")
+    p.add_argument("--target-dtype", default="bf16", choices=["bf16", "fp16"], help="dtype the sparse kernel runs in")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype to load the model in")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--graph", default=None, metavar="PATH", help="write the graph: .dot, .svg or .png")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
