@@ -335,13 +335,13 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, patte
     del H
 
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
-    losses = torch.zeros(rows, device=W.device)
+    loss = torch.zeros((), device=W.device)
+    pruned_per_group = pattern.m - pattern.n if pattern is not None else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
         d1 = Hinv1.diagonal()
         if pattern is None:
@@ -351,23 +351,23 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, patte
         else:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if pattern is not None and i % pattern.m == 0:
+            if pruned_per_group and i % pattern.m == 0:
                 # Select on the weights as updated by the errors of the columns before them.
                 scores = W1[:, i : i + pattern.m].square() / d1[i : i + pattern.m].square()
-                prune1[:, i : i + pattern.m] = ~nm_mask(scores, pattern)
+                smallest = torch.topk(scores, pruned_per_group, dim=1, largest=False).indices
+                prune1[:, i : i + pattern.m].scatter_(1, smallest, True)
             w = W1[:, i]
             q = w.masked_fill(prune1[:, i], 0.0)
             Q1[:, i] = q
             err = (w - q) / d1[i]
-            Losses1[:, i] = err.square()
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
-        losses += Losses1.sum(dim=1) / 2
+        loss += Err1.square().sum() / 2  # sum of (w - q)^2 / d^2 / 2
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)  # the lazy batch update
         keep[:, i1:i2] = ~prune1
     return SparseGPTLayerResult(weight=W, keep=keep, damping=damp, percdamp=relative, damping_retries=retries,
-                                dead_inputs=int(dead.sum()), loss=float(losses.sum()))
+                                dead_inputs=int(dead.sum()), loss=float(loss))
 
 
 def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
@@ -663,6 +663,7 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
                     for name in names:
                         keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern,
                                                          sparsity, config)
+                        layer_stats.calibration_sequences = int(calib.shape[0])
                         masks[name], stats[name] = keep, layer_stats
                     del collected
                 if index < last:
@@ -702,7 +703,7 @@ def _prune_layer(method: str, name: str, module: nn.Module, collected: LayerInpu
                  sparsity: float | None, config: OneShotConfig) -> tuple[torch.Tensor, LayerPruneStats]:
     t0 = time.perf_counter()
     weight = weight_out_in(module)
-    extra: dict[str, object] = {"calibration_sequences": collected.nsamples, "calibration_tokens": collected.ntokens}
+    extra: dict[str, object] = {"calibration_tokens": collected.ntokens}
     dense = weight.float().clone() if config.measure_error else None
     if method == "wanda":
         keep = wanda_keep_mask(weight, collected.feature_norms(), pattern, sparsity)

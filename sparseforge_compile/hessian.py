@@ -19,7 +19,9 @@ class LayerInputStats:
     mean diagonal, Wanda compares within a row). ``feature_norms()`` undoes the scale.
 
     Inputs are ``(batch, seq, in_features)`` (a batch of ``batch`` sequences) or
-    ``(tokens, in_features)`` (counted as one sequence, as the references do).
+    ``(tokens, in_features)`` (counted as one sequence, as the references do; OPT flattens its MLP
+    inputs). Unrolled, the update is ``H = 2/n * sum over all tokens of x x^T`` whatever the batch
+    sizes, so every token weighs the same; only the overall scale depends on the counting.
     """
 
     def __init__(self, in_features: int, *, gram: bool = True, norms: bool = True,
@@ -93,3 +95,23 @@ class LayerInputStats:
     def free(self) -> None:
         self._gram = None
         self._sq_norms = None
+
+
+def hutchinson_diagonal(loss: torch.Tensor, weights: dict[str, torch.Tensor], *, seed: int = 0,
+                        probes: int = 1) -> dict[str, torch.Tensor]:
+    """Hutchinson's estimate of the Hessian diagonal of ``loss``: E[(H v) * v], Rademacher ``v``.
+
+    One double backward per probe (``loss`` must come from a graph built with double-backward
+    support: eager attention, no fused SDPA kernels). Returns fp32 tensors shaped like the weights.
+    """
+    names = list(weights)
+    tensors = [weights[n] for n in names]
+    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in zip(names, tensors)}
+    for k in range(probes):
+        vs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.device, t.dtype) for t in tensors]
+        hvs = torch.autograd.grad(grads, tensors, grad_outputs=vs, retain_graph=k < probes - 1)
+        for n, hv, v in zip(names, hvs, vs):
+            out[n].add_((hv * v).float(), alpha=1.0 / probes)
+    return out
