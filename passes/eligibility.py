@@ -172,7 +172,8 @@ class EligibilityReport:
             counts[info.reason_code or "other"] = counts.get(info.reason_code or "other", 0) + 1
         return counts
 
-    def to_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
         return {"pattern": str(self.pattern), "kernel_rule": self.kernel_rule, "exclude": list(self.exclude),
                 "notes": list(self.notes), "counts": self.counts(), "layers": [asdict(i) for i in self.layers]}
 

@@ -1,0 +1,103 @@
+"""Mask insertion: one apply_mask per eligible layer, differentiable in weights and scores."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sparseforge_compile.passes.base import PassConditionError
+from sparseforge_compile.passes.eligibility import analyze_eligibility
+from sparseforge_compile.passes.insert_masks import InsertMasks, graph_masks, mask_parameters
+from torch import nn
+
+from sparseforge_compile.capture import capture
+from sparseforge_compile.masks import MaskState, NMPattern
+from sparseforge_compile.models import tiny_model
+from sparseforge_compile.ops import APPLY_MASK
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.odd = nn.Linear(128, 30)  # 30 rows: not a cuSPARSELt shape, stays dense
+        self.down = nn.Linear(30 + 128, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.down(torch.cat([self.odd(h), h], dim=-1))
+
+
+def test_one_mask_per_eligible_layer_and_gradients():
+    model = MLP()
+    captured = capture(model, (torch.randn(3, 64),))
+    report = analyze_eligibility(captured)
+    assert [i.name for i in report.eligible] == ["up"]  # odd: kernel shape; down: 158 % 4 != 0
+    result = InsertMasks("2:4")(captured.gm, report)
+    assert result.modified and list(result.masks) == ["up"] and result.stats["masks_inserted"] == 1
+    assert str(captured.gm.graph).count("sparseforge.apply_mask") == 1
+    state = captured.gm.get_submodule("sparseforge_masks.up")
+    assert isinstance(state, MaskState) and state is result.masks["up"] and graph_masks(captured) == result.masks
+    assert torch.equal(state.score, model.up.weight.detach().abs())  # magnitude init
+
+    # The masked graph computes x -> up with W * mask, and is differentiable in W and the scores.
+    state.score.requires_grad_(True)
+    x = torch.randn(5, 64)  # another batch size: the capture is dynamic
+    out = captured.gm(x)
+    mask = state().detach()
+    h = torch.relu(F.linear(x, model.up.weight * mask, model.up.bias))
+    expected = model.down(torch.cat([model.odd(h), h], dim=-1))
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    assert model.up.weight.grad.abs().sum() > 0 and state.score.grad.abs().sum() > 0
+    assert mask_parameters(captured) == [state.score]
+
+
+def test_gpt2_conv1d_mask_is_transposed():
+    model = tiny_model("tiny-gpt2")
+    captured = capture(model)
+    result = InsertMasks()(captured)
+    assert len(result.masks) == 8 and str(captured.gm.graph).count("sparseforge.apply_mask") == 8
+    masked = [n for n in captured.gm.graph.nodes if n.target is APPLY_MASK]
+    assert all(n.args[2] is True for n in masked)  # Conv1D: weight stored (in, out)
+    fc = result.masks["transformer.h.0.mlp.c_fc"]
+    assert fc.score.shape == (256, 64)  # the mask is in (out, in) layout
+    fc.score.requires_grad_(True)
+    ids = torch.randint(0, 256, (2, 9))
+    out = captured.gm(ids)
+    out.float().pow(2).mean().backward()
+    assert fc.score.grad.shape == (256, 64) and fc.score.grad.abs().sum() > 0
+    # Same as eager on a copy whose Conv1D weights are multiplied by the transposed masks.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, state in result.masks.items():
+            reference.get_submodule(name).weight.mul_(state().t())
+        torch.testing.assert_close(captured.gm(ids), reference(input_ids=ids, use_cache=False).logits)
+    # Analysis of the masked graph sees the masks.
+    again = analyze_eligibility(captured)
+    assert again.layer("transformer.h.0.mlp.c_fc").mask == "sparseforge_masks.transformer_h_0_mlp_c_fc"
+
+
+def test_refuses_to_mask_twice_and_checks_config():
+    captured = capture(MLP(), (torch.randn(2, 64),))
+    InsertMasks()(captured)
+    with pytest.raises(PassConditionError, match="already"):
+        InsertMasks()(captured)
+    with pytest.raises(ValueError):
+        InsertMasks(init="random")
+    with pytest.raises(ValueError):
+        InsertMasks("5:4")
+
+
+def test_pass_uuid_is_stable_and_config_sensitive():
+    assert InsertMasks("2:4").uuid() == InsertMasks(NMPattern(2, 4)).uuid()
+    assert InsertMasks("2:4").uuid() != InsertMasks("1:4").uuid()
+    assert InsertMasks(exclude=("a*",)).uuid() != InsertMasks().uuid()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_apply_mask_op_registration(transposed):
+    weight = torch.randn(8, 12, requires_grad=True) if not transposed else torch.randn(12, 8, requires_grad=True)
+    mask = torch.rand(8, 12, requires_grad=True)
+    torch.library.opcheck(APPLY_MASK, (weight, mask, transposed))
+    torch.library.opcheck(APPLY_MASK, (weight.detach().bfloat16().requires_grad_(), mask, transposed))
