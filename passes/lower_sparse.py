@@ -1,0 +1,192 @@
+"""Graph pass: replace Linear calls on hardened N:M weights by ``sparseforge::sparse_linear``.
+
+Works on the graphs that reach a ``torch.compile`` backend (Dynamo, torch 2.11-2.13: parameters
+arrive as placeholders matched by position to the example inputs, or as ``get_attr``) and on
+exported/ATen graphs. Matched calls: ``torch._C._nn.linear`` / ``F.linear`` / ``aten.linear``
+(weight ``(out, in)``), ``torch.addmm`` / ``aten.addmm`` with a 1-D bias and the weight stored
+``(in, out)`` (GPT-2 ``Conv1D``), and ``call_module`` on an ``nn.Linear``.
+
+A weight is hardened if it carries ``_sparseforge_pattern`` (then it must be N:M: otherwise an
+error names the layer and the number of violating groups) or if it is exactly N:M. The compressed
+weight becomes a buffer of the graph module; the dense weight stays an operand only where dispatch
+needs it (some token bucket measured faster dense) or where the sparse kernel does not apply
+(CPU, fp32, odd shapes: the op then is a dense matmul, identical to the hardened model).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from sparseforge_compile.masks import NMPattern
+from sparseforge_compile.sparse_linear import (
+    DispatchConfig,
+    KernelState,
+    build_kernel_state,
+    check_nm,
+    is_exact_nm,
+)
+
+from .base import GraphPass, PassConditionError, PassResult
+
+PATTERN_TAG = "_sparseforge_pattern"  # set on a Parameter to declare it hardened
+SPARSE_LINEAR = torch.ops.sparseforge.sparse_linear.default
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+PACKED_PREFIX = "_sparseforge_packed_"
+
+# Kernel state per weight tensor, so that recompiles (new shapes, dynamic dims) reuse the
+# compressed weight instead of holding a second copy. Keyed by identity; the version counter
+# notices in-place updates.
+_STATE_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass
+class _Match:
+    node: fx.Node
+    x: Any
+    weight_node: fx.Node | None
+    bias: Any
+    transposed: bool  # weight stored (in, out)
+    weight: torch.Tensor | None = None
+    name: str = ""
+
+
+def _layer_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is not None:
+        source_name = source.name() if callable(source.name) else source.name  # a method before 2.12
+        parts = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", str(source_name))
+        if parts:
+            name = ".".join(parts)
+            return name.removesuffix(".weight")
+    if node.op == "get_attr":
+        return str(node.target).removesuffix(".weight")
+    return node.name
+
+
+def _resolve_tensor(gm: fx.GraphModule, node: Any, inputs: dict[fx.Node, Any]) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        value = inputs.get(node)
+    elif node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+    else:
+        return None
+    return value if isinstance(value, torch.Tensor) and not isinstance(value, torch.SymInt) else None
+
+
+def _matches(gm: fx.GraphModule) -> list[_Match]:
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            found.append(_Match(node, node.args[0], weight, bias, transposed=False))
+        elif node.op == "call_function" and node.target in ADDMM_TARGETS:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 3:
+                continue
+            found.append(_Match(node, node.args[1], node.args[2], node.args[0], transposed=True))
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+            found.append(_Match(node, node.args[0], None, None, transposed=False))
+    return found
+
+
+@dataclass
+class LowerSparseLinears(GraphPass):
+    """Lower Linear calls on hardened N:M weights to the sparse op (``run(gm, example_inputs)``)."""
+
+    pattern: str = "2:4"
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+
+    def __post_init__(self) -> None:
+        self._pattern = NMPattern.parse(self.pattern)
+
+    def _hardened(self, weight: torch.Tensor, transposed: bool, name: str) -> bool:
+        linear = weight.detach().t() if transposed else weight.detach()
+        tag = getattr(weight, PATTERN_TAG, None)
+        if tag is not None:
+            check_nm(linear, NMPattern.parse(tag), name)
+            return True
+        return is_exact_nm(linear, self._pattern)
+
+    def _state(self, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> KernelState:
+        cached = _STATE_CACHE.get(weight)
+        if cached is not None and cached[0] == weight._version and cached[1] == transposed:
+            return cached[2]
+        linear = weight.detach().t() if transposed else weight.detach()
+        state = build_kernel_state(linear, bias, self.dispatch)
+        _STATE_CACHE[weight] = (weight._version, transposed, state)
+        return state
+
+    def run(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PassResult:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        inputs = dict(zip(placeholders, example_inputs))
+        lowered, fallback, skipped = [], [], []
+        packed_count = sum(1 for name, _ in gm.named_buffers() if name.startswith(PACKED_PREFIX))
+        for match in _matches(gm):
+            if match.node.op == "call_module":
+                module = gm.get_submodule(match.node.target)
+                match.weight, match.name = module.weight, str(match.node.target)
+                bias_t = module.bias
+            else:
+                match.weight = _resolve_tensor(gm, match.weight_node, inputs)
+                match.name = _layer_name(match.weight_node) if isinstance(match.weight_node, fx.Node) else ""
+                bias_t = _resolve_tensor(gm, match.bias, inputs) if match.bias is not None else None
+            if match.weight is None or match.weight.dim() != 2:
+                skipped.append((match.name or match.node.name, "weight is not a parameter of the graph"))
+                continue
+            if match.transposed and (bias_t is None or bias_t.dim() != 1):
+                continue  # a general addmm, not a Conv1D layer
+            if not self._hardened(match.weight, match.transposed, match.name):
+                continue
+            state = self._state(match.weight, match.transposed, None if bias_t is None else bias_t.detach())
+            self._rewrite(gm, match, state, packed_count)
+            packed_count += state.packed is not None
+            (lowered if state.packed is not None else fallback).append(match.name)
+        if lowered or fallback:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm=gm, modified=bool(lowered or fallback),
+                          stats={"sparse": lowered, "dense_fallback": fallback, "skipped": skipped})
+
+    @staticmethod
+    def _rewrite(gm: fx.GraphModule, match: _Match, state: KernelState, index: int) -> None:
+        graph = gm.graph
+        out_features = match.weight.shape[1] if match.transposed else match.weight.shape[0]
+        with graph.inserting_before(match.node):
+            if match.node.op == "call_module":
+                target = str(match.node.target)
+                match.weight_node = graph.get_attr(f"{target}.weight") if state.keep_dense else None
+                has_bias = gm.get_submodule(target).bias is not None
+                match.bias = graph.get_attr(f"{target}.bias") if has_bias else None
+            packed_node = None
+            if state.packed is not None:
+                attr = f"{PACKED_PREFIX}{index}"
+                gm.register_buffer(attr, state.packed, persistent=False)
+                packed_node = graph.get_attr(attr)
+            dense_node = None
+            if state.keep_dense:
+                dense_node = graph.call_function(torch.t, (match.weight_node,)) if match.transposed \
+                    else match.weight_node
+            new = graph.call_function(SPARSE_LINEAR, (match.x, packed_node, dense_node, match.bias, out_features))
+        new.meta.update(match.node.meta)
+        match.node.replace_all_uses_with(new)
+        graph.erase_node(match.node)
+
+    def ensures(self, result: PassResult) -> None:
+        done = len(result.stats["sparse"]) + len(result.stats["dense_fallback"])
+        ops = sum(1 for n in result.gm.graph.nodes if n.op == "call_function" and n.target is SPARSE_LINEAR)
+        if ops < done:
+            raise PassConditionError(f"{self.name}: lowered {done} layers but the graph holds {ops} sparse ops")

@@ -1,0 +1,137 @@
+"""The graph pass on Dynamo and export graphs, the torch.compile backend, compile() (CPU; GPU skips)."""
+
+import pytest
+import torch
+from sparseforge_compile.passes.lower_sparse import PATTERN_TAG, SPARSE_LINEAR, LowerSparseLinears
+from test_lowering import harden, ids
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sparseforge_compile
+from sparseforge_compile.models import tiny_model
+from sparseforge_compile.sparse_linear import DispatchConfig, NMViolationError, SparseLinear
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def one_layer_llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    harden(model)
+    return model
+
+
+def recording_backend(results):
+    """Runs only the lowering pass (no Inductor): cheap, and shows what the backend would lower."""
+    def backend(gm, example_inputs):
+        results.append(LowerSparseLinears()(gm, example_inputs))
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("name, where, count", [("tiny-llama", ".layers.", 14), ("tiny-gpt2", ".h.", 8)])
+def test_pass_lowers_hardened_linears_in_dynamo_graph(name, where, count):
+    model = tiny_model(name)
+    names = harden(model, where)
+    x = ids()
+    results = []
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend=recording_backend(results))(x).logits
+    stats = results[0].stats
+    assert sorted(stats["dense_fallback"]) == sorted(names) and len(names) == count  # CPU: dense op
+    ops = [n for n in results[0].gm.graph.nodes if n.op == "call_function" and n.target is SPARSE_LINEAR]
+    assert len(ops) == count
+    assert torch.equal(out, ref)
+
+
+def test_pass_on_exported_graph_with_get_attr_weights():
+    model = tiny_model("tiny-llama")
+    harden(model)
+    x = ids()
+
+    class Logits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, use_cache=False).logits
+
+    gm = torch.export.export(Logits(model), (x,), strict=False).module()
+    with torch.no_grad():
+        ref = gm(x)
+        result = LowerSparseLinears()(gm)
+        assert len(result.stats["dense_fallback"]) == 14
+        assert torch.equal(result.gm(x), ref)
+
+
+def test_pass_refuses_tagged_weight_that_is_not_nm():
+    model = tiny_model("tiny-llama")
+    harden(model)
+    up = model.get_submodule("model.layers.0.mlp.up_proj")
+    with torch.no_grad():
+        up.weight[0, :4] = 1.0
+    setattr(up.weight, PATTERN_TAG, "2:4")
+    message = r"model\.layers\.0\.mlp\.up_proj: weight \(128, 64\) is not 2:4: 1 of"
+    with pytest.raises(Exception, match=message), torch.no_grad():
+        torch.compile(model, backend=recording_backend([]))(ids())
+    assert issubclass(NMViolationError, ValueError)
+
+
+def test_lowered_model_traces_as_one_custom_op_per_layer():
+    model = tiny_model("tiny-llama")
+    harden(model)
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    with pytest.warns(UserWarning):
+        sparseforge_compile.lowering.lower_model(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x).logits
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    op = torch.ops.sparseforge.sparse_linear
+    assert sum(t in (op, op.default) for t in targets) == 14
+    assert torch.equal(out, ref)
+
+
+def test_backend_through_inductor_matches_eager():
+    """The one Inductor compile on the CPU (slow the first time: Inductor builds its C++ kernels)."""
+    model = one_layer_llama()
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+        compiled = sparseforge_compile.compile(model, via="backend")
+        out = compiled(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())  # the backend leaves the model as is
+
+
+def test_compile_rejects_unknown_route():
+    with pytest.raises(ValueError, match="via='fast'"):
+        sparseforge_compile.compile(nn.Linear(4, 4), via="fast")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("via", ["lower", "backend"])
+def test_gpu_compile_reduce_overhead(via, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))
+    model = one_layer_llama().to("cuda", torch.bfloat16)
+    x = ids().cuda()
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        compiled = sparseforge_compile.compile(model, via=via, mode="reduce-overhead",
+                                               dispatch=DispatchConfig(max_bucket=64))
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x).logits.float()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2

@@ -1,0 +1,250 @@
+"""Eager lowering to SparseLinear, the sparse_linear op, the algorithm cache (CPU; GPU tests skip)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparseforge_compile.lowering import lower_model
+from sparseforge_compile.masks import NMPattern, nm_mask
+from sparseforge_compile.models import tiny_model
+from sparseforge_compile.sparse_linear import (
+    AlgorithmCache,
+    DispatchConfig,
+    KernelChoice,
+    NMViolationError,
+    SparseLinear,
+    calibrate,
+    shape_key,
+    sparse_linear,
+    token_bucket,
+)
+
+P24 = NMPattern(2, 4)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def harden(model: nn.Module, where: str = ".layers.") -> list[str]:
+    """Prune every Linear (or Conv1D) under ``where`` to exact 2:4 by magnitude; the names pruned."""
+    names = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if where not in name:
+                continue
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(nm_mask(module.weight.abs(), P24))
+            elif type(module).__name__ == "Conv1D":
+                module.weight.mul_(nm_mask(module.weight.abs().t(), P24).t())
+            else:
+                continue
+            names.append(name)
+    return names
+
+
+@pytest.fixture
+def hardened_llama():
+    model = tiny_model("tiny-llama")
+    names = harden(model)
+    return model, names
+
+
+def ids(batch=2, seq=12):
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_lowering_keeps_logits_identical(hardened_llama):
+    model, names = hardened_llama
+    x = ids()
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x).logits
+    with pytest.warns(UserWarning, match="device cpu has no sparse tensor cores"):
+        report = lower_model(model)
+    assert sorted(layer.name for layer in report.layers) == sorted(names) and len(names) == 14
+    assert all(isinstance(model.get_submodule(n), SparseLinear) for n in names)
+    assert isinstance(model.lm_head, nn.Linear)  # dense, not hardened: untouched
+    assert report.fallback_layers == 14 and report.memory_ratio == 1.0
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    after_sd = model.state_dict()  # same keys and values as the hardened model: checkpoints stay portable
+    assert after_sd.keys() == before_sd.keys()
+    assert all(torch.equal(after_sd[k], before_sd[k]) for k in before_sd)
+
+
+def test_lowering_by_registry_and_generate(hardened_llama):
+    model, names = hardened_llama
+    chosen = names[:3]
+    model._sparseforge_layers = {n: {"pattern": "2:4", "transposed": False} for n in chosen}
+    prompt = ids(1, 6)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    with pytest.warns(UserWarning):
+        report = lower_model(model)
+    assert [layer.name for layer in report.layers] == chosen
+    assert isinstance(model.get_submodule(names[3]), nn.Linear)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), ref)
+
+
+def test_lowering_refuses_non_nm_weight_and_leaves_model_unchanged(hardened_llama):
+    model, names = hardened_llama
+    bad = "model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(bad).weight.add_(0.5)  # every group now holds 4 nonzeros
+    groups = model.get_submodule(bad).weight.numel() // 4
+    with pytest.raises(NMViolationError, match=rf"{bad}: weight \(128, 64\) is not 2:4: {groups} of {groups} groups"):
+        lower_model(model, layers=names)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def test_lowering_unknown_or_wrong_layer_is_named(hardened_llama):
+    model, _ = hardened_llama
+    with pytest.raises(ValueError, match="model.layers.9.mlp: no such layer"):
+        lower_model(model, layers=["model.layers.9.mlp"])
+    with pytest.raises(ValueError, match="model.norm: a LlamaRMSNorm cannot be lowered"):
+        lower_model(model, layers=["model.norm"])
+
+
+def test_lowering_gpt2_conv1d():
+    model = tiny_model("tiny-gpt2")
+    names = harden(model, where=".h.")
+    x = ids()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x).logits
+    with pytest.warns(UserWarning):
+        report = lower_model(model)
+    assert len(report.layers) == len(names) == 8
+    fc = model.get_submodule("transformer.h.0.mlp.c_fc")
+    assert (fc.in_features, fc.out_features) == (64, 256)  # Conv1D weight (in, out) = (64, 256)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    assert model.state_dict()["transformer.h.0.mlp.c_fc.weight"].shape == sd["transformer.h.0.mlp.c_fc.weight"].shape
+
+
+def test_sparse_linear_module_from_dense_cast_and_load():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w = w * nm_mask(w.abs(), P24)
+    b = torch.randn(32)
+    layer = SparseLinear.from_dense(w, b, "2:4", layer="probe")
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), nn.functional.linear(x, w, b))
+    layer = layer.to(torch.float64)  # a cast re-installs (and re-checks) the weight
+    assert layer.dense_weight.dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()), nn.functional.linear(x.double(), w.double(), b.double()))
+    other = w.clone()
+    other[0, :4] = 1.0
+    with pytest.raises(RuntimeError, match="probe: weight \\(32, 64\\) is not 2:4: 1 of 512 groups"):
+        layer.load_state_dict({"weight": other.double(), "bias": b.double()})
+    with pytest.raises(NMViolationError, match="mlp: weight"):
+        SparseLinear.from_dense(torch.ones(8, 8), layer="mlp")
+
+
+def test_sparse_linear_op_registration():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    w = w * nm_mask(w.abs(), P24)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    torch.library.opcheck(sparse_linear, (x, None, w.requires_grad_(), b, 16))
+    torch.library.opcheck(sparse_linear, (x.detach()[0], None, w.detach(), None, 16))
+    y = sparse_linear(x, None, w, b, 16)
+    y.sum().backward()  # gradients match F.linear's
+    ref_x = x.detach().clone().requires_grad_()
+    nn.functional.linear(ref_x, w.detach(), b.detach()).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_dispatch_config_and_buckets():
+    assert DispatchConfig().buckets == (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    assert [token_bucket(t) for t in (1, 16, 17, 100, 4096, 4097)] == [16, 16, 32, 128, 4096, 8192]
+    with pytest.raises(ValueError, match="max_bucket=1000"):
+        DispatchConfig(max_bucket=1000)
+    with pytest.raises(ValueError, match="keep_dense"):
+        DispatchConfig(keep_dense="sometimes")
+
+
+def test_algorithm_cache_round_trips_through_disk(tmp_path):
+    skey = shape_key("NVIDIA H200", 11008, 4096, torch.bfloat16)
+    cache = AlgorithmCache(tmp_path)
+    fast = KernelChoice(alg_id=3, split_k=2, split_k_mode=1, dense_ms=0.6, sparse_ms=0.4)
+    slow = KernelChoice(use_dense=True, dense_ms=0.02, sparse_ms=0.09)
+    cache.put(skey, 4096, fast)
+    cache.put(skey, 16, slow)
+    stored = json.loads((tmp_path / "kernel_plans.json").read_text())["entries"]
+    assert f"NVIDIA H200|torch {torch.__version__}|11008x4096|bfloat16|bucket 4096" in stored
+    again = AlgorithmCache(tmp_path)  # another process: reads the file
+    assert again.get(skey, 4096) == fast and again.get(skey, 16) == slow
+    assert again.lookup(skey, 1) == slow and again.lookup(skey, 3000) == fast
+    assert again.lookup(skey, 100000) == fast  # beyond the largest bucket: the largest
+    assert again.get(shape_key("NVIDIA H200", 4096, 4096, torch.bfloat16), 16) is None
+
+
+def test_calibrate_measures_each_bucket_once_across_processes(tmp_path, monkeypatch):
+    import sparseforge_compile.sparse_linear as sl
+
+    calls = []
+
+    def fake_measure(weight, packed, bias, bucket):
+        calls.append(bucket)
+        return KernelChoice(use_dense=bucket < 64, dense_ms=1.0, sparse_ms=2.0 if bucket < 64 else 0.5)
+
+    monkeypatch.setattr(sl, "measure_bucket", fake_measure)
+    config = DispatchConfig(max_bucket=128, cache_dir=str(tmp_path))
+    w = torch.zeros(32, 64)
+    table = calibrate(w, w, None, config, cache=AlgorithmCache(tmp_path))
+    assert calls == [16, 32, 64, 128] and [b for b, c in table.items() if c.use_dense] == [16, 32]
+    table2 = calibrate(w, w, None, config, cache=AlgorithmCache(tmp_path))  # fresh instance, same dir
+    assert calls == [16, 32, 64, 128] and table2 == table
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 7, 16, 33, 256])
+def test_gpu_sparse_op_matches_dense(tokens, tmp_path, monkeypatch):
+    import sparseforge_compile.sparse_linear as sl
+
+    torch.manual_seed(tokens)
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    w = w * nm_mask(w.abs(), P24)
+    b = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    packed = sl.compress(w)
+    assert torch.equal(sl.decompress(packed, 512), w)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    ref = (x.double() @ w.double().t() + b.double())
+    for choice in [sl.DEFAULT_CHOICE, *sl._candidate_choices(packed, x, b, sl.token_bucket(tokens))]:
+        for bias in (b, None):
+            y = sl.sparse_linear_2d(x, packed, bias, choice)
+            want = ref if bias is not None else ref - b.double()
+            err = float((y.double() - want).norm() / want.norm())
+            assert y.shape == (tokens, 256) and err < 1e-2, (choice, bias is None, err)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_lowering_tiny_llama(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))
+    model = tiny_model("tiny-llama").to("cuda", torch.bfloat16)
+    harden(model)
+    x = ids().cuda()
+    with torch.no_grad():
+        ref = model(x).logits.float()
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = lower_model(model, config=DispatchConfig(max_bucket=64))
+    assert report.sparse_layers == 14, report.summary()
+    with torch.no_grad():
+        out = model(x).logits.float()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
+    entries = json.loads((tmp_path / "kernel_plans.json").read_text())["entries"]
+    assert any(torch.cuda.get_device_name() in k for k in entries)
+    for name, w in weights.items():  # compressed weights decompress to the exact hardened weights
+        module = model.get_submodule(name)
+        if isinstance(module, SparseLinear):
+            assert torch.equal(module.materialize_weight(), w)
+    model.cpu()
+    assert torch.equal(model.get_submodule("model.layers.0.mlp.up_proj").dense_weight,
+                       weights["model.layers.0.mlp.up_proj"].cpu())
