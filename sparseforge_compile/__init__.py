@@ -1,5 +1,6 @@
 """SparseForge-compile: dense LLM -> 2:4 (N:M) semi-structured sparse model on sparse tensor cores."""
 
+from .backend import compile
 from .checkpoint import load, save
 from .masks import NMPattern
 from .models import load_model
@@ -7,4 +8,4 @@ from .report import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["NMPattern", "__version__", "inspect", "load", "load_model", "save"]
+__all__ = ["NMPattern", "__version__", "compile", "inspect", "load", "load_model", "save"]
