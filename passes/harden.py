@@ -48,7 +48,7 @@ class NMInvariantError(RuntimeError):
 
     def __init__(self, violations: list[tuple[str, tuple[int, ...], int, int]], pattern: NMPattern) -> None:
         self.violations = violations
-        lines = [f"{name} {shape}: {bad} of {groups} groups hold more than {pattern.n} nonzeros"
+        lines = [f"{name or '<root>'} {shape}: {bad} of {groups} groups hold more than {pattern.n} nonzeros"
                  for name, shape, bad, groups in violations]
         super().__init__(f"N:M invariant ({pattern}) broken in {len(violations)} layer(s): " + "; ".join(lines))
 
