@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import kd_loss
-from .masks import MaskState, NMPattern
+from .masks import MaskState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ class AnnealError(RuntimeError):
 class AnnealConfig:
     """Every field is one CLI flag of ``sparseforge-compile prune`` (``--field-name``)."""
 
-    pattern: str = "2:4"
     steps: int | None = None  # total training steps; None: as many as the time budget allows
     batch_size: int = 32
     seqlen: int = 512
@@ -85,7 +84,6 @@ class AnnealConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        NMPattern.parse(self.pattern)
         if self.importance not in IMPORTANCE_ESTIMATORS:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(IMPORTANCE_ESTIMATORS)}")
         if self.warm_start not in WARM_STARTS:
@@ -236,6 +234,7 @@ class Annealer:
         self.total_steps = cfg.steps or 0
         self.history: list[dict] = []
         self.tokens = 0
+        self._hutch: dict[str, torch.Tensor] = {}
         self._autocast = (cfg.autocast == "bf16") or (cfg.autocast == "auto" and device.type == "cuda")
         self._refresh_scores(margin=cfg.prior_margin)
 
@@ -267,13 +266,16 @@ class Annealer:
         """E[(Hv) * v] per weight, one Rademacher probe, by double backward (needs eager attention)."""
         from .hessian import hutchinson_diagonal
 
-        weights = {n: self.weight_views[n]() for n in self.masks}
-        loss = self._loss(ids, create_graph=True)[0]
-        diag = hutchinson_diagonal(loss, weights, seed=self.cfg.seed + self.step)
-        self._hutch = {n: d * weights[n].detach().float().square() for n, d in diag.items()}
+        views = {n: self.weight_views[n]() for n in self.masks}
+        # Differentiate with respect to the parameters themselves (GPT-2's Conv1D views are transposes).
+        bases = {n: v._base if v._base is not None else v for n, v in views.items()}
+        loss = self._loss(ids)[0]
+        diag = hutchinson_diagonal(loss, bases, seed=self.cfg.seed + self.step)
+        self._hutch = {n: (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()
+                       for n, d in diag.items()}
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss(self, ids: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, dict]:
+    def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             t_logits = self.teacher(ids)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -481,3 +483,43 @@ class Annealer:
         if self.score_opt and state["score_opt"]:
             self.score_opt.load_state_dict(state["score_opt"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
+
+
+def plot_curves(history: list[dict], layer_density: dict[str, float], path: str | Path) -> None:
+    """PNG of the run: loss, temperature and blend, undecided fraction, final density per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in history]
+    ax = axes[0][0]
+    ax.plot(steps, [r["loss"] for r in history], label="loss")
+    ax.plot(steps, [r["kl"] for r in history], label="KL (x tau^2)", alpha=0.7)
+    ax.plot(steps, [r["ce"] for r in history], label="CE", alpha=0.7)
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[0][1]
+    ax.plot(steps, [r["temperature"] for r in history], label="temperature")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["blend"] for r in history], color="C1", label="blend to hard")
+    ax.set_title("temperature (log) and blend")
+    ax = axes[1][0]
+    ax.plot(steps, [r["undecided"] for r in history], label="undecided groups")
+    if any(r.get("flips") for r in history):
+        ax3 = ax.twinx()
+        ax3.plot(steps, [r["flips"] for r in history], color="C2", label="flips vs warm start")
+        ax3.set_ylabel("weights flipped vs warm start")
+    ax.set_title("undecided group fraction")
+    ax.set_xlabel("step")
+    ax = axes[1][1]
+    names = list(layer_density)
+    ax.bar(range(len(names)), [layer_density[n] for n in names], width=1.0)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"final density per layer ({len(names)} layers)")
+    ax.set_xlabel("layer index (graph order)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

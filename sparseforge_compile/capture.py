@@ -25,6 +25,7 @@ import linecache
 import logging
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,18 +93,20 @@ def original_model(gm: fx.GraphModule) -> nn.Module | None:
 
 
 class _ModelRef:
-    """A weak reference that deep-copies as itself (``copy.deepcopy(gm)`` must not copy the model)."""
+    """A weak reference to the captured model. A deep copy or a pickle of the graph drops it: the
+    copy's parameters are no longer the model's, so passes must not treat the model as its owner."""
 
-    def __init__(self, model: nn.Module) -> None:
-        import weakref
-
-        self._ref = weakref.ref(model)
+    def __init__(self, model: nn.Module | None) -> None:
+        self._ref = weakref.ref(model) if model is not None else None
 
     def __call__(self) -> nn.Module | None:
-        return self._ref()
+        return self._ref() if self._ref is not None else None
 
     def __deepcopy__(self, memo: dict) -> _ModelRef:
-        return self
+        return _ModelRef(None)
+
+    def __reduce__(self) -> tuple:
+        return _ModelRef, (None,)
 
 
 # ---------------------------------------------------------------------------------- wrapping
@@ -280,7 +283,26 @@ def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> 
     # ep.module() forbids train()/eval(); restore nn.Module's (flags only: the graph is fixed).
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
+    strip_metadata_asserts(gm)
     return gm
+
+
+def strip_metadata_asserts(gm: fx.GraphModule) -> int:
+    """Drop export's ``_assert_tensor_metadata`` checks, in nested graphs too; returns how many.
+
+    They pin the dtypes seen at export, so the graph would refuse to run under autocast (torch
+    2.11 puts them inside the rotary embedding's autocast-disabled region); they compute nothing.
+    """
+    removed = 0
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in list(module.graph.nodes):
+            if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+                module.graph.erase_node(node)
+                removed += 1
+        module.recompile()
+    return removed
 
 
 def _bind_parameters(gm: fx.GraphModule, model: nn.Module, prefix: str) -> dict[str, str]:

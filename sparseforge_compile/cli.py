@@ -112,6 +112,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- prune
+
+# Smaller defaults where a flag is left out on the CPU: a real prune of SmolLM2 in minutes on 2 cores.
+CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seqlen": 256,
+                "teacher_sample_batch": 16}
+GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512,
+                "teacher_sample_batch": 512}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _anneal_fields():
+    import dataclasses
+
+    from .anneal import AnnealConfig
+
+    return [f for f in dataclasses.fields(AnnealConfig)]
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .anneal import AnnealConfig, plot_curves
+    from .data import eval_windows, load_wikitext2, tokenize
+    from .evaluate import perplexity
+    from .models import load_model
+    from .pipeline import ONE_SHOT, SparsifyConfig, sparsify
+
+    device = pick_device(args.device)
+    defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    anneal_kwargs = {f.name: getattr(args, f.name) for f in _anneal_fields() if getattr(args, f.name) is not None}
+    anneal_cfg = AnnealConfig(**anneal_kwargs)
+    pattern = None if args.pattern in ("none", "unstructured") else args.pattern
+    cfg = SparsifyConfig(method=args.method, pattern=pattern, sparsity=args.sparsity, exclude=tuple(args.exclude),
+                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                         budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
+                         teacher_sample_share=args.teacher_sample_share,
+                         teacher_sample_batch=args.teacher_sample_batch, anneal=anneal_cfg)
+    if args.method not in ONE_SHOT and not args.budget_minutes and not args.steps:
+        raise UsageError(f"--method {args.method} trains: give --budget-minutes or --steps")
+    out = Path(args.out)
+    loaded = load_model(args.model, device=device, dtype="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    windows = None
+    if args.eval_windows and tok is not None:
+        all_windows = eval_windows(tokenize(tok, load_wikitext2("test", args.data_dir)), 2048)
+        windows = all_windows[: args.eval_windows] if args.eval_windows > 0 else all_windows
+    before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
+    result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
+                      progress=not args.quiet)
+    after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None
+
+    from . import save
+    from .report import inspect
+
+    saved = save(model, out, tokenizer=tok, provenance={"method": args.method, "model": args.model,
+                                                        "config": cfg.to_json(), **result.summary()})
+    report = inspect(model, pattern=pattern or "2:4")
+    (out / "report.txt").write_text(str(report) + "\n")
+    write_json(out / "report.json", report.as_dict())
+    if result.anneal and result.anneal.history:
+        density = {r["name"]: r["density"] for r in report.as_dict()["layers"] if r.get("eligible")}
+        plot_curves(result.anneal.history, density, out / "anneal_curves.png")
+    summary = {**result.summary(), "model": args.model, "device": device, "out": str(out),
+               "config": dataclasses.asdict(cfg), "saved": saved.as_dict() if hasattr(saved, "as_dict") else str(saved)}
+    rows = [["model", args.model], ["method", f"{args.method} ({pattern or f'unstructured {args.sparsity}'})"],
+            ["pruned layers", f"{len(result.layers)} ({len(result.skipped)} left dense)"],
+            ["wall time", f"{result.seconds:.1f} s " + ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())]]
+    if result.anneal:
+        rows.append(["training", f"{result.anneal.steps} steps, {result.anneal.tokens} tokens, "
+                                 f"{result.anneal.flips_vs_warm_start} weights flipped vs warm start"])
+    if before and after:
+        summary.update(dense_ppl=before.ppl, pruned_ppl=after.ppl, eval_windows=after.windows)
+        rows.append(["WikiText-2 test ppl", f"dense {before.ppl:.2f} -> pruned {after.ppl:.2f} "
+                                            f"({after.windows} windows of 2048)"])
+    rows.append(["written to", str(out)])
+    write_json(out / "summary.json", summary)
+    print(tabulate(rows, tablefmt="simple"))
+    if before and after:
+        print(f"WikiText-2 test perplexity ({after.windows}/{after.total_windows} windows): {after.ppl:.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- report
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -171,6 +259,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("prune", help="prune a model to N:M (or unstructured) sparsity and save it")
+    p.add_argument("--model", default=SMOLLM2_NAME)
+    p.add_argument("--method", default="sparseforge",
+                   choices=["magnitude", "wanda", "sparsegpt", "sparseforge", "sparsegpt+kd"])
+    p.add_argument("--pattern", default="2:4", help="N:M, or 'none' for unstructured (with --sparsity)")
+    p.add_argument("--sparsity", type=float, default=None, help="unstructured ratio for one-shot methods")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers to keep dense")
+    p.add_argument("--budget-minutes", type=float, default=None, help="wall budget of the whole prune")
+    p.add_argument("--out", required=True, help="output folder (model, metrics, report, curves)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--eval-windows", type=int, default=4,
+                   help="WikiText-2 test windows scored before and after (0: none, -1: all 148)")
+    p.add_argument("--calib-samples", type=int, default=None)
+    p.add_argument("--calib-seqlen", type=int, default=None)
+    p.add_argument("--teacher-sample-share", type=float, default=0.2)
+    p.add_argument("--teacher-sample-batch", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    for f in _anneal_fields():
+        kind = str(f.type)
+        if "bool" in kind:
+            p.add_argument(_flag(f.name), dest=f.name, default=None,
+                           type=lambda v: v.lower() in ("1", "true", "yes"), help=f"annealing: {f.name}")
+        else:
+            conv = int if ("int" in kind and "float" not in kind) else float if "float" in kind else str
+            p.add_argument(_flag(f.name), dest=f.name, type=conv, default=None,
+                           help=f"annealing: {f.name} (default {f.default})")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("report", help="per-layer N:M eligibility, mask state, density and estimated savings")
     p.add_argument("--model", default=SMOLLM2_NAME, help="any --model of eval (a pruned checkpoint shows density)")

@@ -6,6 +6,7 @@ text sampled from the teacher itself is unlimited and matches the teacher's own 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -58,20 +59,26 @@ def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, 
 
     device = next(teacher.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     start = time.perf_counter()
     out: list[torch.Tensor] = []
     for i in range(0, prompts.shape[0], batch_size):
         if time_limit_s is not None and out and time.perf_counter() - start > time_limit_s:
             break
         ids = prompts[i : i + batch_size].to(device)
-        cache = DynamicCache()
-        logits = teacher(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = {cache_arg: DynamicCache()}
+        logits = teacher(input_ids=ids, use_cache=True, **cache).logits[:, -1]
         tokens = [ids]
-        for _ in range(length - ids.shape[1]):
+        for step in range(length - ids.shape[1]):
+            # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p like multinomial,
+            # without multinomial's per-row cumulative sums over the 49k-entry vocabulary.
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen)
+            race = torch.empty_like(probs).exponential_(generator=gen)
+            nxt = (probs / race).argmax(dim=-1, keepdim=True)
             tokens.append(nxt)
-            logits = teacher(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            if step < length - ids.shape[1] - 1:
+                logits = teacher(input_ids=nxt, use_cache=True, **cache).logits[:, -1]
         out.append(torch.cat(tokens, dim=1).cpu())
         if progress:
             done = sum(t.numel() for t in out)

@@ -1,0 +1,167 @@
+"""Side-by-side accuracy of every method on one model, same data and budget.
+
+    python benchmarks/accuracy.py --model smollm2-135m --methods dense,magnitude,wanda,sparsegpt,sparsegpt+kd,sparseforge \
+        --budget-minutes 5 --tasks piqa,arc_easy
+
+Each method starts from a fresh copy of the dense model. Writes a table (stdout), JSON
+(``benchmarks/results/accuracy_<model>.json`` unless --out), and a bar chart PNG beside it:
+WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, write_results
+
+from sparseforge_compile.anneal import AnnealConfig
+from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
+from sparseforge_compile.evaluate import perplexity
+from sparseforge_compile.models import load_model
+from sparseforge_compile.pipeline import METHODS, SparsifyConfig, sparsify
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt,sparsegpt+kd,sparseforge")
+    p.add_argument("--pattern", default="2:4")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="wall budget of each trained method")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--tasks", default="", help="comma list of piqa,arc_easy (empty: none)")
+    p.add_argument("--task-limit", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (sequences)")
+    p.add_argument("--train-seqlen", type=int, default=512)
+    p.add_argument("--anneal", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an AnnealConfig field for the trained methods, e.g. --anneal lr=2e-4")
+    p.add_argument("--teacher-sample-share", type=float, default=0.2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def anneal_overrides(pairs: list[str]) -> dict:
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(AnnealConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--anneal {pair}: unknown field {key!r}")
+        kind = str(types[key])
+        if "bool" in kind:
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif "int" in kind and "float" not in kind:
+            out[key] = int(value)
+        elif "float" in kind:
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m != "dense" and m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from dense, {', '.join(METHODS)}")
+    tasks = [t for t in args.tasks.split(",") if t]
+    base = load_model(args.model, device=args.device)
+    tok = base.tokenizer
+    all_windows = eval_windows(tokenize(tok, load_wikitext2(args.split)), args.seqlen)
+    windows = all_windows[: args.max_windows] if args.max_windows else all_windows
+    calib = None
+    if any(m in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
+        calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    overrides = anneal_overrides(args.anneal)
+    rows = []
+    stem = f"accuracy_{Path(args.model).name.replace('.', '_')}"
+    run_dir = Path(args.out).parent if args.out else RESULTS_DIR
+    for method in methods:
+        model = copy.deepcopy(base.model)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        info: dict = {}
+        budget_s = 0.0
+        if method != "dense":
+            acfg = AnnealConfig(batch_size=args.batch_size, seqlen=args.train_seqlen, **overrides)
+            budget_s = args.budget_minutes * 60 if method in ("sparsegpt+kd", "sparseforge") else 0.0
+            cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
+                                 calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
+                                 teacher_sample_share=args.teacher_sample_share, anneal=acfg)
+            out_dir = run_dir / "runs" / f"{stem}_{method.replace('+', '_')}" if budget_s else None
+            result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
+            info = result.summary()
+            if result.anneal and result.anneal.history:
+                speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]
+                info["tokens_per_s_median"] = statistics.median(speeds)
+        wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+        ppl = perplexity(model, windows, total_windows=all_windows.shape[0], progress=not args.quiet)
+        row = {"model": args.model, "method": method, "pattern": args.pattern if method != "dense" else "dense",
+               "wikitext2_ppl": round(ppl.ppl, 3), "split": args.split, "eval_windows": ppl.windows,
+               "eval_seqlen": args.seqlen, "budget_s": budget_s, "wall_s": round(wall, 1),
+               "peak_gpu_gb": round(peak, 2) if peak is not None else None}
+        for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median"):
+            if key in info:
+                row[key] = info[key]
+        for task in tasks:
+            from sparseforge_compile.zeroshot import evaluate_task
+
+            res = evaluate_task(model, tok, task, limit=args.task_limit, progress=not args.quiet)
+            row[f"{task}_acc"] = round(res.acc, 4)
+            row[f"{task}_acc_norm"] = round(res.acc_norm, 4)
+        rows.append(row)
+        print(tabulate([row], headers="keys", tablefmt="github"), flush=True)
+        write_results(stem, rows, out=args.out)  # after every method: a cut-off run keeps what it finished
+        del model
+    path = write_results(stem, rows, out=args.out)
+    _bar_chart(rows, tasks, path.with_suffix(".png"))
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    return 0
+
+
+def _bar_chart(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["wikitext2_ppl"] + [f"{t}_acc_norm" for t in tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    names = [r["method"] for r in rows]
+    for ax, key in zip(axes[0], panels):
+        values = [r.get(key) or 0 for r in rows]
+        ax.bar(names, values, color=["#888" if n == "dense" else "#3a7" if n == "sparseforge" else "#48c"
+                                     for n in names])
+        ax.set_title(key + (" (log)" if key == "wikitext2_ppl" else ""))
+        if key == "wikitext2_ppl":
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=30)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

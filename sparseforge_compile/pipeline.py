@@ -1,0 +1,349 @@
+"""``sparsify(model, config)``: the one entry point behind ``prune`` and the Python API.
+
+capture -> eligibility -> (one-shot peer | warm start + anneal) -> masks in the graph -> harden
+(N:M invariant checked). The model is pruned in place: the graph shares its parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .anneal import AnnealConfig, Annealer, AnnealResult, TrainingBatches
+from .masks import NMPattern
+
+log = logging.getLogger(__name__)
+
+ONE_SHOT = ("magnitude", "wanda", "sparsegpt")
+TRAINED = ("sparseforge", "sparsegpt+kd")
+METHODS = ONE_SHOT + TRAINED
+HARDEN_SLACK_S = 5.0  # budget kept back for hardening and the invariant check
+
+
+@dataclass
+class SparsifyConfig:
+    """What to prune and how. ``anneal`` holds the training loop's settings (trained methods)."""
+
+    method: str = "sparseforge"
+    pattern: str | None = "2:4"
+    sparsity: float | None = None  # unstructured ratio (one-shot methods, pattern=None)
+    exclude: tuple[str, ...] = ()
+    kernel_constraints: str | None = "cusparselt"  # sparse-kernel shape rules; None: N:M math only
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    budget_s: float | None = 600.0
+    teacher_sample_share: float = 0.2  # of the budget, for sampling text from the dense teacher
+    teacher_sample_rows: int | None = None  # sample exactly this many sequences instead (no time limit)
+    teacher_sample_batch: int = 512
+    teacher_prompt_tokens: int = 8
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):
+            raise ValueError("unstructured pruning (no pattern) needs --sparsity and a one-shot method")
+        if self.pattern is not None:
+            NMPattern.parse(self.pattern)
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ValueError(f"budget must be positive, got {self.budget_s}s")
+        if not 0 <= self.teacher_sample_share < 1:
+            raise ValueError(f"teacher_sample_share {self.teacher_sample_share} must be in [0, 1)")
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise ValueError("calibration needs at least one window of two tokens")
+        if self.method == "sparsegpt+kd" and not self.anneal.fixed_mask:
+            self.anneal = dataclasses.replace(self.anneal, fixed_mask=True, warm_start="sparsegpt")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SparsifyResult:
+    method: str
+    pattern: str | None
+    layers: list[str]
+    skipped: dict[str, str]  # layer -> why it stays dense
+    seconds: float
+    phases: dict[str, float]  # seconds per phase
+    anneal: AnnealResult | None = None
+    teacher_tokens: int = 0
+    oneshot: object | None = None
+
+    def summary(self) -> dict:
+        out = {"method": self.method, "pattern": self.pattern, "pruned_layers": len(self.layers),
+               "dense_layers": len(self.skipped), "seconds": round(self.seconds, 2),
+               "phases": {k: round(v, 2) for k, v in self.phases.items()}, "teacher_tokens": self.teacher_tokens}
+        if self.anneal:
+            out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
+                       final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start)
+        return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def weight_of(model: nn.Module, layer: str, transposed: bool) -> torch.Tensor:
+    """The layer's weight in (out_features, in_features) layout (a view for GPT-2's Conv1D)."""
+    weight = model.get_submodule(layer).weight
+    return weight.t() if transposed else weight
+
+
+@torch.no_grad()
+def input_feature_sq_norms(model: nn.Module, layers: list[str], calib: torch.Tensor,
+                           max_windows: int = 8) -> dict[str, torch.Tensor]:
+    """diag(X^T X) per layer over a few calibration windows: the layer-wise Hessian diagonal."""
+    from .evaluate import logits_of
+    from .hessian import LayerInputStats
+
+    stats = {}
+    hooks = []
+    for name in layers:
+        module = model.get_submodule(name)
+        in_features = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+        stats[name] = LayerInputStats(in_features, gram=False, norms=True, layer=name)
+        hooks.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add_batch(args[0])))
+    try:
+        device = _device_of(model)
+        for row in calib[:max_windows]:
+            logits_of(model, row[None].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: s.feature_norms().square() for n, s in stats.items()}
+
+
+def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConfig, time_limit: float,
+                     progress: bool) -> torch.Tensor | None:
+    from .distill import sample_from_teacher
+
+    if cfg.anneal.teacher_data_ratio <= 0 or (time_limit <= 0 and not cfg.teacher_sample_rows):
+        return None
+    gen = torch.Generator().manual_seed(cfg.anneal.seed)
+    rows = cfg.teacher_sample_rows or 1 << 15  # without a row count the time limit decides
+    starts = torch.randint(0, stream.numel() - cfg.teacher_prompt_tokens, (rows,), generator=gen)
+    prompts = torch.stack([stream[s : s + cfg.teacher_prompt_tokens] for s in starts.tolist()])
+    return sample_from_teacher(teacher, prompts, cfg.anneal.seqlen, batch_size=cfg.teacher_sample_batch,
+                               seed=cfg.anneal.seed, time_limit_s=None if cfg.teacher_sample_rows else time_limit,
+                               progress=progress)
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenizer=None, calib: torch.Tensor | None = None,
+             data_dir: str | Path | None = None, out_dir: str | Path | None = None, resume: bool = False,
+             progress: bool = True) -> SparsifyResult:
+    """Prune ``model`` in place to the configured pattern; returns what was done and how long it took.
+
+    ``calib`` (token windows) defaults to ``calib_samples`` x ``calib_seqlen`` windows of the C4 sample.
+    For the trained methods ``out_dir`` receives metrics.jsonl and checkpoints (``resume`` picks up
+    the last one).
+    """
+    from .capture import capture
+    from .data import calibration_windows
+    from .passes.eligibility import analyze_eligibility
+
+    cfg = config or SparsifyConfig()
+    start = time.perf_counter()
+    deadline = start + cfg.budget_s if cfg.budget_s else None
+    phases: dict[str, float] = {}
+    pattern = NMPattern.parse(cfg.pattern) if cfg.pattern is not None else None
+    device = _device_of(model)
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
+    example = torch.randint(0, _vocab_size(model), (batch, seqlen), device=device)
+    captured = capture(model, (example,))
+    report = analyze_eligibility(captured, pattern or NMPattern(1, 1), exclude=cfg.exclude,
+                                 kernel_constraints=cfg.kernel_constraints if pattern is not None else None)
+    layers = [info.name for info in report.layers if info.eligible]
+    transposed = {info.name: info.transposed for info in report.layers if info.eligible}
+    skipped = {info.name: info.reason for info in report.layers if not info.eligible}
+    phases["capture"] = time.perf_counter() - t
+    if not layers:
+        raise ValueError(f"no layer is eligible for {cfg.pattern} sparsity: " + "; ".join(
+            f"{k}: {v}" for k, v in list(skipped.items())[:5]))
+
+    needs_calib = cfg.method in ("wanda", "sparsegpt") or (
+        cfg.method in TRAINED and cfg.anneal.warm_start in ("wanda", "sparsegpt"))
+    if calib is None and needs_calib:
+        if tokenizer is None:
+            raise ValueError(f"{cfg.method} needs calibration text: pass a tokenizer or calib windows")
+        calib = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.anneal.seed,
+                                    data_dir=data_dir)
+
+    if cfg.method in ONE_SHOT:
+        from .baselines import prune_oneshot
+
+        t = time.perf_counter()
+        result = prune_oneshot(model, cfg.method, pattern=pattern, sparsity=cfg.sparsity, calib=calib,
+                               layers=layers, progress=progress)
+        phases["prune"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if pattern is not None:
+            _harden_through_graph(captured, report, pattern, result.masks)
+        _record_layers(model, layers, transposed, cfg, result.masks)
+        phases["harden"] = time.perf_counter() - t
+        return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
+                              oneshot=result)
+    return _sparsify_trained(model, cfg, captured, report, layers, transposed, skipped, calib, tokenizer,
+                             data_dir, out, resume, progress, start, deadline, phases)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "vocab_size", 0) or 2)
+
+
+def _harden_through_graph(captured, report, pattern: NMPattern, masks: dict[str, torch.Tensor]) -> None:
+    """Put the given binary masks into the graph's mask nodes, then harden (invariant checked)."""
+    from .passes.harden import Harden
+    from .passes.insert_masks import InsertMasks
+
+    inserted = InsertMasks(pattern)(captured.gm, report)
+    for name, state in inserted.masks.items():
+        state.set_hard(masks[name].to(state.score.device))
+    Harden()(captured.gm)
+
+
+def _record_layers(model: nn.Module, layers: list[str], transposed: dict[str, bool], cfg: SparsifyConfig,
+                   masks: dict[str, torch.Tensor] | None = None) -> None:
+    registry = getattr(model, "_sparseforge_layers", {}) or {}
+    for name in layers:
+        entry = dict(registry.get(name, {}))
+        entry.update(pattern=cfg.pattern, transposed=transposed[name], method=cfg.method)
+        if cfg.pattern is None:
+            entry["sparsity"] = cfg.sparsity
+        registry[name] = entry
+    model._sparseforge_layers = registry
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a trained method runs with, built before the clock of the training loop starts."""
+
+    annealer: Annealer
+    captured: object
+    teacher: nn.Module
+    teacher_rows: torch.Tensor | None
+
+
+def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
+                     transposed: dict[str, bool], calib: torch.Tensor | None, tokenizer, *, data_dir=None,
+                     out: Path | None = None, resume: bool = False, progress: bool = True,
+                     phases: dict[str, float] | None = None) -> TrainingSetup:
+    """Teacher copy, warm start, teacher-sampled text, masks in the graph, and the annealer."""
+    from .baselines import prune_oneshot
+    from .data import token_stream
+    from .evaluate import logits_of
+    from .passes.insert_masks import InsertMasks
+
+    phases = phases if phases is not None else {}
+    acfg = cfg.anneal
+    pattern = NMPattern.parse(cfg.pattern)
+    device = _device_of(model)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.method} trains on text: pass the model's tokenizer")
+
+    t = time.perf_counter()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)  # the teacher only runs forward: bf16 halves its cost
+    phases["teacher"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dense = {n: weight_of(model, n, transposed[n]).detach().clone() for n in layers}
+    layer_hessian = input_feature_sq_norms(teacher, layers, calib) if calib is not None else None
+    warm_masks = None
+    if acfg.warm_start != "none":
+        warm = prune_oneshot(model, acfg.warm_start, pattern=pattern, calib=calib, layers=layers, progress=progress)
+        warm_masks = {n: m.to(device) for n, m in warm.masks.items()}
+        if not acfg.fixed_mask:
+            # Pruned weights keep their dense values underneath the mask, so a group can flip back.
+            with torch.no_grad():
+                for n in layers:
+                    w = weight_of(model, n, transposed[n])
+                    w.copy_(torch.where(warm_masks[n], w, dense[n]))
+    del dense
+    phases["warm_start"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stream = token_stream(tokenizer, data_dir)
+    rows_file = out / "teacher_samples.safetensors" if out is not None else None
+    if resume and rows_file is not None and rows_file.exists():
+        teacher_rows = _load_rows(rows_file)
+    else:
+        share = cfg.teacher_sample_share * (cfg.budget_s or 0)
+        teacher_rows = _teacher_samples(teacher, stream, cfg, share, progress)
+        if rows_file is not None and teacher_rows is not None and acfg.checkpoint_every:
+            _save_rows(rows_file, teacher_rows)  # a resumed run trains on the same text
+    phases["teacher_sampling"] = time.perf_counter() - t
+    batches = TrainingBatches(stream, teacher_rows, acfg)
+
+    masks = InsertMasks(pattern)(captured.gm, report).masks
+    if acfg.fixed_mask:
+        forward = lambda ids: logits_of(model, ids)  # noqa: E731  the peer trains the plain model
+        for n, state in masks.items():
+            state.set_hard(warm_masks[n])
+    else:
+        forward = lambda ids: captured.gm(ids)  # noqa: E731
+    params = list(dict.fromkeys(p for p in model.parameters()))
+    for p in params:
+        p.requires_grad_(True)
+    views = {n: (lambda n=n: weight_of(model, n, transposed[n])) for n in layers}
+
+    def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
+        return logits_of(teacher, ids)
+
+    annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
+                        warm_masks=warm_masks, layer_hessian=layer_hessian, out_dir=out, progress=progress)
+    return TrainingSetup(annealer, captured, teacher, teacher_rows)
+
+
+def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
+                      data_dir, out: Path | None, resume: bool, progress: bool, start: float,
+                      deadline: float | None, phases: dict[str, float]) -> SparsifyResult:
+    from .passes.harden import Harden
+
+    setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
+                             out=out, resume=resume, progress=progress, phases=phases)
+    model.train()
+    try:
+        result = setup.annealer.run(deadline=deadline - HARDEN_SLACK_S if deadline else None,
+                                    resume_from=out / "checkpoint" if resume and out else None)
+    finally:
+        model.eval()
+        for p in setup.annealer.params:
+            p.requires_grad_(False)
+    phases["anneal"] = result.seconds
+
+    t = time.perf_counter()
+    Harden()(captured.gm)
+    _record_layers(model, layers, transposed, cfg)
+    phases["harden"] = time.perf_counter() - t
+    rows = setup.teacher_rows
+    return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
+                          anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0)
+
+
+def _save_rows(path: Path, rows: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({"rows": rows.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
+def _load_rows(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["rows"]
