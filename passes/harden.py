@@ -159,7 +159,8 @@ class Harden(GraphPass):
         gm.graph.lint()
         gm.recompile()
         owner = _registry_owner(gm)
-        setattr(owner, REGISTRY_ATTR, {**sparse_layers(owner), **entries})
+        if entries:
+            setattr(owner, REGISTRY_ATTR, {**sparse_layers(owner), **entries})
         return HardenResult(gm=gm, modified=bool(entries), layers=entries,
                             stats={"hardened": len(entries), "registry_on": type(owner).__name__,
                                    "mean_density": sum(densities) / len(densities) if densities else None,

@@ -277,14 +277,28 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> fx.GraphModule:
+def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     ep = torch.export.export(root, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = ep.module()
     # ep.module() forbids train()/eval(); restore nn.Module's (flags only: the graph is fixed).
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     strip_metadata_asserts(gm)
-    return gm
+    return gm, _bounded_dims(ep)
+
+
+def _bounded_dims(ep: torch.export.ExportedProgram) -> list[str]:
+    """Notes on dynamic input dims that the model itself bounds (e.g. by its position embeddings)."""
+    notes = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in ep.graph_signature.user_inputs:
+            continue
+        for dim, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
+            bounds = ep.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if bounds is not None and bounds.upper.is_Integer:  # a plain number, not int_oo
+                notes.append(f"{node.name} dim {dim} is dynamic up to {bounds.upper} "
+                             f"(a limit of the model, e.g. its position embeddings)")
+    return notes
 
 
 def strip_metadata_asserts(gm: fx.GraphModule) -> int:
@@ -359,7 +373,8 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
         gm = None
         if dynamic:
             try:
-                gm = _export(root, args, kwargs, _dynamic_shapes(root, args, kwargs, hf))
+                gm, bounds = _export(root, args, kwargs, _dynamic_shapes(root, args, kwargs, hf))
+                notes += bounds
             except Exception as exc:  # retried static below; reported if that fails too
                 first = _first_line(exc)
                 log.warning("dynamic-shape capture of %s failed (%s); retrying with static shapes",
@@ -368,7 +383,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
                              f"shapes: re-capture for inputs of other shapes")
         if gm is None:
             try:
-                gm = _export(root, args, kwargs, None)
+                gm, _ = _export(root, args, kwargs, None)
             except Exception as exc:
                 raise _capture_error(exc, model) from exc
     names = _bind_parameters(gm, model, prefix)
