@@ -2,7 +2,8 @@
 
 ``inspect(model_or_graph)`` works on a plain model (it captures it), on a CapturedGraph or graph
 module holding masks (annealing state: undecided groups, mask entropy), and on a hardened model
-(its registry ``model._sparseforge_layers`` marks the N:M layers). Savings are estimates for the
+(its registry ``model._sparseforge_layers`` marks the N:M layers; layers already lowered to
+sparse modules are listed from that registry). Savings are estimates for the
 sparse kernel: FLOPs per token ``2 * out * in * (1 - N/M)``; weight bytes of a compressed N:M
 matrix = values ``N/M`` + metadata ``N * ceil(log2 M) / M`` bits per dense element (2:4 in bf16:
 0.5 + 1/16 = 0.5625 of the dense bytes).
@@ -77,7 +78,7 @@ class Report:
         t = self.totals
         lines = [
             f"weight matmuls: {t['matmuls']}, eligible: {t['eligible']}, masked: {t['masked']}, "
-            f"hardened: {t['hardened']}",
+            f"hardened: {t['hardened']}" + (f", lowered: {t['lowered']}" if t["lowered"] else ""),
             f"FLOPs/token in weight matmuls: {t['flops_dense_per_token'] / 1e6:.2f} M dense, "
             f"{t['flops_saved_per_token'] / 1e6:.2f} M saved ({t['flops_saved_fraction']:.1%})",
             f"weight bytes ({t['bytes_dtype']}): {t['weight_bytes_dense'] / 2**20:.2f} MiB dense, "
@@ -154,7 +155,15 @@ def inspect(model_or_graph: nn.Module | CapturedGraph, pattern: NMPattern | str 
     registry = sparse_layers(model if model is not None else gm)
     masks = graph_masks(gm)
     rows = [_row(gm, info, registry.get(info.name), masks.get(info.name), pattern, dtype) for info in eligibility.layers]
+    covered = {r["name"] for r in rows}
+    owner = model if model is not None else gm
+    lowered = [_lowered_row(owner, name, entry, dtype) for name, entry in registry.items() if name not in covered]
+    rows += [r for r in lowered if r is not None]
     notes = eligibility.notes + notes
+    if any(r["status"] == "lowered" for r in rows):
+        notes = [n for n in notes if not n.startswith("no eligible layer")]
+        notes.append("lowered layers (sparse kernels, weights held as buffers) are listed from the model's "
+                     "registry: they are no longer parameter matmuls of the graph")
     notes.append(f"kernel-shape rule: {eligibility.kernel_rule}")
     return Report(rows=rows, totals=_totals(rows, dtype), notes=notes, eligibility=eligibility, gm=gm)
 
@@ -202,6 +211,35 @@ def _row(gm: fx.GraphModule, info: LayerInfo, registered: dict | None, mask: Any
     }
 
 
+def _lowered_row(owner: nn.Module, name: str, entry: dict[str, Any], dtype: torch.dtype) -> dict[str, Any] | None:
+    """A row for a registry layer lowered to a sparse module (its weight from ``materialize_weight``)."""
+    try:
+        module = owner.get_submodule(name)
+    except AttributeError:
+        return None
+    materialize = getattr(module, "materialize_weight", None)
+    if materialize is None:
+        return None
+    out_f, in_f = int(entry.get("out_features", module.out_features)), int(entry.get("in_features", module.in_features))
+    weight = materialize().detach()  # (out, in)
+    spec = entry.get("pattern")
+    layer_pattern = NMPattern.parse(spec) if spec else None
+    dense_flops = 2 * out_f * in_f
+    dense_bytes = out_f * in_f * _DTYPE_BITS.get(dtype, 16) // 8
+    return {
+        "name": name, "weight_fqn": entry.get("weight_fqn", f"{name}.weight"), "node": None,
+        "op": type(module).__name__, "shape": [out_f, in_f], "transposed": bool(entry.get("transposed", False)),
+        "block": None, "eligible": True, "reason": None, "reason_code": None, "status": "lowered",
+        "status_text": f"lowered {layer_pattern}" if layer_pattern else "lowered",
+        "pattern": str(layer_pattern) if layer_pattern else None, "density": float((weight != 0).float().mean()),
+        "nm_violations": count_nm_violations(weight, layer_pattern) if layer_pattern else None,
+        "undecided": None, "entropy": None, "flops_dense_per_token": dense_flops,
+        "flops_saved_per_token": dense_flops * (1 - layer_pattern.density) if layer_pattern else 0.0,
+        "weight_bytes_dense": dense_bytes,
+        "weight_bytes_saved": dense_bytes * (1 - compressed_fraction(layer_pattern, dtype)) if layer_pattern else 0.0,
+    }
+
+
 def _short_reason(info: LayerInfo) -> str:
     short = {"excluded": info.reason, "tied": "no: tied to the embedding", "lm_head": "no: lm_head",
              "shared": "no: shared weight", "indivisible": f"no: in {info.in_features} not divisible by M",
@@ -218,6 +256,7 @@ def _totals(rows: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     return {
         "matmuls": len(rows), "eligible": sum(r["eligible"] for r in rows),
         "masked": sum(r["status"] == "masked" for r in rows), "hardened": sum(r["status"] == "hardened" for r in rows),
+        "lowered": sum(r["status"] == "lowered" for r in rows),
         "flops_dense_per_token": flops, "flops_saved_per_token": saved,
         "flops_saved_fraction": saved / flops if flops else 0.0,
         "bytes_dtype": str(dtype).removeprefix("torch."), "weight_bytes_dense": nbytes,

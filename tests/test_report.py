@@ -14,6 +14,7 @@ from sparseforge_compile.cli import main
 from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.report import compressed_fraction
+from sparseforge_compile.sparse_linear import SparseLinear
 
 
 def test_compressed_bytes_of_2_4_bf16():
@@ -55,6 +56,13 @@ def test_report_through_the_pipeline_states(tmp_path):
     assert hardened.totals["hardened"] == 14
     assert all(r["status"] == "hardened" and r["density"] == 0.5 and r["nm_violations"] == 0 for r in rows)
     assert "hardened 2:4" in hardened.table()
+
+    # Lowered: a layer swapped for a sparse module (weight in buffers) is listed from the registry.
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj = SparseLinear.from_dense(mlp.up_proj.weight, None, "2:4", layer="model.layers.1.mlp.up_proj")
+    lowered = inspect(model)
+    row = next(r for r in lowered.rows if r["name"] == "model.layers.1.mlp.up_proj")
+    assert (row["status"], row["density"], row["nm_violations"], lowered.totals["lowered"]) == ("lowered", 0.5, 0, 1)
 
 
 def test_report_without_eligible_layers_says_so():
