@@ -103,6 +103,17 @@ def _matches(gm: fx.GraphModule) -> list[_Match]:
     return found
 
 
+def _declare_to_aot(gm: fx.GraphModule, attr: str) -> None:
+    """AOTAutograd expects every parameter/buffer of a Dynamo graph to have a Dynamo source (it uses
+    them to dedupe inputs and to mark CUDA-graph static inputs); a buffer added here has none, so
+    give it a constant source of its own."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if isinstance(sources, dict):
+        from torch._dynamo.source import ConstantSource
+
+        sources[attr] = ConstantSource(f"sparseforge_packed_weight:{attr}:{id(gm)}")
+
+
 @dataclass
 class LowerSparseLinears(GraphPass):
     """Lower Linear calls on hardened N:M weights to the sparse op (``run(gm, example_inputs)``)."""
@@ -175,6 +186,7 @@ class LowerSparseLinears(GraphPass):
             if state.packed is not None:
                 attr = f"{PACKED_PREFIX}{index}"
                 gm.register_buffer(attr, state.packed, persistent=False)
+                _declare_to_aot(gm, attr)
                 packed_node = graph.get_attr(attr)
             dense_node = None
             if state.keep_dense:

@@ -66,13 +66,14 @@ def sparseforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode:
 def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False,
             options: Mapping[str, Any] | None = None, layers: Iterable[str] | Mapping[str, object] | None = None,
             pattern: NMPattern | str = "2:4", dispatch: DispatchConfig | None = None,
-            via: str = "lower") -> nn.Module:
+            via: str = "lower", backend: str | Callable = "inductor") -> nn.Module:
     """Compile a hardened model for 2:4 sparse tensor cores.
 
     ``via="lower"`` (default): :func:`lower_model` in place, then ``torch.compile`` with Inductor;
     the :class:`LoweringReport` is on the result as ``._sparseforge_report``. ``via="backend"``:
     ``torch.compile(model, backend="sparseforge")``, the model untouched. ``mode``, ``dynamic``,
-    ``fullgraph`` and ``options`` are ``torch.compile``'s.
+    ``fullgraph`` and ``options`` are ``torch.compile``'s; ``backend`` (``via="lower"`` only) picks
+    another Dynamo backend for the lowered model (``"eager"``/``"aot_eager"`` to debug).
     """
     if via not in ("lower", "backend"):
         raise ValueError(f"compile(via={via!r}): use 'lower' (module swap, then Inductor) or 'backend'")
@@ -83,6 +84,7 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
                              options=options)
     report: LoweringReport = lower_model(model, layers=layers, pattern=pattern, config=dispatch)
     log.info("%s", report.summary())
-    compiled = torch.compile(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, options=options)
+    compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph,
+                             options=options)
     compiled._sparseforge_report = report
     return compiled

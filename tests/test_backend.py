@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparseforge_compile
 from sparseforge_compile.models import tiny_model
-from sparseforge_compile.sparse_linear import DispatchConfig, NMViolationError, SparseLinear
+from sparseforge_compile.sparse_linear import DispatchConfig, KernelState, NMViolationError, SparseLinear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -103,8 +103,19 @@ def test_lowered_model_traces_as_one_custom_op_per_layer():
     assert torch.equal(out, ref)
 
 
-def test_backend_through_inductor_matches_eager():
-    """The one Inductor compile on the CPU (slow the first time: Inductor builds its C++ kernels)."""
+def test_backend_through_inductor_matches_eager(monkeypatch):
+    """The one Inductor compile on the CPU (slow the first time: Inductor builds its C++ kernels).
+
+    The kernel state is faked to hold a "compressed" tensor as on a GPU, so the graph carries the
+    extra buffer that AOTAutograd must accept; on the CPU the op still runs the dense weight.
+    """
+    import sparseforge_compile.passes.lower_sparse as lower_sparse
+
+    def gpu_like_state(weight, bias, config):
+        return KernelState(packed=torch.ones(weight.shape[0], weight.shape[1] // 2), keep_dense=True,
+                           fallback_reason=None)
+
+    monkeypatch.setattr(lower_sparse, "build_kernel_state", gpu_like_state)
     model = one_layer_llama()
     x = ids()
     with torch.no_grad():
