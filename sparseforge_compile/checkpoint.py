@@ -71,21 +71,33 @@ def index_bits(m: int) -> int:
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2**bits into a uint8 bit stream, ``bits`` each, LSB first.
+    """Pack non-negative integers < 2**bits (bits <= 8) into a uint8 bit stream, LSB first.
 
     Value i occupies stream bits [i*bits, (i+1)*bits); the stream is padded with zeros to whole bytes,
     so the result has ceil(len * bits / 8) bytes (4 values per byte for 2-bit positions).
     """
+    if not 0 <= bits <= 8:
+        raise ValueError(f"pack_bits packs 0..8 bits per value, not {bits}")
     flat = values.reshape(-1)
-    if bits == 0:
+    count = flat.numel()
+    if bits == 0 or count == 0:
         return torch.zeros(0, dtype=torch.uint8, device=flat.device)
-    if flat.numel() and int(flat.max()) >= (1 << bits):
-        raise ValueError(f"value {int(flat.max())} does not fit in {bits} bits")
-    flat = flat.to(torch.uint8)
-    stream = ((flat.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8, device=flat.device)) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
-    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32, device=flat.device)
-    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    if int(flat.max()) >= (1 << bits) or int(flat.min()) < 0:
+        raise ValueError(f"values must lie in [0, {1 << bits}) to fit in {bits} bits")
+    if 8 % bits == 0:  # whole values per byte (1, 2, 4, 8 bits): stay in uint8
+        per = 8 // bits
+        lanes = torch.nn.functional.pad(flat.to(torch.uint8), (0, -count % per)).reshape(-1, per)
+        out = lanes[:, 0].clone()
+        for k in range(1, per):
+            out |= lanes[:, k] << (k * bits)
+        return out
+    # Eight values of `bits` bits fill exactly `bits` bytes: build each 8-value word, emit its bytes.
+    octets = torch.nn.functional.pad(flat.to(torch.int64), (0, -count % 8)).reshape(-1, 8)
+    word = octets[:, 0].clone()
+    for k in range(1, 8):
+        word |= octets[:, k] << (k * bits)
+    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=1).reshape(-1)
+    return out[: (count * bits + 7) // 8].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -94,12 +106,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(f"packed indices: expected {expected} uint8 bytes for {count} values of {bits} bits, "
                          f"got {tuple(packed.shape)} {packed.dtype}")
-    if bits == 0:
+    if bits == 0 or count == 0:
         return torch.zeros(count, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(-1)
-    planes = stream[: count * bits].reshape(count, bits).to(torch.int32)
-    weights = torch.tensor([1 << k for k in range(bits)], dtype=torch.int32, device=packed.device)
-    return (planes * weights).sum(-1).to(torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        lanes = [(packed >> (k * bits)) & mask for k in range(8 // bits)]
+        return torch.stack(lanes, dim=1).reshape(-1)[:count]
+    groups = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.numel() % bits)).reshape(-1, bits)
+    word = groups[:, 0].clone()
+    for i in range(1, bits):
+        word |= groups[:, i] << (8 * i)
+    out = torch.stack([(word >> (k * bits)) & mask for k in range(8)], dim=1).reshape(-1)
+    return out[:count].to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -124,19 +142,29 @@ def compress_nm(weight: torch.Tensor, pattern: NMPattern, name: str = "weight") 
     """
     if weight.dim() != 2:
         raise CheckpointError(f"{name}: compact N:M storage needs a 2-D weight, got shape {tuple(weight.shape)}")
+    if pattern.m > 256:
+        raise CheckpointError(f"{name}: compact storage takes M <= 256 (8-bit positions), not {pattern}")
     rows, cols = weight.shape
     pattern.check_divides(cols, name)
-    violations = count_nm_violations(weight, pattern)
+    groups = weight.detach().reshape(-1, pattern.m)
+    nonzero = groups != 0
+    counts = nonzero.sum(dim=-1)
+    violations = int((counts > pattern.n).sum())
     if violations:
         raise CheckpointError(
             f"{name} {tuple(weight.shape)}: {violations} groups of {pattern.m} hold more than {pattern.n} nonzeros, "
             f"so it is not {pattern} sparse; harden the model first or leave this layer out of `layers`")
-    groups = weight.detach().reshape(-1, pattern.m)
-    nonzero = (groups != 0).to(torch.int8)
-    chosen = torch.sort(nonzero, dim=-1, descending=True, stable=True).indices[:, : pattern.n]
-    positions = torch.sort(chosen, dim=-1).values
-    values = groups.gather(1, positions).reshape(rows, cols // pattern.m * pattern.n).contiguous()
-    indices = pack_bits(positions.to(torch.uint8), index_bits(pattern.m))
+    # A hardened group has exactly N nonzeros: keep those. Groups with fewer (zeros among the kept
+    # weights) also keep their lowest-index zeros; they are few, so a sort over them is cheap.
+    keep = nonzero.clone()
+    short = (counts < pattern.n).nonzero().squeeze(1)
+    if short.numel():
+        order = torch.sort(nonzero[short].to(torch.int8), dim=-1, descending=True, stable=True).indices
+        keep[short] = torch.zeros_like(nonzero[short]).scatter_(1, order[:, : pattern.n], True)
+    # Row-major order of the kept entries is ascending position within each group.
+    positions = keep.nonzero()[:, 1].to(torch.uint8)
+    values = groups[keep].reshape(rows, cols // pattern.m * pattern.n)
+    indices = pack_bits(positions, index_bits(pattern.m))
     return CompressedNM(values=values, indices=indices, shape=(rows, cols), pattern=pattern)
 
 
@@ -714,31 +742,28 @@ def _load_hf(folder: Path, manifest: Mapping, dtype: torch.dtype) -> nn.Module:
     return _model_class(manifest["architecture"]).from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
 
-def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path) -> None:
-    """Tied tensors share storage again, and every N:M layer is N:M."""
+def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path, check_nm: bool) -> None:
+    """Tied tensors share storage again, and (``check_nm``) every N:M layer is N:M."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for alias, target in manifest["tied"].items():
         if alias in params and target in params and params[alias] is not params[target]:
             raise CheckpointError(f"{folder}: {alias} should be tied to {target} but the loaded model does not tie "
                                   f"them (config.tie_word_embeddings false?)")
+    if not check_nm:
+        return
     for layer, entry in manifest["layers"].items():
         weight = _stored_weight(model.get_submodule(layer))
         if count_nm_violations(_grouped_weight(weight, entry["transposed"]), NMPattern.parse(entry["pattern"])):
             raise CheckpointError(f"{folder}: layer {layer!r} is not {entry['pattern']} sparse after loading")
 
 
-def lower_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> int:
-    """Swap the N:M layers for sparse modules (lowering.lower_model, one call per pattern)."""
+def lower_layers(model: nn.Module, layers: Mapping[str, Mapping]):
+    """Swap the N:M layers for SparseLinear modules (``lowering.lower_model``) -> its LoweringReport."""
     from .lowering import lower_model
 
-    by_pattern: dict[str, dict] = {}
-    for name, entry in layers.items():
-        by_pattern.setdefault(entry["pattern"], {})[name] = dict(entry)
-    lowered = 0
-    for spec, group in by_pattern.items():
-        lower_model(model, layers=group, pattern=NMPattern.parse(spec))
-        lowered += len(group)
-    return lowered
+    report = lower_model(model, layers={name: dict(entry) for name, entry in layers.items()})
+    log.info("%s", report.summary())
+    return report
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -766,7 +791,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     target_dtype = stored if dtype is None else DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = _load_compact(folder, manifest, stored) if chosen == "compact" else _load_hf(folder, manifest, stored)
-    _check_loaded(model, manifest, folder)
+    _check_loaded(model, manifest, folder, check_nm=chosen == "hf")  # compact is N:M by construction
     model = model.to(device=device, dtype=target_dtype).eval()
     model._sparseforge_layers = {name: dict(entry) for name, entry in manifest["layers"].items()}
     if lower:

@@ -335,3 +335,13 @@ def test_cli_generate_prints_text_and_speed(saved, capsys):
     assert "tokens/s" in out.splitlines()[-1]
     assert main(["generate", "--model", str(path), "--prompt", "Hi", "--chat", "--device", "cpu"]) == 2
     assert "chat template" in capsys.readouterr().err
+
+
+def test_a_lowered_model_saves_again(llama, saved, tmp_path):
+    path, _ = saved
+    lowered = ck.load(path).model
+    ck.save(lowered, tmp_path / "again")
+    for fmt in ("hf", "compact"):
+        reloaded = ck.load(tmp_path / "again", format=fmt, lower=False).model
+        for name, tensor in llama.state_dict().items():
+            assert torch.equal(bits(tensor), bits(reloaded.state_dict()[name])), (fmt, name)
