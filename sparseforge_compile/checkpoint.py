@@ -545,11 +545,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: object = None, format
     if unknown or not formats:
         raise CheckpointError(f"unknown checkpoint format(s) {unknown or formats}: choose from {', '.join(FORMATS)}")
     _check_saveable(model)
-    provenance = dict(provenance or {})
-    try:
-        json.dumps(provenance)
-    except TypeError as exc:
-        raise CheckpointError(f"provenance must be JSON-serializable: {exc}") from exc
+    provenance = _jsonable(dict(provenance or {}))  # a value JSON cannot hold is kept as its str()
     dtype = _model_dtype(model)
     resolved = resolve_layers(model, layers, pattern)
     for entry in resolved.values():
@@ -575,7 +571,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: object = None, format
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             **versions,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source_model": provenance.get("source_model") or _model_source(model),
+            "source_model": provenance.get("source_model") or provenance.get("model") or _model_source(model),
             "architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
             "tokenizer": tokenizer_kind,
             "provenance": provenance,
@@ -610,34 +606,40 @@ def _umask() -> int:
 def _check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a folder: choose another output path")
-    if target.is_dir() and not (target / MANIFEST_NAME).exists():
-        models = [p.name for p in target.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"]
-        if models:
-            raise CheckpointError(f"refusing to write into {target}: it holds {models[0]} of a model that is not a "
-                                  f"sparseforge checkpoint; choose another output folder")
+
+
+def _previous_files(target: Path) -> list[str]:
+    """The files an earlier save wrote into ``target`` (from its index), [] if none."""
+    manifest = target / MANIFEST_NAME
+    if not manifest.exists():
+        return []
+    try:
+        files = json.loads(manifest.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    # Only plain file names in the folder; an index never makes us touch anything else.
+    return [f for f in files if isinstance(f, str) and Path(f).name == f]
 
 
 def _commit(staging: Path, target: Path, files: list[str]) -> None:
     """Move the staged files into ``target``: one rename for a new folder; else file by file, the index
-    last, after dropping the old index (so a crash never pairs an index with other files)."""
+    last, after dropping the old index (so a crash never pairs an index with other files). A file of
+    the folder that no earlier save wrote (another model's weights) is never overwritten."""
     if not target.exists():
         os.replace(staging, target)
         return
-    old_manifest = target / MANIFEST_NAME
-    old_files: list[str] = []
-    if old_manifest.exists():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            old_files = list(json.loads(old_manifest.read_text()).get("files", []))
-        old_manifest.unlink()
+    old_files = _previous_files(target)
+    foreign = [f for f in files if (target / f).exists() and f not in old_files]
+    if foreign:
+        raise CheckpointError(f"refusing to overwrite {target / foreign[0]}: no earlier sparseforge save wrote it "
+                              f"(another model's file?); choose another output folder")
+    (target / MANIFEST_NAME).unlink(missing_ok=True)
     for name in files:
         if name != MANIFEST_NAME:
             os.replace(staging / name, target / name)
     for stale in set(old_files) - set(files):
-        if not isinstance(stale, str) or Path(stale).name != stale:
-            continue  # the old index names only plain files in the folder; never follow anything else
-        with contextlib.suppress(FileNotFoundError):
-            (target / stale).unlink()
-    os.replace(staging / MANIFEST_NAME, old_manifest)
+        (target / stale).unlink(missing_ok=True)
+    os.replace(staging / MANIFEST_NAME, target / MANIFEST_NAME)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -298,8 +298,23 @@ def test_resave_replaces_files_and_drops_stale_ones(llama, tmp_path):
 
 def test_refuses_to_overwrite_another_model(llama, tmp_path):
     llama.save_pretrained(tmp_path / "dense")
-    with pytest.raises(CheckpointError, match="not a sparseforge checkpoint; choose another output folder"):
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir()}
+    with pytest.raises(CheckpointError, match="refusing to overwrite .*dense/(config.json|model.safetensors): no "
+                                              "earlier sparseforge save wrote it"):
         ck.save(llama, tmp_path / "dense")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir()} == before
+
+
+def test_saves_beside_the_pruning_run_files(llama, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "teacher_samples.safetensors").write_bytes(b"not ours")
+    (out / "metrics.jsonl").write_text("{}\n")
+    ck.save(llama, out, provenance={"method": "magnitude", "model": "tiny-llama", "out": out})
+    assert (out / "teacher_samples.safetensors").read_bytes() == b"not ours"
+    manifest = ck.read_manifest(out)
+    assert manifest["source_model"] == "tiny-llama" and manifest["provenance"]["out"] == str(out)
+    assert "teacher_samples.safetensors" not in manifest["files"]
 
 
 # ------------------------------------------------------------------- lowered model and inference
