@@ -552,6 +552,12 @@ def _validate_calib(model: nn.Module, calib: torch.Tensor | None, method: str) -
             f"calib holds token ids in [{low}, {high}] but the model's vocabulary has {vocab} entries: "
             f"tokenize the calibration text with this model's tokenizer"
         )
+    config = getattr(model, "config", None)
+    limit = next((v for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int) and v > 0), None)
+    if limit is not None and calib.shape[1] > limit:
+        raise ValueError(f"calibration windows of {calib.shape[1]} tokens exceed the model's {limit} positions: "
+                         f"use a calibration seqlen <= {limit}")
     return calib.long()
 
 
@@ -673,7 +679,7 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
             for name in names:
                 masks[name] = masks[name].to(weight_out_in(targets[name]).device)
     except PruneError as exc:
-        done = sorted(stats)
+        done = list(stats)  # in pruning order
         if done:
             raise PruneError(f"{exc} (the model is already pruned in {len(done)} layers up to {done[-1]}: "
                              f"reload it before retrying)") from exc

@@ -329,6 +329,7 @@ def test_bad_input_is_refused_before_touching_the_model():
         (dict(method="wanda"), ValueError, "calibration token windows"),
         (dict(method="wanda", calib=torch.randn(2, 8)), ValueError, "token ids"),
         (dict(method="sparsegpt", calib=torch.full((2, 8), 999)), ValueError, "vocabulary has 256"),
+        (dict(method="wanda", calib=torch.zeros(1, 4096, dtype=torch.long)), ValueError, "2048 positions"),
         (dict(method="magnitude", layers=["model.layers.0.mlp.nope"]), PruneError, "not a module"),
         (dict(method="magnitude", layers=["model.layers.0.input_layernorm"]), PruneError, "LlamaRMSNorm"),
         (dict(method="sparsegpt", calib=_calib(), layers=["lm_head"]), PruneError, "outside the decoder blocks"),
@@ -344,3 +345,4 @@ def test_bad_input_is_refused_before_touching_the_model():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="percdamp"):
         OneShotConfig(percdamp=-1)
+
