@@ -1,10 +1,13 @@
 """Hardening: exact N:M folded into the model's own weights, mask nodes gone, invariant enforced."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparseforge_compile.passes.base import PassManager
+from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.passes.harden import (
     REGISTRY_ATTR,
     Harden,
@@ -70,16 +73,42 @@ def test_harden_llama_folds_into_the_model(llama_masked):
         assert torch.equal(captured.gm(ids), model(input_ids=ids, use_cache=False).logits)
 
 
-def test_harden_gpt2_conv1d_groups_run_along_the_stored_first_dim():
+def test_gpt2_conv1d_through_the_passes():
+    """GPT-2 Conv1D (weight stored (in, out), run by addmm): classified, masked transposed, hardened
+    along the stored first dim."""
     model = tiny_model("tiny-gpt2")
     captured = capture(model)
-    InsertMasks()(captured)
+    report = analyze_eligibility(captured)
+    fc = report.layer("transformer.h.0.mlp.c_fc")
+    assert (fc.transposed, fc.out_features, fc.in_features, fc.op, fc.eligible) == (True, 256, 64, "addmm.default",
+                                                                                    True)
+    assert report.counts() == {"matmuls": 9, "eligible": 8, "tied": 1}
+    assert "transformer.wte" in report.layer("lm_head").reason
+
+    result = InsertMasks()(captured, report)
+    masked = [n for n in captured.gm.graph.nodes if n.target is APPLY_MASK]
+    assert len(masked) == 8 and all(n.args[2] is True for n in masked)
+    state = result.masks["transformer.h.0.mlp.c_fc"]
+    assert state.score.shape == (256, 64)  # the mask is in (out, in) layout
+    state.score.requires_grad_(True)
+    ids = torch.randint(0, 256, (2, 9))
+    captured.gm(ids).float().pow(2).mean().backward()
+    assert state.score.grad.shape == (256, 64) and state.score.grad.abs().sum() > 0
+    # Same as eager on a copy whose Conv1D weights are multiplied by the transposed masks.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask_state in result.masks.items():
+            reference.get_submodule(name).weight.mul_(mask_state().t())
+        torch.testing.assert_close(captured.gm(ids), reference(input_ids=ids, use_cache=False).logits)
+
     Harden()(captured)
     weight = model.transformer.h[1].mlp.c_proj.weight  # stored (in=256, out=64)
     assert weight.shape == (256, 64)
     assert count_nm_violations(weight.t(), NMPattern(2, 4)) == 0
     assert count_nm_violations(weight, NMPattern(2, 4)) > 0  # the wrong axis is not 2:4
     assert sparse_layers(model)["transformer.h.1.mlp.c_proj"]["transposed"] is True
+    with torch.no_grad():
+        assert torch.equal(captured.gm(ids), model(input_ids=ids, use_cache=False).logits)
 
 
 def test_invariant_checker_catches_a_corrupted_weight(llama_masked):
