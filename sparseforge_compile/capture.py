@@ -67,10 +67,15 @@ class CapturedGraph:
         return any(self.dynamic_dims.values())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the graph; keyword inputs named like the graph's placeholders are passed by position."""
-        if kwargs and set(kwargs) <= set(self.input_names) and not self.gm.meta.get(META_KEY, {}).get("kwargs"):
-            names = self.input_names[len(args):]
-            args = (*args, *(kwargs.pop(n) for n in names if n in kwargs))
+        """Run the graph. A graph exported with positional inputs also takes them by name
+        (``captured(input_ids=ids)``); whatever does not fit is left to the graph to reject."""
+        if kwargs and not self.gm.meta.get(META_KEY, {}).get("kwargs"):
+            positional = list(args)
+            for name in self.input_names[len(args):]:
+                if name not in kwargs:
+                    break
+                positional.append(kwargs.pop(name))
+            args = tuple(positional)
         return self.gm(*args, **kwargs)
 
 

@@ -33,6 +33,7 @@ def test_hf_capture_equals_eager_and_shares_parameters(name):
             out = captured.gm(ids)
             assert isinstance(out, torch.Tensor)
             assert torch.equal(out, eager_logits(model, ids)), (name, shape)
+        assert torch.equal(captured(input_ids=ids), out)  # by name too
 
     # Every graph parameter IS a parameter of the model, and the name map points back to it.
     originals = dict(model.named_parameters(remove_duplicate=False))
