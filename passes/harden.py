@@ -67,52 +67,61 @@ def _linear_layout(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.t() if transposed else weight
 
 
-def _resolve(module: nn.Module, layer: str | LayerInfo | Mapping[str, Any]) -> tuple[str, torch.Tensor, bool]:
-    """(name, weight, transposed) of a layer given by name, LayerInfo or registry entry."""
+def _resolve(module: nn.Module, layer: str | LayerInfo | Mapping[str, Any]
+             ) -> tuple[str, torch.Tensor, bool, str | None]:
+    """(name, weight, transposed, registry pattern) of a layer given by name, LayerInfo or registry entry."""
     registry = sparse_layers(module)
     if isinstance(layer, LayerInfo):
         name, fqn, transposed = layer.name, layer.weight_fqn, layer.transposed
     elif isinstance(layer, Mapping):
         name, fqn, transposed = layer["name"], layer["weight_fqn"], bool(layer["transposed"])
     else:
-        entry = registry.get(layer)
-        name = layer
+        name, entry = layer, registry.get(layer)
         if entry is not None:
             fqn, transposed = entry["weight_fqn"], bool(entry["transposed"])
         else:
             fqn = f"{layer}.weight"
             transposed = type(module.get_submodule(layer)).__name__ == "Conv1D"
-    prefix = getattr(module, "meta", {}).get("sparseforge", {}).get("prefix", "") if isinstance(
-        module, fx.GraphModule) else ""
+    spec = layer.get("pattern") if isinstance(layer, Mapping) else registry.get(name, {}).get("pattern")
+    prefix = module.meta.get("sparseforge", {}).get("prefix", "") if isinstance(module, fx.GraphModule) else ""
     try:
-        weight = module.get_parameter(prefix + fqn)
-    except AttributeError as exc:
-        raise KeyError(f"{type(module).__name__} has no weight {fqn!r} for layer {name!r}") from exc
-    return name, weight, transposed
+        return name, module.get_parameter(prefix + fqn), transposed, spec
+    except AttributeError:
+        pass
+    owner = module.get_submodule(prefix + name) if name or prefix else module
+    if hasattr(owner, "materialize_weight"):  # lowered to a sparse module: weight held in buffers, (out, in)
+        return name, owner.materialize_weight(), False, spec
+    raise ValueError(f"{type(module).__name__} has no weight {fqn!r} for layer {name or '<root>'!r}")
 
 
 def check_nm_invariant(model_or_gm: nn.Module, layers: Iterable[str | LayerInfo | Mapping[str, Any]] | None = None,
-                       pattern: NMPattern | str = "2:4") -> int:
+                       pattern: NMPattern | str | None = None) -> int:
     """Count M-groups breaking N:M in each layer's weight; raise :class:`NMInvariantError` if any.
 
-    ``layers``: names, LayerInfos or registry entries; None means the model's registry. Returns the
-    number of layers checked.
+    ``layers``: names, LayerInfos or registry entries; None means every layer of the registry.
+    ``pattern``: the pattern to check; None means each layer's pattern in the registry (layers
+    recorded without one, i.e. unstructured, are skipped). Returns the number of layers checked.
     """
-    pattern = NMPattern.parse(pattern)
+    fixed = NMPattern.parse(pattern) if pattern is not None else None
     owner = original_model(model_or_gm) if isinstance(model_or_gm, fx.GraphModule) else None
     module = owner if owner is not None else model_or_gm
     if layers is None:
         layers = list(sparse_layers(module))
-    violations, checked = [], 0
+    violations: dict[NMPattern, list] = {}
+    checked = 0
     for layer in layers:
-        name, weight, transposed = _resolve(module, layer)
+        name, weight, transposed, spec = _resolve(module, layer)
+        layer_pattern = fixed or (NMPattern.parse(spec) if spec else None)
+        if layer_pattern is None:
+            continue
         grouped = _linear_layout(weight.detach(), transposed)
-        bad = count_nm_violations(grouped, pattern)
+        bad = count_nm_violations(grouped, layer_pattern)
         checked += 1
         if bad:
-            violations.append((name, tuple(grouped.shape), bad, grouped.numel() // pattern.m))
-    if violations:
-        raise NMInvariantError(violations, pattern)
+            violations.setdefault(layer_pattern, []).append(
+                (name, tuple(grouped.shape), bad, grouped.numel() // layer_pattern.m))
+    for layer_pattern, bad_layers in violations.items():
+        raise NMInvariantError(bad_layers, layer_pattern)
     return checked
 
 
@@ -171,9 +180,5 @@ class Harden(GraphPass):
         left = apply_mask_nodes(result.gm)
         if left:
             raise PassConditionError(f"Harden: {len(left)} apply_mask nodes left in the graph")
-        by_pattern: dict[str, list[Mapping[str, Any]]] = {}
-        for name, entry in result.layers.items():
-            by_pattern.setdefault(entry["pattern"], []).append({"name": name, **entry})
-        for pattern, entries in by_pattern.items():
-            check_nm_invariant(result.gm, entries, pattern)
+        check_nm_invariant(result.gm, [{"name": name, **entry} for name, entry in result.layers.items()])
 

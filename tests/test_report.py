@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from sparseforge_compile.passes.harden import Harden
+from sparseforge_compile.passes.harden import Harden, check_nm_invariant
 from sparseforge_compile.passes.insert_masks import InsertMasks
 from torch import nn
 
@@ -63,6 +63,7 @@ def test_report_through_the_pipeline_states(tmp_path):
     lowered = inspect(model)
     row = next(r for r in lowered.rows if r["name"] == "model.layers.1.mlp.up_proj")
     assert (row["status"], row["density"], row["nm_violations"], lowered.totals["lowered"]) == ("lowered", 0.5, 0, 1)
+    assert check_nm_invariant(model) == 14  # the lowered layer is checked through its materialized weight
 
 
 def test_report_without_eligible_layers_says_so():
