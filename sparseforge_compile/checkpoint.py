@@ -537,8 +537,8 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: object = None, format
 
     ``layers`` names the N:M layers (default ``model._sparseforge_layers``; with neither, ``pattern``
     detects them). ``provenance`` (method, source_model, calibration, ...) is stored in the index and
-    its ``method`` on every layer that records none. An existing checkpoint at ``path`` is replaced;
-    a folder holding another model is refused.
+    its ``method`` on every layer that records none. Files go in beside others already in ``path``;
+    an earlier checkpoint there is replaced, but a file no earlier save wrote is never overwritten.
     """
     formats = tuple(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
@@ -672,6 +672,16 @@ def read_manifest(path: str | Path) -> dict:
     for key in ("architecture", "dtype", "layers", "formats", "tied"):
         if key not in manifest:
             raise CheckpointError(f"{manifest_path} lacks {key!r}: re-save the checkpoint")
+    for layer, entry in manifest["layers"].items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)
+                and isinstance(entry.get("transposed"), bool)):
+            raise CheckpointError(f"{manifest_path}: layer {layer!r} has no valid shape/transposed entry: "
+                                  f"re-save the checkpoint")
+        try:
+            NMPattern.parse(entry.get("pattern", ""))
+        except ValueError as exc:
+            raise CheckpointError(f"{manifest_path}: layer {layer!r}: {exc}") from exc
     return manifest
 
 

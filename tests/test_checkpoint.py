@@ -216,7 +216,13 @@ def test_missing_index_is_a_clear_error(llama, tmp_path):
 
 def test_altered_index_is_a_clear_error(llama, tmp_path):
     ck.save(llama, tmp_path / "m")
-    (tmp_path / "m" / ck.MANIFEST_NAME).write_text("{ not json")
+    index = tmp_path / "m" / ck.MANIFEST_NAME
+    manifest = json.loads(index.read_text())
+    manifest["layers"]["model.layers.0.mlp.up_proj"]["pattern"] = "4:2"
+    index.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"layer 'model\.layers\.0\.mlp\.up_proj': invalid N:M pattern 4:2"):
+        ck.load(tmp_path / "m")
+    index.write_text("{ not json")
     with pytest.raises(CheckpointError, match="sparseforge.json is corrupt"):
         ck.load(tmp_path / "m")
 
