@@ -74,7 +74,8 @@ class LayerInputStats:
                 f"the layer is used in the forward pass"
             )
         if value is None:
-            raise RuntimeError(f"{self.layer}: {what} was not requested when the statistics were created")
+            raise RuntimeError(f"{self.layer}: {what} was not requested when the statistics were created, or was "
+                               f"already handed over (take_hessian) or freed")
         return value
 
     @property

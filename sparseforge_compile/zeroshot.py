@@ -12,6 +12,7 @@ continuation's tokens are what follows the context's own encoding.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -146,6 +147,18 @@ def _max_length(model: nn.Module) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+def _tail_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all of them if the model cannot slice before its head)."""
+    try:
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if not accepts:
+        return logits_of(model, ids)
+    out = model(input_ids=ids, use_cache=False, logits_to_keep=keep)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
 @torch.no_grad()
 def continuation_loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
                                 max_length: int | None = None, progress: bool = False) -> list[float]:
@@ -180,9 +193,12 @@ def continuation_loglikelihoods(model: nn.Module, requests: list[tuple[list[int]
             rows += [row] * count
             cols += range(length - count, length)
             tgt += targets[i]
-        logits = logits_of(model, ids.to(device))
+        # Only positions from the earliest continuation on need the LM head (vocab-wide matmul).
+        keep = width - min(len(inputs[i]) - len(targets[i]) for i in chunk)
+        logits = _tail_logits(model, ids.to(device), keep)
         row_index = torch.tensor(rows, device=device)
-        picked = logits[row_index, torch.tensor(cols, device=device)].float()
+        col_index = torch.tensor(cols, device=device) - (width - logits.shape[1])
+        picked = logits[row_index, col_index].float()
         token_lp = torch.log_softmax(picked, dim=-1).gather(1, torch.tensor(tgt, device=device)[:, None]).squeeze(1)
         sums = torch.zeros(len(chunk), device=device).index_add_(0, row_index, token_lp)
         for i, value in zip(chunk, sums.tolist()):

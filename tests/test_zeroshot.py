@@ -126,3 +126,23 @@ def test_acc_norm_divides_by_choice_characters():
     assert result.acc_norm == float(lls[1] / 4 > lls[0] / 2)
     with pytest.raises(DataError, match="non-empty choices"):
         evaluate_items(model, tok, [MultipleChoiceItem("q", ("", "b"), 0)], progress=False)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """A model whose forward takes only input ids (no logits_to_keep): scored through full logits."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=input_ids).logits
+
+
+def test_models_without_logits_to_keep_score_the_same():
+    model, tok = tiny_model("tiny-llama"), ByteTokenizer()
+    requests = [encode_pair(tok, item.context, " " + c) for item in load_task("arc_easy", limit=2)
+                for c in item.choices]
+    sliced = continuation_loglikelihoods(model, requests, batch_size=3)
+    full = continuation_loglikelihoods(_LogitsOnly(model), requests, batch_size=3)
+    assert full == pytest.approx(sliced, abs=1e-4, rel=1e-5)
