@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anneal", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an AnnealConfig field for the trained methods, e.g. --anneal lr=2e-4")
     p.add_argument("--teacher-sample-share", type=float, default=0.2)
+    p.add_argument("--teacher-sample-batch", type=int, default=1024)
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             budget_s = args.budget_minutes * 60 if method in ("sparsegpt+kd", "sparseforge") else 0.0
             cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
-                                 teacher_sample_share=args.teacher_sample_share, anneal=acfg)
+                                 teacher_sample_share=args.teacher_sample_share,
+                                 teacher_sample_batch=args.teacher_sample_batch, anneal=acfg)
             out_dir = run_dir / "runs" / f"{stem}_{method.replace('+', '_')}" if budget_s else None
             result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
             info = result.summary()

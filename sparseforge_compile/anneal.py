@@ -1,23 +1,30 @@
 """The SparseForge calibration-training loop: Hessian-guided soft masks annealed to exact N:M.
 
-Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks.MaskState``), where
+Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks.MaskState``) with
 
-    score = log(I) + margin(p) * (2 * warm_mask - 1) + u
+    score = D / mean|D| + margin(p) * (2 * warm_mask - 1)
+    D     = 1/2 H_ii w_ii^2  [- first_order * E[dL/dm] * (2 m - 1)]
 
-- ``I`` is a per-weight OBD saliency ``H_ii * w_ii^2``, normalized per layer and kept as an EMA. It starts
-  from the layer-wise Hessian diagonal (``diag(X^T X)`` of the calibration inputs, i.e. Wanda's score
-  squared) and is refreshed every ``importance_every`` steps from a Hessian-diagonal estimate of the
-  *global* KD loss: the empirical Fisher (EMA of squared mask gradients, free in the backward) or
-  Hutchinson (``E[(Hv) * v]``, Rademacher ``v``, by double backward).
-- ``margin(p)`` anchors the mask to the warm start (SparseGPT / Wanda / magnitude) and decays, so the
-  evidence has to accumulate before a group flips.
-- ``u`` is an optional learned offset: the scores also get the gradient of the loss through the soft
-  mask (Adam, i.e. preconditioned by the squared-gradient EMA).
+``D`` is the OBD saliency of each weight, computed with its latent value whether the mask keeps it
+or not: what the loss would lose without it. (The optional first-order term is the mask gradient
+``dL/dm = g * w``, an EMA kept by a hook; measured on tiny models it made flips worse, so it is off
+by default.) The Hessian diagonal is estimated every ``importance_every`` steps either by the
+Fisher information of the student's own predictions (labels *sampled from the student*, so the
+batch-mean gradient has mean zero and tokens x its square estimates the per-token Fisher, which is
+the Hessian of the KL at the teacher; the plain "empirical Fisher" of the training gradient is not:
+it vanishes as the student fits and is inflated where the gradient is biased) or by Hutchinson
+(``E[(Hv) * v]``, Rademacher ``v``, by double backward).
 
-The schedule over the run's progress ``p`` (0..1): a soft phase with the temperature annealing
-``t_start -> t_end`` (until ``anneal_end``), a hardening phase whose ``blend`` moves the mask linearly
-into the exact N:M projection (until ``harden_end``), then training with the final hard mask. Weights
-train through the mask the whole time; the loss is CE + tau^2 KL to the dense teacher.
+``margin(p)`` anchors the mask to the warm start (SparseGPT / Wanda / magnitude): with no evidence
+yet (``D = 0``) the mask *is* the warm mask, and a group changes only once the evidence for a swap
+exceeds the (decaying) margin, measured in units of the layer's mean |D|.
+
+The schedule over the run's progress ``p`` (0..1): a soft phase whose temperature anneals
+``t_start -> t_end`` while the scores are refreshed every ``importance_every`` steps (until
+``anneal_end``), a hardening phase whose ``blend`` moves the mask linearly into the exact N:M
+projection (until ``harden_end``), then training with the final hard mask, run on the plain model
+(masked weights re-zeroed after each step) since the graph's mask nodes have nothing left to do.
+Weights train through the mask throughout; the loss is CE + tau^2 KL to the dense teacher.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from .masks import MaskState
 
 log = logging.getLogger(__name__)
 
-IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson", "layer")
+IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
 
 
@@ -67,14 +74,13 @@ class AnnealConfig:
     importance: str = "fisher"
     importance_every: int = 8
     importance_beta: float = 0.9
-    learn_scores: bool = True
-    score_lr: float = 0.02
+    first_order: float = 0.0  # weight of the first-order term -E[dL/dm] in the evidence (0: pure OBD)
     t_start: float = 0.3
     t_end: float = 0.02
     anneal_end: float = 0.5
     harden_end: float = 0.7
     warm_start: str = "sparsegpt"
-    prior_margin: float = 1.5
+    prior_margin: float = 3.0
     prior_floor: float = 0.5
     fixed_mask: bool = False  # the peer: KD fine-tuning with the warm-start mask held fixed
     teacher_data_ratio: float = 0.7
@@ -196,71 +202,94 @@ class AnnealResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return x / x.mean().clamp_min(1e-30)
-
-
 class Annealer:
     """Runs the loop over a masked forward (the graph with one mask node per layer).
 
-    ``forward(input_ids) -> logits`` must route every masked Linear through its ``MaskState``;
-    ``weights`` maps each layer name to the parameter its mask applies to (in the mask's (out, in)
-    layout, see ``weight_views``); ``teacher(input_ids) -> logits`` is the dense model.
+    ``forward(input_ids) -> logits`` routes every masked Linear through its ``MaskState``;
+    ``plain_forward`` runs the model without mask nodes (the final, hard-mask phase);
+    ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
+    ``teacher(input_ids) -> logits`` is the dense model.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
                  masks: dict[str, MaskState], weight_views: dict[str, Callable[[], torch.Tensor]],
                  teacher: Callable[[torch.Tensor], torch.Tensor], batches: TrainingBatches, cfg: AnnealConfig,
                  *, device: torch.device, warm_masks: dict[str, torch.Tensor] | None = None,
-                 layer_hessian: dict[str, torch.Tensor] | None = None, out_dir: Path | None = None,
-                 progress: bool = True) -> None:
-        self.forward, self.params, self.masks = forward, params, masks
+                 plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 out_dir: Path | None = None, progress: bool = True) -> None:
+        self.forward, self.plain_forward, self.params, self.masks = forward, plain_forward, params, masks
         self.weight_views, self.teacher, self.batches, self.cfg = weight_views, teacher, batches, cfg
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
-        self.importance: dict[str, torch.Tensor] = {}
+        self.hutchinson_curv: dict[str, torch.Tensor] = {}
         for name, ms in masks.items():
-            w = weight_views[name]().detach().float()
-            diag = layer_hessian.get(name) if layer_hessian else None
-            h = diag.to(w.device).float().expand_as(w) if diag is not None else torch.ones_like(w)
-            self.importance[name] = _normalized(h * w.square())
             ms.importance_beta = cfg.importance_beta
-        self.offsets = {n: torch.zeros_like(ms.score, requires_grad=True) for n, ms in masks.items()}
+            if cfg.fixed_mask:
+                if name not in self.warm:
+                    raise AnnealError(f"{name}: a fixed-mask run needs a warm-start mask for every layer")
+                ms.set_hard(self.warm[name])
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                      **({"fused": True} if device.type == "cuda" else {}))
-        self.score_opt = (torch.optim.Adam(list(self.offsets.values()), lr=cfg.score_lr)
-                          if cfg.learn_scores and not cfg.fixed_mask else None)
         self.step = 0
         self.total_steps = cfg.steps or 0
         self.history: list[dict] = []
         self.tokens = 0
-        self._hutch: dict[str, torch.Tensor] = {}
+        self._weights_folded = False
         self._autocast = (cfg.autocast == "bf16") or (cfg.autocast == "auto" and device.type == "cuda")
-        self._refresh_scores(margin=cfg.prior_margin)
+        if not cfg.fixed_mask:
+            self._refresh_scores(margin=cfg.prior_margin)
 
     # -- scores -------------------------------------------------------------------------------
+    def _curvature(self, name: str, ms: MaskState) -> torch.Tensor:
+        """~ 1/2 H_ii w_ii^2 for every weight of the layer (loss units)."""
+        if self.cfg.importance == "hutchinson":
+            return self.hutchinson_curv.get(name, torch.zeros_like(ms.importance))
+        return ms.corrected("importance")
+
+    def _fisher_probe(self, s_logits: torch.Tensor) -> None:
+        """1/2 F_ii w_ii^2 from labels sampled from the student itself (the mask gradient is g * w).
+
+        E_y[grad log p(y)] = 0, so tokens x (batch-mean gradient)^2 is an unbiased estimate of the
+        per-token Fisher diagonal, the Hessian of the mean KL at the teacher.
+        """
+        masks = [ms for ms in self.masks.values() if ms.last_mask is not None]
+        if not masks:
+            return
+        logits = s_logits[:, :-1].detach().float()
+        race = torch.empty_like(logits).exponential_()
+        sampled = (torch.softmax(logits, dim=-1) / race).argmax(dim=-1)
+        fisher_loss = torch.nn.functional.cross_entropy(
+            s_logits[:, :-1].reshape(-1, s_logits.shape[-1]).float(), sampled.reshape(-1))
+        for ms in masks:
+            ms.hook_enabled = False  # this backward must not enter the first-order EMA
+        try:
+            grads = torch.autograd.grad(fisher_loss, [ms.last_mask for ms in masks], retain_graph=True,
+                                        allow_unused=True)
+        finally:
+            for ms in masks:
+                ms.hook_enabled = True
+        tokens = sampled.numel()
+        with torch.no_grad():
+            for ms, g in zip(masks, grads):
+                if g is not None:
+                    ms.add_importance(0.5 * tokens * g.float().square())
+
     @torch.no_grad()
     def _refresh_scores(self, margin: float) -> None:
         for name, ms in self.masks.items():
-            imp = self.importance[name]
-            score = torch.log(imp + 1e-6)
-            if name in self.warm and margin:
+            present = ms.hard_mask().float() if self.step else self.warm.get(name, ms.hard_mask()).float()
+            # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
+            # not having the weight. The first-order term (optional) adds the sign-aware gain of
+            # bringing a pruned weight back / of removing a kept one at the current point.
+            evidence = self._curvature(name, ms)
+            if self.cfg.first_order:
+                evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present - 1)
+            score = evidence / evidence.abs().mean().clamp_min(1e-30)
+            if name in self.warm:
                 score += margin * (2 * self.warm[name].float() - 1)
-            score += self.offsets[name].detach()
+            elif not self.step:
+                score += margin * (2 * present - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
-
-    @torch.no_grad()
-    def _update_importance(self) -> None:
-        beta = self.cfg.importance_beta
-        for name, ms in self.masks.items():
-            if self.cfg.importance == "fisher":
-                fresh = ms.importance  # EMA of (dL/dm)^2 = empirical-Fisher OBD saliency
-            else:
-                fresh = self._hutch.get(name) if self.cfg.importance == "hutchinson" else None
-                if fresh is None:
-                    continue
-            if float(fresh.sum()) > 0:
-                self.importance[name].mul_(beta).add_(_normalized(fresh.float()), alpha=1 - beta)
 
     def _hutchinson(self, ids: torch.Tensor) -> None:
         """E[(Hv) * v] per weight, one Rademacher probe, by double backward (needs eager attention)."""
@@ -269,73 +298,80 @@ class Annealer:
         views = {n: self.weight_views[n]() for n in self.masks}
         # Differentiate with respect to the parameters themselves (GPT-2's Conv1D views are transposes).
         bases = {n: v._base if v._base is not None else v for n, v in views.items()}
-        loss = self._loss(ids)[0]
-        diag = hutchinson_diagonal(loss, bases, seed=self.cfg.seed + self.step)
-        self._hutch = {n: (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()
-                       for n, d in diag.items()}
+        loss = self._loss(ids, self.forward)[0]
+        for ms in self.masks.values():
+            ms.hook_enabled = False
+        try:
+            diag = hutchinson_diagonal(loss, bases, seed=self.cfg.seed + self.step)
+        finally:
+            for ms in self.masks.values():
+                ms.hook_enabled = True
+        beta = self.cfg.importance_beta
+        for n, d in diag.items():
+            curv = 0.5 * (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()
+            old = self.hutchinson_curv.get(n)
+            self.hutchinson_curv[n] = curv if old is None else old.mul_(beta).add_(curv, alpha=1 - beta)
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _loss(self, ids: torch.Tensor, forward: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             t_logits = self.teacher(ids)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            s_logits = self.forward(ids)
-        return kd_loss(s_logits, t_logits, ids, temperature=self.cfg.kd_temperature,
-                       ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight)
+            s_logits = forward(ids)
+        loss, parts = kd_loss(s_logits, t_logits, ids, temperature=self.cfg.kd_temperature,
+                              ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight)
+        return loss, parts, s_logits
+
+    def _plain_phase(self, point: SchedulePoint) -> bool:
+        """Hard mask everywhere: train the plain model and re-zero the pruned weights after each step."""
+        return point.blend >= 1.0 and (self.cfg.fixed_mask or self.plain_forward is not None)
 
     def train_step(self) -> dict:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps)
+        plain = self._plain_phase(point)
+        collect = point.soft_phase
+        probe = collect and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
-            ms.collecting = point.soft_phase and cfg.importance == "fisher"
-            ms.score.requires_grad_(self.score_opt is not None and point.soft_phase)
+            ms.collecting = collect
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * point.lr_scale
         ids = self.batches.batch(self.step).to(self.device)
         if point.soft_phase and cfg.importance == "hutchinson" and self.step % cfg.importance_every == 0:
             self._hutchinson(ids)
             self.opt.zero_grad(set_to_none=True)
-        loss, parts = self._loss(ids)
+        if plain and not self._weights_folded:
+            self._reapply_masks()  # the step the phase starts: fold the hard mask into the weights
+            self._weights_folded = True
+        forward = (self.plain_forward or self.forward) if plain else self.forward
+        loss, parts, s_logits = self._loss(ids, forward)
         if not torch.isfinite(loss):
             raise AnnealError(self._nonfinite_message(loss))
+        if probe:
+            self._fisher_probe(s_logits)
         loss.backward()
+        for ms in self.masks.values():
+            ms.last_mask = None
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
         if not torch.isfinite(norm):
             raise AnnealError(f"non-finite gradient at step {self.step} in {self._first_nonfinite_grad()}; "
                               f"lower --lr; the model was not hardened; {self._kept_note()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.score_opt is not None and point.soft_phase:
-            self._learn_scores()
-        if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
-            self._update_importance()
-            self._refresh_scores(point.margin)
-        if cfg.fixed_mask:
+        if plain:
             self._reapply_masks()
+        if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
+            self._refresh_scores(point.margin)
         self.step += 1
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "temperature": point.temperature, "blend": point.blend,
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
 
     @torch.no_grad()
-    def _learn_scores(self) -> None:
-        """Adam step on the score offsets from the gradient through the soft mask, applied to the scores."""
-        before = {}
-        for name, ms in self.masks.items():
-            if ms.score.grad is not None:
-                self.offsets[name].grad = ms.score.grad
-                before[name] = self.offsets[name].detach().clone()
-                ms.score.grad = None
-        self.score_opt.step()
-        self.score_opt.zero_grad(set_to_none=True)
-        for name, old in before.items():
-            self.masks[name].score.add_(self.offsets[name].detach() - old)
-
-    @torch.no_grad()
     def _reapply_masks(self) -> None:
         for name, ms in self.masks.items():
-            self.weight_views[name]().mul_(ms.hard_mask())
+            self.weight_views[name]().mul_(ms._hard_float())
 
     def _first_nonfinite_grad(self) -> str:
         names = self._param_names()
@@ -345,7 +381,7 @@ class Annealer:
         return "(no single parameter: the total norm overflowed)"
 
     def _param_names(self) -> dict[int, str]:
-        return {id(self.weight_views[n]()): n for n in self.masks}
+        return {id(v._base if v._base is not None else v): n for n in self.masks for v in [self.weight_views[n]()]}
 
     def _kept_note(self) -> str:
         return (f"the last good checkpoint is in {self.out_dir / 'checkpoint'}"
@@ -355,12 +391,13 @@ class Annealer:
         names = self._param_names()
         culprit = next((names.get(id(p), "?") for p in self.params if not torch.isfinite(p).all()), None)
         where = f"; non-finite weights in {culprit}" if culprit else ""
-        return (f"loss is {float(loss)} at step {self.step}{where}; lower --lr or check the data. "
+        return (f"loss is {float(loss.detach())} at step {self.step}{where}; lower --lr or check the data. "
                 f"The model was not hardened; {self._kept_note()}")
 
     # -- stats -------------------------------------------------------------------------------
     @torch.no_grad()
     def flips(self) -> int:
+        """Weights whose keep/prune decision differs from the warm start."""
         return int(sum((ms.hard_mask() != self.warm[n]).sum() for n, ms in self.masks.items() if n in self.warm))
 
     @torch.no_grad()
@@ -372,11 +409,10 @@ class Annealer:
     def state_dict(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
                 "params": [p.detach().clone() for p in self.params],
-                "masks": {n: ms.state_dict() for n, ms in self.masks.items()},
-                "importance": self.importance, "offsets": {n: o.detach() for n, o in self.offsets.items()},
-                "opt": self.opt.state_dict(), "score_opt": self.score_opt.state_dict() if self.score_opt else None,
-                "history": self.history, "config": self.cfg.to_json(),
-                "rng": {"torch": torch.get_rng_state()}}
+                "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
+                "hutchinson": dict(self.hutchinson_curv), "opt": self.opt.state_dict(),
+                "weights_folded": self._weights_folded, "history": list(self.history),
+                "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
     def save_checkpoint(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -396,6 +432,17 @@ class Annealer:
         self._restore(state)
         self.total_steps = state["total_steps"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+            for n, ms in self.masks.items():
+                ms.load_state_dict(state["masks"][n])
+        self.hutchinson_curv = dict(state["hutchinson"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
+        self._weights_folded = state["weights_folded"]
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, deadline: float | None = None, resume_from: Path | None = None) -> AnnealResult:
@@ -436,7 +483,6 @@ class Annealer:
                 metrics_file.close()
         for ms in self.masks.values():
             ms.collecting = False
-            ms.score.requires_grad_(False)
             ms.set_schedule(cfg.t_end, 1.0)
         return AnnealResult(steps=self.step, seconds=time.perf_counter() - start, tokens=self.tokens,
                             final_loss=float(last["loss"]) if last else float("nan"),
@@ -445,7 +491,7 @@ class Annealer:
                             history=self.history)
 
     def _steps_for_budget(self, deadline: float | None) -> int:
-        """Time two probe steps (not kept) to size the run to the remaining budget."""
+        """Time two probe steps (then undone) to size the run to the remaining budget."""
         if deadline is None:
             raise AnnealError("give either --steps or a time budget")
         remaining = deadline - time.perf_counter()
@@ -470,19 +516,6 @@ class Annealer:
             )
         log.info("one step takes %.3fs: %d steps fit the budget", per_step, steps)
         return steps
-
-    def _restore(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"], strict=True):
-                p.copy_(saved)
-            for n, ms in self.masks.items():
-                ms.load_state_dict(state["masks"][n])
-                self.importance[n].copy_(state["importance"][n])
-                self.offsets[n].copy_(state["offsets"][n])
-        self.opt.load_state_dict(state["opt"])
-        if self.score_opt and state["score_opt"]:
-            self.score_opt.load_state_dict(state["score_opt"])
-        self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
 
 
 def plot_curves(history: list[dict], layer_density: dict[str, float], path: str | Path) -> None:

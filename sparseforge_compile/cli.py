@@ -115,10 +115,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- prune
 
 # Smaller defaults where a flag is left out on the CPU: a real prune of SmolLM2 in minutes on 2 cores.
+# SparseGPT's column-by-column updates take minutes per model on 2 cores: Wanda warm-starts there.
 CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seqlen": 256,
-                "teacher_sample_batch": 16}
+                "teacher_sample_batch": 16, "warm_start": "wanda"}
 GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512,
-                "teacher_sample_batch": 512}
+                "teacher_sample_batch": 1024}
 
 
 def _flag(name: str) -> str:

@@ -105,13 +105,16 @@ def soft_nm_mask(scores: torch.Tensor, pattern: NMPattern, temperature: float | 
 class MaskState(nn.Module):
     """The mask of one Linear while it anneals; the graph calls it to get the mask to apply.
 
-    State: ``score`` (log-importance, a parameter so that the masked graph is differentiable in it),
-    ``temperature`` of the soft mask, ``blend`` in [0, 1] moving from the soft mask (0) to the exact
-    N:M projection of the scores (1), and ``importance``, an EMA of the squared gradient of the loss
-    with respect to the mask, filled while ``collecting`` is on.
+    State: ``score`` (a parameter so that the masked graph is differentiable in it), ``temperature``
+    of the soft mask, ``blend`` in [0, 1] moving from the soft mask (0) to the exact N:M projection of
+    the scores (1), ``grad_ema``, an EMA of the gradient of the loss with respect to the mask, filled
+    by a hook while ``collecting`` is on, and ``importance``, a curvature estimate the training loop
+    keeps (``1/2 H_ii w_ii^2``).
 
-    Why the mask gradient: dL/dm_ij = g_ij * w_ij (g the gradient of the effective weight), so its
-    square is the empirical-Fisher estimate of the OBD saliency H_ij w_ij^2 at no extra backward cost.
+    Why the mask gradient: dL/dm_ij = g_ij * w_ij (g the gradient of the effective weight) is the
+    first-order change of the loss when the weight is added or removed, at no extra backward cost.
+    While collecting, the last mask tensor handed to the graph is kept in ``last_mask`` so that the
+    loop can take other gradients (the Fisher probe) with respect to it.
 
     The group threshold and the hard projection depend only on ``score``; they are cached and
     recomputed when the score tensor changes (its version counter), not on every forward. Schedule
@@ -127,14 +130,21 @@ class MaskState(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("blend", torch.tensor(0.0))
         self.register_buffer("importance", torch.zeros(weight_shape), persistent=True)
+        self.register_buffer("grad_ema", torch.zeros(weight_shape), persistent=True)
+        # Updates folded into each EMA so far, for Adam-style bias correction (x / (1 - beta^k)).
+        self.register_buffer("updates", torch.zeros(2, dtype=torch.long), persistent=True)
         self.importance_beta = 0.9
         self.straight_through = False
         self.collecting = False
+        self.hook_enabled = True
+        self.last_mask: torch.Tensor | None = None
+        self._updates = [0, 0]  # Python mirror of ``updates`` (no device sync in the hook)
         self._t = 1.0
         self._blend = 0.0
         self._cache_key: tuple | None = None
         self._thr: torch.Tensor | None = None
         self._hard: torch.Tensor | None = None
+        self._hard_f: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, pattern={self.pattern}, shape={tuple(self.score.shape)}"
@@ -161,14 +171,19 @@ class MaskState(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._t, self._blend = float(self.temperature), float(self.blend)
+        self._updates = [int(v) for v in self.updates.tolist()]
         self._cache_key = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.updates.copy_(torch.tensor(self._updates))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _refresh(self) -> None:
         key = (self.score.data_ptr(), self.score._version, self.score.device)
         if key != self._cache_key:
             with torch.no_grad():
                 self._thr = group_thresholds(self.score, self.pattern)
-            self._hard = None  # projected lazily: the soft phase never needs it
+            self._hard = self._hard_f = None  # projected lazily: the soft phase never needs them
             self._cache_key = key
 
     # -- views -------------------------------------------------------------------------------
@@ -177,6 +192,12 @@ class MaskState(nn.Module):
         if self._hard is None:
             self._hard = nm_mask(self.score, self.pattern)
         return self._hard
+
+    def _hard_float(self) -> torch.Tensor:
+        self._refresh()
+        if self._hard_f is None:
+            self._hard_f = self.hard_mask().to(self.score.dtype)
+        return self._hard_f
 
     def soft_mask(self) -> torch.Tensor:
         self._refresh()
@@ -199,7 +220,7 @@ class MaskState(nn.Module):
     def _mixed(self) -> torch.Tensor:
         if self._blend <= 0.0:
             return self.soft_mask()
-        hard = self.hard_mask().to(self.score.dtype)
+        hard = self._hard_float()
         if self._blend >= 1.0:
             return hard
         soft = self.soft_mask()
@@ -207,8 +228,21 @@ class MaskState(nn.Module):
 
     # -- the graph's call ----------------------------------------------------------------------
     def _accumulate(self, grad: torch.Tensor) -> None:
+        if self.hook_enabled:
+            with torch.no_grad():
+                self.grad_ema.lerp_(grad.float(), 1 - self.importance_beta)
+                self._updates[0] += 1
+
+    def corrected(self, which: str) -> torch.Tensor:
+        """``grad_ema`` or ``importance`` divided by 1 - beta^k (k updates so far): unbiased early on."""
+        k = self._updates[0 if which == "grad_ema" else 1]
+        value = getattr(self, which)
+        return value / (1 - self.importance_beta**k) if k else value
+
+    def add_importance(self, value: torch.Tensor) -> None:
         with torch.no_grad():
-            self.importance.mul_(self.importance_beta).addcmul_(grad, grad, value=1 - self.importance_beta)
+            self.importance.lerp_(value.float(), 1 - self.importance_beta)
+            self._updates[1] += 1
 
     def forward(self) -> torch.Tensor:
         if self.straight_through and self._blend < 1.0:
@@ -220,4 +254,5 @@ class MaskState(nn.Module):
             if not mask.requires_grad:
                 mask = mask.detach().requires_grad_()
             mask.register_hook(self._accumulate)
+            self.last_mask = mask
         return mask

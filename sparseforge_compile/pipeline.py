@@ -41,7 +41,7 @@ class SparsifyConfig:
     budget_s: float | None = 600.0
     teacher_sample_share: float = 0.2  # of the budget, for sampling text from the dense teacher
     teacher_sample_rows: int | None = None  # sample exactly this many sequences instead (no time limit)
-    teacher_sample_batch: int = 512
+    teacher_sample_batch: int = 1024  # decode is launch-bound at this size: tokens/s grow with it
     teacher_prompt_tokens: int = 8
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
 
@@ -95,30 +95,6 @@ def weight_of(model: nn.Module, layer: str, transposed: bool) -> torch.Tensor:
     """The layer's weight in (out_features, in_features) layout (a view for GPT-2's Conv1D)."""
     weight = model.get_submodule(layer).weight
     return weight.t() if transposed else weight
-
-
-@torch.no_grad()
-def input_feature_sq_norms(model: nn.Module, layers: list[str], calib: torch.Tensor,
-                           max_windows: int = 8) -> dict[str, torch.Tensor]:
-    """diag(X^T X) per layer over a few calibration windows: the layer-wise Hessian diagonal."""
-    from .evaluate import logits_of
-    from .hessian import LayerInputStats
-
-    stats = {}
-    hooks = []
-    for name in layers:
-        module = model.get_submodule(name)
-        in_features = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
-        stats[name] = LayerInputStats(in_features, gram=False, norms=True, layer=name)
-        hooks.append(module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add_batch(args[0])))
-    try:
-        device = _device_of(model)
-        for row in calib[:max_windows]:
-            logits_of(model, row[None].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: s.feature_norms().square() for n, s in stats.items()}
 
 
 def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConfig, time_limit: float,
@@ -262,7 +238,6 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
 
     t = time.perf_counter()
     dense = {n: weight_of(model, n, transposed[n]).detach().clone() for n in layers}
-    layer_hessian = input_feature_sq_norms(teacher, layers, calib) if calib is not None else None
     warm_masks = None
     if acfg.warm_start != "none":
         warm = prune_oneshot(model, acfg.warm_start, pattern=pattern, calib=calib, layers=layers, progress=progress)
@@ -290,12 +265,12 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     batches = TrainingBatches(stream, teacher_rows, acfg)
 
     masks = InsertMasks(pattern)(captured.gm, report).masks
-    if acfg.fixed_mask:
-        forward = lambda ids: logits_of(model, ids)  # noqa: E731  the peer trains the plain model
-        for n, state in masks.items():
-            state.set_hard(warm_masks[n])
-    else:
-        forward = lambda ids: captured.gm(ids)  # noqa: E731
+
+    def plain_forward(ids: torch.Tensor) -> torch.Tensor:
+        return logits_of(model, ids)
+
+    # The peer trains the plain model throughout; SparseForge runs the masked graph until the mask is hard.
+    forward = plain_forward if acfg.fixed_mask else captured.gm
     params = list(dict.fromkeys(p for p in model.parameters()))
     for p in params:
         p.requires_grad_(True)
@@ -305,7 +280,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
         return logits_of(teacher, ids)
 
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
-                        warm_masks=warm_masks, layer_hessian=layer_hessian, out_dir=out, progress=progress)
+                        warm_masks=warm_masks, plain_forward=plain_forward, out_dir=out, progress=progress)
     return TrainingSetup(annealer, captured, teacher, teacher_rows)
 
 
