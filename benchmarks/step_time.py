@@ -23,7 +23,6 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results
-from sparseforge_compile.passes.eligibility import analyze_eligibility
 
 from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.capture import capture
@@ -31,6 +30,7 @@ from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.distill import kd_loss, sample_from_teacher
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.models import load_model
+from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from sparseforge_compile.passes.lower_sparse import PATTERN_TAG, SPARSE_LINEAR, LowerSparseLinears
 from test_lowering import harden, ids
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparseforge_compile
 from sparseforge_compile.models import tiny_model
+from sparseforge_compile.passes.lower_sparse import PATTERN_TAG, SPARSE_LINEAR, LowerSparseLinears
 from sparseforge_compile.sparse_linear import DispatchConfig, KernelState, NMViolationError, SparseLinear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

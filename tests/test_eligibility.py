@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
+from torch import nn
+
+from sparseforge_compile.capture import capture
+from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.passes.eligibility import (
     KERNEL_SHAPE_RULES,
     analyze_eligibility,
     graph_to_digraph,
     kernel_shape_rule,
 )
-from torch import nn
-
-from sparseforge_compile.capture import capture
-from sparseforge_compile.masks import NMPattern
 
 
 def verdicts(module: nn.Module, example: torch.Tensor, **kwargs) -> dict[str, tuple[bool, str | None]]:

@@ -6,6 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import fx, nn
+
+from sparseforge_compile.capture import capture
+from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations
+from sparseforge_compile.models import tiny_model
+from sparseforge_compile.ops import APPLY_MASK
 from sparseforge_compile.passes.base import PassManager
 from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.passes.harden import (
@@ -16,12 +22,6 @@ from sparseforge_compile.passes.harden import (
     sparse_layers,
 )
 from sparseforge_compile.passes.insert_masks import InsertMasks
-from torch import fx, nn
-
-from sparseforge_compile.capture import capture
-from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations
-from sparseforge_compile.models import tiny_model
-from sparseforge_compile.ops import APPLY_MASK
 
 
 class AtenLinear(nn.Module):

@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sparseforge_compile.passes.base import PassConditionError
-from sparseforge_compile.passes.eligibility import analyze_eligibility
-from sparseforge_compile.passes.insert_masks import InsertMasks, graph_masks, mask_parameters
 from torch import nn
 
 from sparseforge_compile.capture import capture
 from sparseforge_compile.masks import MaskState, NMPattern
 from sparseforge_compile.ops import APPLY_MASK
+from sparseforge_compile.passes.base import PassConditionError
+from sparseforge_compile.passes.eligibility import analyze_eligibility
+from sparseforge_compile.passes.insert_masks import InsertMasks, graph_masks, mask_parameters
 
 
 class MLP(nn.Module):

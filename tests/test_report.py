@@ -4,8 +4,6 @@ import json
 
 import pytest
 import torch
-from sparseforge_compile.passes.harden import Harden, check_nm_invariant
-from sparseforge_compile.passes.insert_masks import InsertMasks
 from torch import nn
 
 from sparseforge_compile import inspect
@@ -13,6 +11,8 @@ from sparseforge_compile.capture import capture
 from sparseforge_compile.cli import main
 from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.models import tiny_model
+from sparseforge_compile.passes.harden import Harden, check_nm_invariant
+from sparseforge_compile.passes.insert_masks import InsertMasks
 from sparseforge_compile.report import compressed_fraction
 from sparseforge_compile.sparse_linear import SparseLinear
 
