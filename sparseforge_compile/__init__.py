@@ -1,11 +1,14 @@
 """SparseForge-compile: dense LLM -> 2:4 (N:M) semi-structured sparse model on sparse tensor cores."""
 
+from .anneal import AnnealConfig
 from .backend import compile
 from .checkpoint import load, save
 from .masks import NMPattern
 from .models import load_model
+from .pipeline import SparsifyConfig, sparsify
 from .report import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["NMPattern", "__version__", "compile", "inspect", "load", "load_model", "save"]
+__all__ = ["AnnealConfig", "NMPattern", "SparsifyConfig", "__version__", "compile", "inspect", "load",
+           "load_model", "save", "sparsify"]
