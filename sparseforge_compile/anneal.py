@@ -458,9 +458,10 @@ class Annealer:
                        unit="step")
             t_last, tok_last = time.perf_counter(), self.tokens
             last = {}
+            every = max(1, min(cfg.log_every, self.total_steps // 50))  # short runs still get curves
             while self.step < self.total_steps:
                 last = self.train_step()
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if self.step % every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
                            "kl": float(last["kl"]), "temperature": last["temperature"], "blend": last["blend"],
