@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .hessian import LayerInputStats
-from .masks import NMPattern, nm_mask
+from .masks import NMPattern
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,21 @@ def _prune_smallest(scores: torch.Tensor, count: int, per_row: bool = False) -> 
     return prune.view(-1).index_fill_(0, order, True).view(scores.shape)
 
 
+def nm_prune_smallest(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Bool mask (True = prune) of the M-N smallest scores of every M consecutive inputs.
+
+    Among equal scores the lower index is pruned first: the set that the references'
+    ``torch.topk(scores, M - N, largest=False)`` selects on CUDA (radix select, ties taken in index
+    order). Ties are common in quantized checkpoints (15% of SmolLM2 Q4_1's 2:4 groups tie at the
+    cut on |W|), where this rule changes magnitude 2:4 WikiText-2 perplexity by almost 2x.
+    """
+    pattern.check_divides(int(scores.shape[-1]), "scores")
+    groups = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).reshape(-1, pattern.m)
+    order = torch.sort(groups, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
+    prune = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
+    return prune.scatter_(1, order, True).reshape(scores.shape)
+
+
 def _count_for(sparsity: float, total: int) -> int:
     return int(math.floor(sparsity * total + 0.5))
 
@@ -231,7 +246,7 @@ def magnitude_keep_mask(weight: torch.Tensor, pattern: NMPattern | None,
     """Keep-mask by |W| of an ``(out, in)`` weight: N:M per group, else the smallest ``sparsity`` of the layer."""
     scores = weight.detach().abs()
     if pattern is not None:
-        return nm_mask(scores, pattern)
+        return ~nm_prune_smallest(scores, pattern)
     return ~_prune_smallest(scores, _count_for(_check_ratio(sparsity), scores.numel()))
 
 
@@ -245,7 +260,7 @@ def wanda_keep_mask(weight: torch.Tensor, feature_norms: torch.Tensor, pattern: 
     """Wanda's keep-mask: N:M per group, else the smallest ``sparsity`` of each output row."""
     scores = wanda_scores(weight, feature_norms)
     if pattern is not None:
-        return nm_mask(scores, pattern)
+        return ~nm_prune_smallest(scores, pattern)
     return ~_prune_smallest(scores, _count_for(_check_ratio(sparsity), scores.shape[1]), per_row=True)
 
 
@@ -336,7 +351,6 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, patte
 
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), device=W.device)
-    pruned_per_group = pattern.m - pattern.n if pattern is not None else 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -351,11 +365,10 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, patte
         else:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if pruned_per_group and i % pattern.m == 0:
+            if pattern is not None and i % pattern.m == 0:
                 # Select on the weights as updated by the errors of the columns before them.
                 scores = W1[:, i : i + pattern.m].square() / d1[i : i + pattern.m].square()
-                smallest = torch.topk(scores, pruned_per_group, dim=1, largest=False).indices
-                prune1[:, i : i + pattern.m].scatter_(1, smallest, True)
+                prune1[:, i : i + pattern.m] = nm_prune_smallest(scores, pattern)
             w = W1[:, i]
             q = w.masked_fill(prune1[:, i], 0.0)
             Q1[:, i] = q

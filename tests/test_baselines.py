@@ -12,6 +12,7 @@ from sparseforge_compile.baselines import (
     PruneError,
     find_decoder_blocks,
     magnitude_keep_mask,
+    nm_prune_smallest,
     prune_oneshot,
     reconstruction_error,
     sparsegpt_prune_weight,
@@ -86,6 +87,17 @@ def test_magnitude_nm_keeps_largest_per_group_and_unstructured_ratio_is_exact():
         weight = weight_out_in(dict(model.named_modules())[name])
         assert int((~keep).sum()) == round(0.3 * keep.numel())
         assert float(weight[~keep].abs().max()) <= float(weight[keep].abs().min())
+
+
+def test_ties_prune_the_lower_index_first_like_the_references_cuda_topk():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 2.0, 3.0], [3.0, 1.0, 1.0, 2.0], [0.5, 4.0, 0.5, 0.5]])
+    expected_prune = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(nm_prune_smallest(scores, P24), expected_prune)
+    assert torch.equal(magnitude_keep_mask(-scores, P24), ~expected_prune)
+    assert torch.equal(wanda_keep_mask(scores, torch.ones(4), P24), ~expected_prune)
+    # Unstructured: exactly the count, ties again pruned from the lower index.
+    keep = magnitude_keep_mask(torch.ones(2, 4), None, sparsity=0.25)
+    assert torch.equal(keep, torch.tensor([[False, False, True, True], [True, True, True, True]]))
 
 
 # ---------------------------------------------------------------------------------------- Wanda
