@@ -136,6 +136,11 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
+    if cfg.method == "sparseforge" and cfg.anneal.importance == "hutchinson":
+        # Hutchinson differentiates twice; fused SDPA kernels have no double backward.
+        if not hasattr(model, "set_attn_implementation"):
+            raise ValueError("--importance hutchinson needs a model whose attention can be set to 'eager'")
+        model.set_attn_implementation("eager")
     batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
     example = torch.randint(0, _vocab_size(model), (batch, seqlen), device=device)
     captured = capture(model, (example,))

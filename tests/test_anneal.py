@@ -181,3 +181,13 @@ def test_pattern_that_divides_no_layer_is_a_clear_error(data_dir):
     cfg.pattern = "2:3"  # 64 and 128 input features are not multiples of 3
     with pytest.raises(ValueError, match="no layer is eligible"):
         sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+
+
+def test_hutchinson_importance_runs_with_eager_attention(data_dir):
+    loaded = load_model("tiny-llama")
+    cfg = tiny_config(steps=4, importance="hutchinson", importance_every=2)
+    result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+    assert loaded.model.config._attn_implementation == "eager"  # fused SDPA has no double backward
+    assert result.anneal.steps == 4
+    for name in result.layers:
+        assert count_nm_violations(loaded.model.get_submodule(name).weight, PATTERN) == 0
