@@ -15,6 +15,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .anneal import AnnealError
+from .baselines import PruneError
+from .capture import CaptureError
 from .data import DataError
 from .models import SMOLLM2_NAME, ModelLoadError
 
@@ -23,7 +26,8 @@ class UsageError(RuntimeError):
     """Bad input a user can fix; printed as one line."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DataError, UsageError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DataError, UsageError, ValueError, FileNotFoundError,
+                                                AnnealError, PruneError, CaptureError)
 
 
 def pick_device(name: str) -> str:
