@@ -119,7 +119,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
 
     ``calib`` (token windows) defaults to ``calib_samples`` x ``calib_seqlen`` windows of the C4 sample.
     For the trained methods ``out_dir`` receives metrics.jsonl and checkpoints (``resume`` picks up
-    the last one).
+    the last one). Configuration and input errors are raised before any weight changes; an error
+    during training (``AnnealError``) leaves the model with its warm-start weights, unhardened, so
+    reload it (or ``resume``) rather than saving it.
     """
     from .capture import capture
     from .data import calibration_windows
