@@ -164,9 +164,9 @@ class MaskState(nn.Module):
     def set_schedule(self, temperature: float, blend: float) -> None:
         if temperature <= 0:
             raise ValueError(f"{self.layer}: temperature must be > 0, got {temperature}")
+        # Python floats only: the loop calls this every step for every layer, and two device fills per
+        # layer per step were hundreds of kernel launches. The buffers catch up when state is saved.
         self._t, self._blend = float(temperature), float(min(max(blend, 0.0), 1.0))
-        self.temperature.fill_(self._t)
-        self.blend.fill_(self._blend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -175,7 +175,10 @@ class MaskState(nn.Module):
         self._cache_key = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        self.updates.copy_(torch.tensor(self._updates))
+        with torch.no_grad():
+            self.updates.copy_(torch.tensor(self._updates))
+            self.temperature.fill_(self._t)
+            self.blend.fill_(self._blend)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _refresh(self) -> None:
