@@ -346,17 +346,16 @@ class Annealer:
             self._weights_folded = True
         forward = (self.plain_forward or self.forward) if plain else self.forward
         loss, parts, s_logits = self._loss(ids, forward)
-        if not torch.isfinite(loss):
-            raise AnnealError(self._nonfinite_message(loss))
         if probe:
             self._fisher_probe(s_logits)
         loss.backward()
         for ms in self.masks.values():
             ms.last_mask = None
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
-        if not torch.isfinite(norm):
-            raise AnnealError(f"non-finite gradient at step {self.step} in {self._first_nonfinite_grad()}; "
-                              f"lower --lr; the model was not hardened; {self._kept_note()}")
+        # One host sync per step: a non-finite loss gives non-finite gradients too, so checking the
+        # norm (before the optimizer touches the weights) catches both.
+        if not torch.isfinite(norm + loss.detach()):
+            raise AnnealError(self._nonfinite_message(loss))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if plain:
@@ -390,7 +389,8 @@ class Annealer:
     def _nonfinite_message(self, loss: torch.Tensor) -> str:
         names = self._param_names()
         culprit = next((names.get(id(p), "?") for p in self.params if not torch.isfinite(p).all()), None)
-        where = f"; non-finite weights in {culprit}" if culprit else ""
+        where = (f"; non-finite weights in {culprit}" if culprit
+                 else f"; first non-finite gradient in {self._first_nonfinite_grad()}")
         return (f"loss is {float(loss.detach())} at step {self.step}{where}; lower --lr or check the data. "
                 f"The model was not hardened; {self._kept_note()}")
 
