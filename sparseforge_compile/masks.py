@@ -143,6 +143,7 @@ class MaskState(nn.Module):
         self._blend = 0.0
         self._cache_key: tuple | None = None
         self._thr: torch.Tensor | None = None
+        self._margin: torch.Tensor | None = None
         self._hard: torch.Tensor | None = None
         self._hard_f: torch.Tensor | None = None
 
@@ -186,6 +187,7 @@ class MaskState(nn.Module):
         if key != self._cache_key:
             with torch.no_grad():
                 self._thr = group_thresholds(self.score, self.pattern)
+                self._margin = self.score - self._thr  # what the soft mask needs, one kernel per step
             self._hard = self._hard_f = None  # projected lazily: the soft phase never needs them
             self._cache_key = key
 
@@ -204,7 +206,9 @@ class MaskState(nn.Module):
 
     def soft_mask(self) -> torch.Tensor:
         self._refresh()
-        return torch.sigmoid((self.score - self._thr) / self._t)
+        if self.score.requires_grad and torch.is_grad_enabled():
+            return torch.sigmoid((self.score - self._thr) / self._t)  # differentiable in the scores
+        return torch.sigmoid(self._margin * (1.0 / self._t))
 
     def undecided_fraction(self, tol: float = 0.1) -> float:
         """Fraction of groups where some value of the mask in use sits between tol and 1 - tol."""
