@@ -19,16 +19,16 @@ from sparseforge_compile.zeroshot import (
 )
 
 
-def test_task_formats_follow_lm_eval():
-    piqa = load_task("piqa", limit=3)
-    first = json.loads(_lines("tasks/piqa/valid.jsonl")[0])
+def test_task_formats_follow_lm_eval(data_dir):
+    piqa = load_task("piqa", limit=3, data_dir=data_dir)
+    first = json.loads(_lines("tasks/piqa/valid.jsonl", data_dir)[0])
     assert piqa[0].context == f"Question: {first['goal']}\nAnswer:"
     assert piqa[0].choices == (first["sol1"], first["sol2"]) and piqa[0].gold == 0
-    assert len(load_task("piqa")) == 1838
+    assert len(load_task("piqa", data_dir=data_dir)) == 1838
 
-    arc = load_task("arc_easy")
+    arc = load_task("arc_easy", data_dir=data_dir)
     assert len(arc) == 570
-    docs = [json.loads(line) for line in _lines("tasks/arc/ARC-Easy-validation.jsonl")]
+    docs = [json.loads(line) for line in _lines("tasks/arc/ARC-Easy-validation.jsonl", data_dir)]
     numeric = next(i for i, d in enumerate(docs) if d["answerKey"].isdigit())
     doc, item = docs[numeric], arc[numeric]
     assert item.context == f"Question: {doc['question']}\nAnswer:"
@@ -36,8 +36,8 @@ def test_task_formats_follow_lm_eval():
     assert item.choices[item.gold] == doc["choices"]["text"][doc["choices"]["label"].index(doc["answerKey"])]
 
 
-def _lines(relative: str) -> list[str]:
-    return (resolve_data_dir() / relative).read_text(encoding="utf-8").splitlines()
+def _lines(relative: str, data_dir=None) -> list[str]:
+    return (resolve_data_dir(data_dir) / relative).read_text(encoding="utf-8").splitlines()
 
 
 def test_missing_task_file_is_a_one_line_data_error(tmp_path):
@@ -89,9 +89,9 @@ def _naive_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_batched_scoring_matches_a_naive_per_item_reference(name):
+def test_batched_scoring_matches_a_naive_per_item_reference(name, data_dir):
     model, tok = tiny_model(name), ByteTokenizer()
-    items = load_task("piqa", limit=3) + load_task("arc_easy", limit=2)
+    items = load_task("piqa", limit=3, data_dir=data_dir) + load_task("arc_easy", limit=2, data_dir=data_dir)
     result = evaluate_items(model, tok, items, batch_size=3, progress=False)
     requests = [encode_pair(tok, item.context, " " + c) for item in items for c in item.choices]
     naive = [_naive_loglikelihood(model, ctx, cont) for ctx, cont in requests]
@@ -139,9 +139,9 @@ class _LogitsOnly(torch.nn.Module):
         return self.inner(input_ids=input_ids).logits
 
 
-def test_models_without_logits_to_keep_score_the_same():
+def test_models_without_logits_to_keep_score_the_same(data_dir):
     model, tok = tiny_model("tiny-llama"), ByteTokenizer()
-    requests = [encode_pair(tok, item.context, " " + c) for item in load_task("arc_easy", limit=2)
+    requests = [encode_pair(tok, item.context, " " + c) for item in load_task("arc_easy", limit=2, data_dir=data_dir)
                 for c in item.choices]
     sliced = continuation_loglikelihoods(model, requests, batch_size=3)
     full = continuation_loglikelihoods(_LogitsOnly(model), requests, batch_size=3)
