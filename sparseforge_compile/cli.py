@@ -138,6 +138,22 @@ def _anneal_fields():
     return [f for f in dataclasses.fields(AnnealConfig)]
 
 
+def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: dict) -> dict:
+    """Both checkpoint formats for N:M; the Hugging Face layout alone for unstructured sparsity (the
+    compact format and the sparse kernels are N:M-only)."""
+    from . import save
+
+    if pattern is not None:
+        report = save(model, out, tokenizer=tokenizer, provenance=provenance)
+        return report.as_dict() if hasattr(report, "as_dict") else {"saved": str(report)}
+    hf_dir = out / "hf-unstructured"
+    model.save_pretrained(hf_dir)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(hf_dir)
+    write_json(hf_dir / "unstructured_sparsity.json", {**provenance, "layers": getattr(model, "_sparseforge_layers", {})})
+    return {"formats": ["hf"], "path": str(hf_dir)}
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -172,13 +188,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)
+    provenance = {"method": args.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
+    saved = _save_pruned(model, tok, out, pattern, provenance)  # before anything else can fail
     after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None
 
-    from . import save
     from .report import inspect
 
-    saved = save(model, out, tokenizer=tok, provenance={"method": args.method, "model": args.model,
-                                                        "config": cfg.to_json(), **result.summary()})
     report = inspect(model, pattern=pattern or "2:4")
     (out / "report.txt").write_text(str(report) + "\n")
     write_json(out / "report.json", report.as_dict())
@@ -186,7 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         density = {r["name"]: r["density"] for r in report.as_dict()["layers"] if r.get("eligible")}
         plot_curves(result.anneal.history, density, out / "anneal_curves.png")
     summary = {**result.summary(), "model": args.model, "device": device, "out": str(out),
-               "config": dataclasses.asdict(cfg), "saved": saved.as_dict() if hasattr(saved, "as_dict") else str(saved)}
+               "config": dataclasses.asdict(cfg), "saved": saved}
     rows = [["model", args.model], ["method", f"{args.method} ({pattern or f'unstructured {args.sparsity}'})"],
             ["pruned layers", f"{len(result.layers)} ({len(result.skipped)} left dense)"],
             ["wall time", f"{result.seconds:.1f} s " + ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())]]
