@@ -13,40 +13,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
+from common import median_ms, write_results
 
 from sparseforge_compile.data import eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.evaluate import logits_of, perplexity
 from sparseforge_compile.lowering import lower_model
 from sparseforge_compile.models import load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
+from common import median_ms, write_results
 
 from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.capture import capture
@@ -32,26 +31,6 @@ from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.models import load_model
 from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on the GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool):
@@ -75,30 +54,30 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool):
 def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str) -> list[dict]:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
     kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True)
-    kd_ms = timed(kd.train_step, args.repeats)
+    kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
-        teacher_ms = timed(lambda: kd.teacher(ids), args.repeats)
-        fwd_ms = timed(lambda: logits_of(kd_model, ids), args.repeats)
+        teacher_ms = median_ms(lambda: kd.teacher(ids), args.repeats, warmup=2)
+        fwd_ms = median_ms(lambda: logits_of(kd_model, ids), args.repeats, warmup=2)
         t_logits = kd.teacher(ids)
     with torch.autocast(**autocast):
         s_logits = logits_of(kd_model, ids).detach().requires_grad_()
-    loss_ms = timed(lambda: kd_loss(s_logits, t_logits, ids)[0].backward(), args.repeats)
+    loss_ms = median_ms(lambda: kd_loss(s_logits, t_logits, ids)[0].backward(), args.repeats, warmup=2)
 
     def fwd_bwd() -> None:
         with torch.autocast(**autocast):
             logits_of(kd_model, ids).float().mean().backward()
 
-    fwd_bwd_ms = timed(fwd_bwd, args.repeats)
+    fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False)
-    soft_ms = timed(sf.train_step, args.repeats)
+    soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
-    harden_ms = timed(sf.train_step, args.repeats)
+    harden_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     sf.step = total - args.repeats * 2 - 4  # the final phase: training with the hard mask
-    final_ms = timed(sf.train_step, args.repeats)
+    final_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     tokens = batch * args.seqlen
     config = f"{args.model} b{batch}x{args.seqlen}"
     return [

@@ -134,7 +134,6 @@ class MaskState(nn.Module):
         # Updates folded into each EMA so far, for Adam-style bias correction (x / (1 - beta^k)).
         self.register_buffer("updates", torch.zeros(2, dtype=torch.long), persistent=True)
         self.importance_beta = 0.9
-        self.straight_through = False
         self.collecting = False
         self.hook_enabled = True
         self.last_mask: torch.Tensor | None = None
@@ -252,11 +251,7 @@ class MaskState(nn.Module):
             self._updates[1] += 1
 
     def forward(self) -> torch.Tensor:
-        if self.straight_through and self._blend < 1.0:
-            soft = self.soft_mask()
-            mask = self._mixed().detach() + (soft - soft.detach())
-        else:
-            mask = self._mixed()
+        mask = self._mixed()
         if self.collecting and torch.is_grad_enabled():
             if not mask.requires_grad:
                 mask = mask.detach().requires_grad_()

@@ -215,8 +215,6 @@ class TrainingSetup:
     """Everything a trained method runs with, built before the clock of the training loop starts."""
 
     annealer: Annealer
-    captured: object
-    teacher: nn.Module
     teacher_rows: torch.Tensor | None
 
 
@@ -288,7 +286,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
 
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
                         warm_masks=warm_masks, plain_forward=plain_forward, out_dir=out, progress=progress)
-    return TrainingSetup(annealer, captured, teacher, teacher_rows)
+    return TrainingSetup(annealer, teacher_rows)
 
 
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
