@@ -43,13 +43,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import kd_loss
+from .distill import hidden_state_loss, kd_loss
 from .masks import MaskState
+from .passes.tap_blocks import BlockOutputRecorder
 
 log = logging.getLogger(__name__)
 
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class LayerTaps:
+    """Block-output recorders for layer-wise distillation: the teacher's, the masked graph's and the
+    plain student's (``passes.tap_blocks``, ``distill.BlockOutputHooks``)."""
+
+    teacher: BlockOutputRecorder
+    graph: BlockOutputRecorder
+    plain: BlockOutputRecorder
+    hooks: list = field(default_factory=list)  # distill.BlockOutputHooks to remove after training
 
 
 class AnnealError(RuntimeError):
@@ -71,6 +83,7 @@ class AnnealConfig:
     kd_temperature: float = 2.0
     ce_weight: float = 1.0
     kl_weight: float = 1.0
+    hidden_weight: float = 0.0  # layer-wise distillation: weight of the normalized block-output MSE
     importance: str = "fisher"
     importance_every: int = 8
     importance_beta: float = 0.9
@@ -100,6 +113,8 @@ class AnnealConfig:
             raise ValueError(f"need 0 < t_end ({self.t_end}) <= t_start ({self.t_start})")
         if not 0 <= self.teacher_data_ratio <= 1:
             raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         for name in ("batch_size", "seqlen", "importance_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -216,8 +231,11 @@ class Annealer:
                  teacher: Callable[[torch.Tensor], torch.Tensor], batches: TrainingBatches, cfg: AnnealConfig,
                  *, device: torch.device, warm_masks: dict[str, torch.Tensor] | None = None,
                  plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 out_dir: Path | None = None, progress: bool = True) -> None:
+                 taps: LayerTaps | None = None, out_dir: Path | None = None, progress: bool = True) -> None:
+        if cfg.hidden_weight and taps is None:
+            raise AnnealError("hidden_weight > 0 needs block-output taps on the teacher and the student")
         self.forward, self.plain_forward, self.params, self.masks = forward, plain_forward, params, masks
+        self.taps = taps if cfg.hidden_weight else None
         self.weight_views, self.teacher, self.batches, self.cfg = weight_views, teacher, batches, cfg
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
@@ -298,7 +316,7 @@ class Annealer:
         views = {n: self.weight_views[n]() for n in self.masks}
         # Differentiate with respect to the parameters themselves (GPT-2's Conv1D views are transposes).
         bases = {n: v._base if v._base is not None else v for n, v in views.items()}
-        loss = self._loss(ids, self.forward)[0]
+        loss = self._loss(ids, plain=False)[0]
         for ms in self.masks.values():
             ms.hook_enabled = False
         try:
@@ -313,13 +331,28 @@ class Annealer:
             self.hutchinson_curv[n] = curv if old is None else old.mul_(beta).add_(curv, alpha=1 - beta)
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss(self, ids: torch.Tensor, forward: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            t_logits = self.teacher(ids)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            s_logits = forward(ids)
+    def _loss(self, ids: torch.Tensor, plain: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The training loss of the masked graph (or, ``plain``, of the plain model) on ``ids``."""
+        forward = (self.plain_forward or self.forward) if plain else self.forward
+        taps = self.taps
+        student_rec = None
+        if taps is not None:
+            student_rec = taps.plain if plain and self.plain_forward is not None else taps.graph
+            taps.teacher.enabled = student_rec.enabled = True
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                t_logits = self.teacher(ids)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                s_logits = forward(ids)
+        finally:
+            if taps is not None:
+                taps.teacher.enabled = student_rec.enabled = False
         loss, parts = kd_loss(s_logits, t_logits, ids, temperature=self.cfg.kd_temperature,
                               ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight)
+        if taps is not None:
+            hidden = hidden_state_loss(student_rec.take(), taps.teacher.take())
+            loss = loss + self.cfg.hidden_weight * hidden
+            parts["hidden"] = hidden.detach()
         return loss, parts, s_logits
 
     def _plain_phase(self, point: SchedulePoint) -> bool:
@@ -344,8 +377,7 @@ class Annealer:
         if plain and not self._weights_folded:
             self._reapply_masks()  # the step the phase starts: fold the hard mask into the weights
             self._weights_folded = True
-        forward = (self.plain_forward or self.forward) if plain else self.forward
-        loss, parts, s_logits = self._loss(ids, forward)
+        loss, parts, s_logits = self._loss(ids, plain)
         if probe:
             self._fisher_probe(s_logits)
         loss.backward()
@@ -464,7 +496,8 @@ class Annealer:
                 if self.step % every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
-                           "kl": float(last["kl"]), "temperature": last["temperature"], "blend": last["blend"],
+                           "kl": float(last["kl"]), "hidden": float(last.get("hidden", 0.0)),
+                           "temperature": last["temperature"], "blend": last["blend"],
                            "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
                            "tokens_per_s": (self.tokens - tok_last) / max(now - t_last, 1e-9),
                            "elapsed_s": now - start}

@@ -45,6 +45,48 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
 
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Layer-wise distillation: mean over blocks of ||h_s - h_t||^2 / ||h_t||^2 (fp32).
+
+    Normalizing each block by the teacher's energy keeps every depth on the same scale (the residual
+    stream grows with depth), so no block's error dominates the sum. The logit KL says *that* the
+    output is off; this says *where*: every block gets a direct signal about its own output.
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"hidden_state_loss: {len(student)} student vs {len(teacher)} teacher block outputs")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher):
+        t = t.detach().float()
+        total = total + (s.float() - t).square().mean() / t.square().mean().clamp_min(1e-12)
+    return total / len(student)
+
+
+class BlockOutputHooks:
+    """Forward hooks on a module's decoder blocks that hand each block's output to ``recorder``.
+
+    For Hugging Face modules (the teacher, the plain student); the masked graph gets the same
+    recorder through the ``TapBlockOutputs`` pass instead, since export inlines the blocks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from .baselines import find_decoder_blocks
+        from .passes.tap_blocks import BlockOutputRecorder
+
+        _, blocks = find_decoder_blocks(model)
+        self.recorder = BlockOutputRecorder(len(blocks))
+        self._handles = [block.register_forward_hook(self._hook(i)) for i, block in enumerate(blocks)]
+
+    def _hook(self, index: int):
+        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+            self.recorder(output[0] if isinstance(output, tuple) else output, index)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 @torch.no_grad()
 def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, *, batch_size: int = 256,
                         temperature: float = 1.0, seed: int = 0, time_limit_s: float | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .anneal import AnnealConfig, Annealer, AnnealResult, TrainingBatches
+from .anneal import AnnealConfig, Annealer, AnnealResult, LayerTaps, TrainingBatches
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ class TrainingSetup:
 
     annealer: Annealer
     teacher_rows: torch.Tensor | None
+    taps: LayerTaps | None = None
 
 
 def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
@@ -284,9 +285,24 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
         return logits_of(teacher, ids)
 
+    taps = _layer_taps(model, teacher, captured.gm) if acfg.hidden_weight else None
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
-                        warm_masks=warm_masks, plain_forward=plain_forward, out_dir=out, progress=progress)
-    return TrainingSetup(annealer, teacher_rows)
+                        warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
+                        progress=progress)
+    return TrainingSetup(annealer, teacher_rows, taps)
+
+
+def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
+    """Recorders of every decoder block's output: hooks on the teacher and the plain student, and
+    tap nodes in the masked graph (removed again by :func:`_remove_taps`)."""
+    from .baselines import find_decoder_blocks
+    from .distill import BlockOutputHooks
+    from .passes.tap_blocks import TapBlockOutputs, block_recorder
+
+    blocks_path, blocks = find_decoder_blocks(model)
+    TapBlockOutputs(blocks_path, len(blocks))(gm)
+    hooks = [BlockOutputHooks(teacher), BlockOutputHooks(model)]
+    return LayerTaps(teacher=hooks[0].recorder, graph=block_recorder(gm), plain=hooks[1].recorder, hooks=hooks)
 
 
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
@@ -304,6 +320,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
         model.eval()
         for p in setup.annealer.params:
             p.requires_grad_(False)
+        if setup.taps is not None:
+            _remove_taps(setup.taps, captured.gm)
     phases["anneal"] = result.seconds
 
     t = time.perf_counter()
@@ -313,6 +331,15 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0)
+
+
+def _remove_taps(taps: LayerTaps, gm) -> None:
+    """The student leaves training as it came: no hooks on its blocks, no tap nodes in its graph."""
+    from .passes.tap_blocks import remove_block_taps
+
+    remove_block_taps(gm)
+    for hooks in taps.hooks:
+        hooks.remove()
 
 
 def _save_rows(path: Path, rows: torch.Tensor) -> None:

@@ -84,6 +84,22 @@ def test_annealing_gives_exact_nm_and_beats_one_shot_magnitude(data_dir):
     assert heldout_kl(trained.model, teacher, data_dir) < 0.5 * heldout_kl(oneshot.model, teacher, data_dir)
 
 
+@pytest.mark.parametrize("method", ["sparsegpt+kd", "sparseforge"])
+def test_layerwise_distillation_beats_logit_only_distillation(data_dir, method):
+    """Block-output distillation (hidden_weight) at equal steps: lower held-out KL, and the model
+    leaves training with no hooks and no tap nodes."""
+    teacher = sharpened_tiny_llama().model
+    kls = {}
+    for weight in (0.0, 3.0):
+        loaded = sharpened_tiny_llama()
+        result = sparsify(loaded.model, tiny_config(method, steps=30, hidden_weight=weight), tokenizer=loaded.tokenizer,
+                          data_dir=data_dir, progress=False)
+        assert "hidden" in result.anneal.history[-1]
+        assert not any(block._forward_hooks for block in loaded.model.model.layers)
+        kls[weight] = heldout_kl(loaded.model, teacher, data_dir)
+    assert kls[3.0] < 0.9 * kls[0.0], kls
+
+
 def test_the_mask_starts_exactly_at_the_warm_start(data_dir):
     """With no evidence yet the scores must reproduce the warm-start mask (the first GPU run of an
     earlier design flipped 19.7 M weights here and never recovered)."""
