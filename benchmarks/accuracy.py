@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py --model smollm2-135m --methods dense,magnitude,wanda,sparsegpt,sparsegpt+kd,sparseforge \
         --budget-minutes 5 --tasks piqa,arc_easy
 
+A method may carry its own annealing settings in brackets, e.g. ``sparsegpt+kd[hidden_weight=3]``
+(the peer with layer-wise distillation, an ablation); ``--anneal`` applies to every trained method.
 Each method starts from a fresh copy of the dense model. Writes a table (stdout), JSON
 (``benchmarks/results/accuracy_<model>.json`` unless --out), and a bar chart PNG beside it:
 WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU memory.
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--also-valid", action="store_true",
+                   help="also score the WikiText-2 valid split (wikitext2_valid_ppl): tune on it, report test")
     p.add_argument("--tasks", default="", help="comma list of piqa,arc_easy (empty: none)")
     p.add_argument("--task-limit", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,10 +80,35 @@ def anneal_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method specs; commas inside brackets belong to the spec."""
+    specs, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    specs.append(current.strip())
+    return [s for s in specs if s]
+
+
+def method_of(spec: str) -> str:
+    return spec.split("[", 1)[0]
+
+
+def spec_overrides(spec: str) -> list[str]:
+    inner = spec.partition("[")[2].rstrip("]")
+    return [pair.strip() for pair in inner.split(",") if pair.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
+    methods = split_methods(args.methods)
+    for spec in methods:
+        m = method_of(spec)
         if m != "dense" and m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from dense, {', '.join(METHODS)}")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -88,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     all_windows = eval_windows(tokenize(tok, load_wikitext2(args.split)), args.seqlen)
     windows = all_windows[: args.max_windows] if args.max_windows else all_windows
     calib = None
-    if any(m in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
+    if any(method_of(m) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
         calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
     overrides = anneal_overrides(args.anneal)
     rows = []
     stem = f"accuracy_{Path(args.model).name.replace('.', '_')}"
     run_dir = Path(args.out).parent if args.out else RESULTS_DIR
-    for method in methods:
+    for spec in methods:
+        method = method_of(spec)
         model = copy.deepcopy(base.model)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -103,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         info: dict = {}
         budget_s = 0.0
         if method != "dense":
-            acfg = AnnealConfig(batch_size=args.batch_size, seqlen=args.train_seqlen, **overrides)
+            acfg = AnnealConfig(batch_size=args.batch_size, seqlen=args.train_seqlen,
+                                **{**overrides, **anneal_overrides(spec_overrides(spec))})
             budget_s = args.budget_minutes * 60 if method in ("sparsegpt+kd", "sparseforge") else 0.0
             cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
                                  teacher_sample_share=args.teacher_sample_share,
                                  teacher_sample_batch=args.teacher_sample_batch, anneal=acfg)
-            out_dir = run_dir / "runs" / f"{stem}_{method.replace('+', '_')}" if budget_s else None
+            run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+            out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
             result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
             info = result.summary()
             if result.anneal and result.anneal.history:
@@ -118,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         ppl = perplexity(model, windows, total_windows=all_windows.shape[0], progress=not args.quiet)
-        row = {"model": args.model, "method": method, "pattern": args.pattern if method != "dense" else "dense",
+        row = {"model": args.model, "method": spec, "pattern": args.pattern if method != "dense" else "dense",
                "wikitext2_ppl": round(ppl.ppl, 3), "split": args.split, "eval_windows": ppl.windows,
                "eval_seqlen": args.seqlen, "budget_s": budget_s, "wall_s": round(wall, 1),
                "peak_gpu_gb": round(peak, 2) if peak is not None else None}
+        if method != "dense" and budget_s:
+            row["hidden_weight"] = cfg.anneal.hidden_weight
+        if args.also_valid and args.split != "valid":
+            valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
+            row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
         for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median"):
             if key in info:
                 row[key] = info[key]

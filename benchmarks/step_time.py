@@ -1,6 +1,6 @@
 """Annealing step time against a plain KD fine-tuning step at the same batch, plus where the time goes.
 
-    python benchmarks/step_time.py --model smollm2-135m --batch-sizes 32,64
+    python benchmarks/step_time.py --model smollm2-135m --batch-sizes 32,64 --hidden-weights 0,3
 
 Rows: ``bench=train_step``: median ms of a plain KD step (SparseGPT-style fixed mask, eager model) and
 of SparseForge steps in the soft phase (Fisher collection + learned scores) and the hardening phase,
@@ -33,11 +33,11 @@ from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
-def build(base, tok, calib, batch: int, seqlen: int, fixed: bool):
+def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0):
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
-                        teacher_data_ratio=0.0, fixed_mask=fixed)
+                        teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -51,9 +51,10 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool):
     return model, setup.annealer
 
 
-def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str) -> list[dict]:
+def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str,
+                  hidden_weight: float = 0.0) -> list[dict]:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
-    kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True)
+    kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight)
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
@@ -70,7 +71,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
 
     fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
-    _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False)
+    _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight)
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
@@ -79,7 +80,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     sf.step = total - args.repeats * 2 - 4  # the final phase: training with the hard mask
     final_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     tokens = batch * args.seqlen
-    config = f"{args.model} b{batch}x{args.seqlen}"
+    config = f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g}"
     return [
         {"bench": "train_step", "config": config, "batch": batch, "seq": args.seqlen,
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="32,64")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--hidden-weights", default="0",
+                   help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--sample-batches", default="512,2048")
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_windows(tok, 4, 256, seed=0)
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        rows += measure_batch(base, tok, calib, batch, args, device)
-        print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
+        for hidden_weight in [float(w) for w in args.hidden_weights.split(",")]:
+            rows += measure_batch(base, tok, calib, batch, args, device, hidden_weight)
+            print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
     teacher = copy.deepcopy(base).eval()
     if device == "cuda":
         teacher = teacher.to(torch.bfloat16)

@@ -83,7 +83,9 @@ class AnnealConfig:
     kd_temperature: float = 2.0
     ce_weight: float = 1.0
     kl_weight: float = 1.0
-    hidden_weight: float = 0.0  # layer-wise distillation: weight of the normalized block-output MSE
+    # Layer-wise distillation: weight of the normalized block-output MSE. None: the method's default
+    # (SparsifyConfig: DEFAULT_HIDDEN_WEIGHT for sparseforge, 0 for the logit-KD peer sparsegpt+kd).
+    hidden_weight: float | None = None
     importance: str = "fisher"
     importance_every: int = 8
     importance_beta: float = 0.9
@@ -113,7 +115,7 @@ class AnnealConfig:
             raise ValueError(f"need 0 < t_end ({self.t_end}) <= t_start ({self.t_start})")
         if not 0 <= self.teacher_data_ratio <= 1:
             raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
-        if self.hidden_weight < 0:
+        if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         for name in ("batch_size", "seqlen", "importance_every"):
             if getattr(self, name) < 1:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs named measurement steps in order on the GPU machine, each logged, so one detached job can
+# outlive the device tool's 10-minute call (see benchmarks/README.md, "Long sessions").
+#
+#   benchmarks/h200_session.sh OUT_DIR STEP...
+#
+# Steps: gputests lowered trained oneshot step_time kernels e2e. BUDGET_MIN sets the trained methods'
+# budget (default 8), TRAINED the method list of the trained step (default: ours and the peer).
+# OUT_DIR/session.log says which step ran, for how long, and its exit status.
+set -u
+out=$1
+shift
+mkdir -p "$out"
+budget=${BUDGET_MIN:-8}
+trained=${TRAINED:-sparseforge,sparsegpt+kd}
+for step in "$@"; do
+  case $step in
+    gputests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider) ;;
+    lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
+    trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
+                  --tasks piqa,arc_easy --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
+    oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
+                  --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
+    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 0,3
+                    --out "$out/step_time.json") ;;
+    kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
+    e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
+    *) echo "unknown step $step" >> "$out/session.log"; continue ;;
+  esac
+  echo "== $(date -u +%H:%M:%S) $step: ${cmd[*]}" >> "$out/session.log"
+  start=$(date +%s)
+  "${cmd[@]}" > "$out/$step.log" 2>&1
+  rc=$?
+  echo "== $(date -u +%H:%M:%S) $step rc=$rc in $(( $(date +%s) - start ))s" >> "$out/session.log"
+done
+echo "== done" >> "$out/session.log"
