@@ -97,6 +97,9 @@ class AnnealConfig:
     warm_start: str = "sparsegpt"
     prior_margin: float = 3.0
     prior_floor: float = 0.5
+    # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
+    # one probe is noise, and on SmolLM2 a single-probe refresh flipped 190k weights at step 8.
+    evidence_probes: int = 8
     fixed_mask: bool = False  # the peer: KD fine-tuning with the warm-start mask held fixed
     teacher_data_ratio: float = 0.7
     seed: int = 0
@@ -117,7 +120,7 @@ class AnnealConfig:
             raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        for name in ("batch_size", "seqlen", "importance_every"):
+        for name in ("batch_size", "seqlen", "importance_every", "evidence_probes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
@@ -147,9 +150,14 @@ class SchedulePoint:
     soft_phase: bool  # scores still move
 
 
-def schedule(cfg: AnnealConfig, step: int, total: int) -> SchedulePoint:
-    """Temperature, blend, prior margin and LR scale at ``step`` of ``total`` (pure function)."""
-    p = step / max(total, 1)
+def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = None) -> SchedulePoint:
+    """Temperature, blend, prior margin and LR scale at ``step`` of ``total`` (pure function).
+
+    ``progress`` (0..1), when given, replaces ``step / total``: a run sized by a time budget follows
+    the schedule over its *time* (``elapsed / budget``), so its phases and LR warm-up keep their
+    shares of the budget however fast each phase's steps turn out to be.
+    """
+    p = step / max(total, 1) if progress is None else min(max(progress, 0.0), 1.0)
     harden_start = cfg.anneal_end
     # Temperature: geometric from t_start to t_end over the soft + hardening phases.
     t_span = max(cfg.harden_end, 1e-9)
@@ -161,11 +169,18 @@ def schedule(cfg: AnnealConfig, step: int, total: int) -> SchedulePoint:
         blend = 1.0 if p >= harden_start else 0.0
     margin_q = min(p / max(cfg.anneal_end, 1e-9), 1.0)
     margin = cfg.prior_margin * (1 - (1 - cfg.prior_floor) * margin_q)
-    warm = max(int(cfg.warmup_frac * total), 1)
-    if step < warm:
-        lr_scale = (step + 1) / warm
-    else:
+    if progress is None:
+        warm = max(int(cfg.warmup_frac * total), 1)
+        warming = step < warm
+        warm_q = (step + 1) / warm
         r = (step - warm) / max(total - warm, 1)
+    else:
+        warming = p < cfg.warmup_frac
+        warm_q = max(p / cfg.warmup_frac, 1e-3) if cfg.warmup_frac else 1.0
+        r = (p - cfg.warmup_frac) / max(1 - cfg.warmup_frac, 1e-9)
+    if warming:
+        lr_scale = warm_q
+    else:
         lr_scale = cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
     if cfg.fixed_mask:
         return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False)
@@ -242,6 +257,7 @@ class Annealer:
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
         self.hutchinson_curv: dict[str, torch.Tensor] = {}
+        self.hutchinson_probes = 0
         for name, ms in masks.items():
             ms.importance_beta = cfg.importance_beta
             if cfg.fixed_mask:
@@ -251,7 +267,9 @@ class Annealer:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                      **({"fused": True} if device.type == "cuda" else {}))
         self.step = 0
-        self.total_steps = cfg.steps or 0
+        self.total_steps = cfg.steps or 0  # 0: sized by time (train_budget_s), not by steps
+        self.train_budget_s = 0.0  # budget runs: training seconds the schedule spans
+        self.train_seconds = 0.0  # budget runs: training seconds spent so far (kept across --resume)
         self.history: list[dict] = []
         self.tokens = 0
         self._weights_folded = False
@@ -294,6 +312,10 @@ class Annealer:
                 if g is not None:
                     ms.add_importance(0.5 * tokens * g.float().square())
 
+    def _evidence_weight(self, ms: MaskState) -> float:
+        probes = self.hutchinson_probes if self.cfg.importance == "hutchinson" else ms._updates[1]
+        return min(probes / self.cfg.evidence_probes, 1.0)
+
     @torch.no_grad()
     def _refresh_scores(self, margin: float) -> None:
         for name, ms in self.masks.items():
@@ -304,7 +326,7 @@ class Annealer:
             evidence = self._curvature(name, ms)
             if self.cfg.first_order:
                 evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present - 1)
-            score = evidence / evidence.abs().mean().clamp_min(1e-30)
+            score = evidence / evidence.abs().mean().clamp_min(1e-30) * self._evidence_weight(ms)
             if name in self.warm:
                 score += margin * (2 * self.warm[name].float() - 1)
             elif not self.step:
@@ -331,6 +353,7 @@ class Annealer:
             curv = 0.5 * (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()
             old = self.hutchinson_curv.get(n)
             self.hutchinson_curv[n] = curv if old is None else old.mul_(beta).add_(curv, alpha=1 - beta)
+        self.hutchinson_probes += 1
 
     # -- one step -------------------------------------------------------------------------------
     def _loss(self, ids: torch.Tensor, plain: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -361,9 +384,15 @@ class Annealer:
         """Hard mask everywhere: train the plain model and re-zero the pruned weights after each step."""
         return point.blend >= 1.0 and (self.cfg.fixed_mask or self.plain_forward is not None)
 
+    def schedule_progress(self) -> float | None:
+        """Where a budget run is in its schedule (training time spent / budget); None for step runs."""
+        if self.total_steps:
+            return None
+        return self.train_seconds / self.train_budget_s if self.train_budget_s else 0.0
+
     def train_step(self) -> dict:
         cfg = self.cfg
-        point = schedule(cfg, self.step, self.total_steps)
+        point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
         collect = point.soft_phase
         probe = collect and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
@@ -442,9 +471,10 @@ class Annealer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
+                "train_budget_s": self.train_budget_s, "train_seconds": self.train_seconds,
                 "params": [p.detach().clone() for p in self.params],
                 "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
-                "hutchinson": dict(self.hutchinson_curv), "opt": self.opt.state_dict(),
+                "hutchinson": dict(self.hutchinson_curv), "hutchinson_probes": self.hutchinson_probes, "opt": self.opt.state_dict(),
                 "weights_folded": self._weights_folded, "history": list(self.history),
                 "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
@@ -465,6 +495,7 @@ class Annealer:
             raise AnnealError(f"{path} was written with another configuration; resume with the same flags")
         self._restore(state)
         self.total_steps = state["total_steps"]
+        self.train_budget_s = float(state.get("train_budget_s", 0.0))
         torch.set_rng_state(state["rng"]["torch"].cpu())
 
     def _restore(self, state: dict) -> None:
@@ -474,45 +505,48 @@ class Annealer:
             for n, ms in self.masks.items():
                 ms.load_state_dict(state["masks"][n])
         self.hutchinson_curv = dict(state["hutchinson"])
+        self.hutchinson_probes = int(state.get("hutchinson_probes", 0))
         self.opt.load_state_dict(state["opt"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self._weights_folded = state["weights_folded"]
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, deadline: float | None = None, resume_from: Path | None = None) -> AnnealResult:
+        """Train until ``cfg.steps`` steps, or, without them, until the time budget (``deadline``) is spent."""
         cfg = self.cfg
         start = time.perf_counter()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else None  # noqa: SIM115
         try:
-            if not self.total_steps:
-                self.total_steps = self._steps_for_budget(deadline)
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="anneal", disable=not self.progress,
-                       unit="step")
-            t_last, tok_last = time.perf_counter(), self.tokens
+            budget_mode = not self.total_steps
+            if budget_mode and not self.train_budget_s:
+                self.train_budget_s = self._training_budget(deadline)
+            bar = tqdm(total=None if budget_mode else self.total_steps, initial=self.step, desc="anneal",
+                       disable=not self.progress, unit="step")
+            self._t_last, self._tok_last, self._start = time.perf_counter(), self.tokens, start
             last = {}
-            every = max(1, min(cfg.log_every, self.total_steps // 50))  # short runs still get curves
-            while self.step < self.total_steps:
+            every = cfg.log_every if budget_mode else max(1, min(cfg.log_every, self.total_steps // 50))
+            seconds_before, loop_t0 = self.train_seconds, time.perf_counter()
+
+            def more() -> bool:
+                if budget_mode:
+                    return self.train_seconds < self.train_budget_s
+                return self.step < self.total_steps
+
+            while more():
                 last = self.train_step()
-                if self.step % every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
-                           "kl": float(last["kl"]), "hidden": float(last.get("hidden", 0.0)),
-                           "temperature": last["temperature"], "blend": last["blend"],
-                           "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
-                           "tokens_per_s": (self.tokens - tok_last) / max(now - t_last, 1e-9),
-                           "elapsed_s": now - start}
-                    t_last, tok_last = now, self.tokens
-                    self.history.append(row)
-                    if metrics_file:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                if self.step % every == 0 or (not budget_mode and self.step == self.total_steps):
+                    row = self._log_row(last, metrics_file)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}",
                                     undecided=f"{row['undecided']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.checkpoint_every and self.out_dir and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(self.out_dir / "checkpoint")
+                self.train_seconds = seconds_before + time.perf_counter() - loop_t0
+            if last and (not self.history or self.history[-1]["step"] != self.step):
+                self._log_row(last, metrics_file)  # the curves end where the run ended
             bar.close()
         finally:
             if metrics_file:
@@ -526,13 +560,28 @@ class Annealer:
                             metrics_path=str(self.out_dir / "metrics.jsonl") if self.out_dir else None,
                             history=self.history)
 
-    def _steps_for_budget(self, deadline: float | None) -> int:
-        """Time two probe steps (then undone) to size the run to the remaining budget."""
+    def _log_row(self, last: dict, metrics_file) -> dict:
+        now = time.perf_counter()
+        row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
+               "kl": float(last["kl"]), "hidden": float(last.get("hidden", 0.0)),
+               "temperature": last["temperature"], "blend": last["blend"],
+               "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
+               "tokens_per_s": (self.tokens - self._tok_last) / max(now - self._t_last, 1e-9),
+               "elapsed_s": now - self._start}
+        self._t_last, self._tok_last = now, self.tokens
+        self.history.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        return row
+
+    def _training_budget(self, deadline: float | None) -> float:
+        """Seconds of training the budget leaves, after two probe steps (then undone) show that one
+        step fits. The probe runs a soft-phase step, the slowest kind."""
         if deadline is None:
             raise AnnealError("give either --steps or a time budget")
-        remaining = deadline - time.perf_counter()
         snapshot = self.state_dict()
-        self.total_steps = 1000
+        self.train_budget_s = float("inf")  # progress 0 during the probe
         t0 = time.perf_counter()
         self.train_step()
         if self.device.type == "cuda":
@@ -543,15 +592,16 @@ class Annealer:
             torch.cuda.synchronize()
         per_step = time.perf_counter() - t1
         self._restore(snapshot)
-        remaining -= time.perf_counter() - t0 + per_step  # the probe itself, and one step of slack
-        steps = int(remaining / per_step)
-        if steps < 1:
+        self.train_budget_s = 0.0
+        remaining = deadline - time.perf_counter() - per_step  # one step of slack: the last step overruns
+        if remaining < per_step:
             raise AnnealError(
                 f"the budget leaves {max(remaining, 0):.1f}s for training but one step takes {per_step:.1f}s: "
                 f"raise --budget-minutes or lower --batch-size / --seqlen"
             )
-        log.info("one step takes %.3fs: %d steps fit the budget", per_step, steps)
-        return steps
+        log.info("one step takes %.3fs (probe took %.1fs): %.0fs of training, ~%d steps", per_step,
+                 time.perf_counter() - t0, remaining, remaining / per_step)
+        return remaining
 
 
 def plot_curves(history: list[dict], layer_density: dict[str, float], path: str | Path) -> None:

@@ -233,6 +233,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     from .baselines import prune_oneshot
     from .data import token_stream
     from .evaluate import logits_of
+    from .passes.causal_attention import UseCausalAttention
     from .passes.insert_masks import InsertMasks
 
     phases = phases if phases is not None else {}
@@ -276,6 +277,11 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     phases["teacher_sampling"] = time.perf_counter() - t
     batches = TrainingBatches(stream, teacher_rows, acfg)
 
+    # The loop runs the graph every soft-phase step: let its attention use the flash kernels.
+    causal = UseCausalAttention()(captured.gm)
+    if causal.stats["kept"]:
+        log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
+                 next(iter(causal.stats["kept"].values())))
     masks = InsertMasks(pattern)(captured.gm, report).masks
 
     def plain_forward(ids: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,24 @@ def test_budget_too_small_for_one_step(data_dir):
         sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
 
 
+def test_a_budget_run_spans_its_schedule_over_time_and_keeps_the_budget(data_dir):
+    """Sized by time: the phases follow the share of the budget spent (soft, hardening, hard), the
+    run ends inside the budget, and the final curve point is the last step."""
+    loaded = load_model("tiny-llama")
+    cfg = tiny_config(steps=None, log_every=1, warm_start="magnitude")
+    cfg.budget_s = 12.0
+    result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+    history = result.anneal.history
+    assert result.seconds <= cfg.budget_s + 1.0, result.phases
+    assert result.anneal.steps >= 10 and history[-1]["step"] == result.anneal.steps
+    temps = [r["temperature"] for r in history]
+    assert temps[0] > 0.5 * cfg.anneal.t_start and temps[-1] == pytest.approx(cfg.anneal.t_end)
+    assert all(a >= b for a, b in zip(temps, temps[1:]))
+    assert history[0]["blend"] == 0 and history[-1]["blend"] == 1
+    # the hard phase (the last 30 % of the time) holds a share of the steps, not a share of zero
+    assert sum(r["blend"] == 1 for r in history) >= 0.15 * len(history)
+
+
 def test_no_calibration_tokens_is_a_clear_error(tmp_path, data_dir):
     empty = tmp_path / "data"
     (empty / "c4").mkdir(parents=True)
