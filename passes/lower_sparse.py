@@ -31,6 +31,7 @@ from sparseforge_compile.sparse_linear import (
     KernelState,
     build_kernel_state,
     check_nm,
+    dense_wins_everywhere,
     is_exact_nm,
 )
 
@@ -144,7 +145,7 @@ class LowerSparseLinears(GraphPass):
     def run(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PassResult:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         inputs = dict(zip(placeholders, example_inputs))
-        lowered, fallback, skipped = [], [], []
+        lowered, fallback, skipped, kept_dense = [], [], [], []
         packed_count = sum(1 for name, _ in gm.named_buffers() if name.startswith(PACKED_PREFIX))
         for match in _matches(gm):
             if match.node.op == "call_module":
@@ -163,6 +164,9 @@ class LowerSparseLinears(GraphPass):
             if not self._hardened(match.weight, match.transposed, match.name):
                 continue
             state = self._state(match.weight, match.transposed, None if bias_t is None else bias_t.detach())
+            if dense_wins_everywhere(state, self.dispatch):
+                kept_dense.append(match.name)
+                continue
             self._rewrite(gm, match, state, packed_count)
             packed_count += state.packed is not None
             (lowered if state.packed is not None else fallback).append(match.name)
@@ -170,7 +174,8 @@ class LowerSparseLinears(GraphPass):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm=gm, modified=bool(lowered or fallback),
-                          stats={"sparse": lowered, "dense_fallback": fallback, "skipped": skipped})
+                          stats={"sparse": lowered, "dense_fallback": fallback, "skipped": skipped,
+                                 "dense_faster": kept_dense})
 
     @staticmethod
     def _rewrite(gm: fx.GraphModule, match: _Match, state: KernelState, index: int) -> None:

@@ -580,6 +580,13 @@ def build_kernel_state(weight: Tensor, bias: Tensor | None, config: DispatchConf
     return KernelState(packed=packed, keep_dense=keep, fallback_reason=None, dense_buckets=dense_buckets)
 
 
+def dense_wins_everywhere(state: KernelState, config: DispatchConfig) -> bool:
+    """The measured dispatch picked dense cuBLAS at every token bucket: lowering the layer would only
+    add the sparse op's call overhead, so lowering passes leave it a dense Linear."""
+    return (state.packed is not None and config.keep_dense == "auto"
+            and set(config.buckets) <= set(state.dense_buckets))
+
+
 def tensor_bytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 

@@ -248,3 +248,35 @@ def test_gpu_lowering_tiny_llama(tmp_path, monkeypatch):
     model.cpu()
     assert torch.equal(model.get_submodule("model.layers.0.mlp.up_proj").dense_weight,
                        weights["model.layers.0.mlp.up_proj"].cpu())
+
+
+def test_layers_where_dense_wins_every_bucket_stay_dense_linears(hardened_llama, monkeypatch):
+    """SmolLM2-135M on the H200: cuBLAS won every bucket for every layer and the lowered model ran at
+    0.73x (prefill) of dense from the op's call overhead alone. Such layers stay nn.Linear."""
+    import sparseforge_compile.sparse_linear as sl
+
+    model, names = hardened_llama
+    # Pretend a sparse-capable device: compression is the identity, and the measured dispatch says
+    # dense wins everywhere for the MLP's (out, in) = (64, 32) down-projection shape only.
+    monkeypatch.setattr(sl, "sparse_unsupported_reason", lambda w: None)
+    monkeypatch.setattr(sl, "compress", lambda w: w.clone())
+    monkeypatch.setattr(sl, "decompress", lambda packed, n: packed)
+
+    def fake_calibrate(weight, packed, bias, config, cache=None):
+        dense = tuple(weight.shape) == (64, 128)
+        return {b: KernelChoice(use_dense=dense, dense_ms=1.0, sparse_ms=2.0 if dense else 0.5) for b in config.buckets}
+
+    monkeypatch.setattr(sl, "calibrate", fake_calibrate)
+    kept = {n for n in names if tuple(model.get_submodule(n).weight.shape) == (64, 128)}
+    assert kept and len(kept) < len(names)
+    originals = {n: model.get_submodule(n) for n in kept}
+    report = lower_model(model, config=DispatchConfig(calibrate=False))
+    assert report.dense_faster_layers == len(kept) and report.sparse_layers == len(names) - len(kept)
+    assert any("left as dense Linears" in w for w in report.warnings)
+    for name in names:
+        module = model.get_submodule(name)
+        assert isinstance(module, nn.Linear if name in kept else SparseLinear), name
+    assert "left dense (cuBLAS faster)" in report.summary()
+    by_name = {layer.name: layer for layer in report.layers}
+    assert all(by_name[n].kernel == "dense-faster" and by_name[n].bytes_compressed == 0 for n in kept)
+    assert all(model.get_submodule(n) is originals[n] for n in kept)  # the very same Linear, untouched
