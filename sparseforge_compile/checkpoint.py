@@ -769,22 +769,24 @@ def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path, check_nm: b
             raise CheckpointError(f"{folder}: layer {layer!r} is not {entry['pattern']} sparse after loading")
 
 
-def lower_layers(model: nn.Module, layers: Mapping[str, Mapping]):
-    """Swap the N:M layers for SparseLinear modules (``lowering.lower_model``) -> its LoweringReport."""
+def lower_layers(model: nn.Module, layers: Mapping[str, Mapping], dispatch=None):
+    """Swap the N:M layers for SparseLinear modules (``lowering.lower_model``) -> its LoweringReport.
+    ``dispatch``: a ``sparse_linear.DispatchConfig`` (default: measured dispatch)."""
     from .lowering import lower_model
 
-    report = lower_model(model, layers={name: dict(entry) for name, entry in layers.items()})
+    report = lower_model(model, layers={name: dict(entry) for name, entry in layers.items()}, config=dispatch)
     log.info("%s", report.summary())
     return report
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         format: str = "auto", lower: bool = True):
+         format: str = "auto", lower: bool = True, dispatch=None):
     """Load a checkpoint written by :func:`save` -> ``models.LoadedModel``.
 
     ``format``: "compact", "hf" or "auto" (compact when present). Every tensor read is checked against
     its sha256 in the index before the model is built. ``dtype`` None keeps the stored dtype. With
-    ``lower`` the N:M layers come back as sparse modules (``lowering.lower_model``) on ``device``.
+    ``lower`` the N:M layers come back as sparse modules (``lowering.lower_model``) on ``device``,
+    with ``dispatch`` (a ``sparse_linear.DispatchConfig``) deciding sparse vs dense per token count.
     """
     from .models import DTYPES, ByteTokenizer, LoadedModel
 
@@ -807,7 +809,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     model = model.to(device=device, dtype=target_dtype).eval()
     model._sparseforge_layers = {name: dict(entry) for name, entry in manifest["layers"].items()}
     if lower:
-        lower_layers(model, manifest["layers"])
+        lower_layers(model, manifest["layers"], dispatch)
     tokenizer = None
     if manifest.get("tokenizer") == "hf":
         from transformers import AutoTokenizer

@@ -234,7 +234,8 @@ def test_gpu_lowering_tiny_llama(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = model(x).logits.float()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    report = lower_model(model, config=DispatchConfig(max_bucket=64))
+    # keep_dense="never" forces the kernel: at these tiny shapes cuBLAS may win every bucket
+    report = lower_model(model, config=DispatchConfig(max_bucket=64, keep_dense="never"))
     assert report.sparse_layers == 14, report.summary()
     with torch.no_grad():
         out = model(x).logits.float()
