@@ -95,7 +95,7 @@ class AnnealConfig:
     anneal_end: float = 0.5
     harden_end: float = 0.7
     warm_start: str = "sparsegpt"
-    prior_margin: float = 3.0
+    prior_margin: float = 3.0  # 3-10 tie on the tiny model within run-to-run noise (benchmarks/results/anneal_tiny.json)
     prior_floor: float = 0.5
     # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
     # one probe is noise, and on SmolLM2 a single-probe refresh flipped 190k weights at step 8.
