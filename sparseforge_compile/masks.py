@@ -102,6 +102,11 @@ def soft_nm_mask(scores: torch.Tensor, pattern: NMPattern, temperature: float | 
     return torch.sigmoid((scores - group_thresholds(scores, pattern)) / temperature)
 
 
+# Below sigmoid(-30) ~ 1e-13 a mask value is exactly 0: far below, sigmoid gives fp32 denormals
+# (around z = -88), and a CPU matmul over weights times denormals ran 100x slower (a 4-minute step).
+SOFT_CUTOFF = 30.0
+
+
 class MaskState(nn.Module):
     """The mask of one Linear while it anneals; the graph calls it to get the mask to apply.
 
@@ -206,8 +211,10 @@ class MaskState(nn.Module):
     def soft_mask(self) -> torch.Tensor:
         self._refresh()
         if self.score.requires_grad and torch.is_grad_enabled():
-            return torch.sigmoid((self.score - self._thr) / self._t)  # differentiable in the scores
-        return torch.sigmoid(self._margin * (1.0 / self._t))
+            z = (self.score - self._thr) / self._t  # differentiable in the scores
+            return torch.sigmoid(z).masked_fill(z < -SOFT_CUTOFF, 0.0)
+        z = self._margin * (1.0 / self._t)
+        return torch.sigmoid(z).masked_fill_(z < -SOFT_CUTOFF, 0.0)
 
     def undecided_fraction(self, tol: float = 0.1) -> float:
         """Fraction of groups where some value of the mask in use sits between tol and 1 - tol."""
