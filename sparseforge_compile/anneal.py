@@ -150,6 +150,11 @@ class SchedulePoint:
     soft_phase: bool  # scores still move
 
 
+def _cosine(cfg: AnnealConfig, r: float) -> float:
+    """Cosine decay from 1 to ``min_lr_frac`` over r in [0, 1]."""
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
+
+
 def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = None) -> SchedulePoint:
     """Temperature, blend, prior margin and LR scale at ``step`` of ``total`` (pure function).
 
@@ -171,17 +176,14 @@ def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = 
     margin = cfg.prior_margin * (1 - (1 - cfg.prior_floor) * margin_q)
     if progress is None:
         warm = max(int(cfg.warmup_frac * total), 1)
-        warming = step < warm
-        warm_q = (step + 1) / warm
-        r = (step - warm) / max(total - warm, 1)
+        if step < warm:
+            lr_scale = (step + 1) / warm
+        else:
+            lr_scale = _cosine(cfg, (step - warm) / max(total - warm, 1))
+    elif p < cfg.warmup_frac:
+        lr_scale = max(p / cfg.warmup_frac, 1e-3)
     else:
-        warming = p < cfg.warmup_frac
-        warm_q = max(p / cfg.warmup_frac, 1e-3) if cfg.warmup_frac else 1.0
-        r = (p - cfg.warmup_frac) / max(1 - cfg.warmup_frac, 1e-9)
-    if warming:
-        lr_scale = warm_q
-    else:
-        lr_scale = cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
+        lr_scale = _cosine(cfg, (p - cfg.warmup_frac) / max(1 - cfg.warmup_frac, 1e-9))
     if cfg.fixed_mask:
         return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False)
     return SchedulePoint(temperature, blend, margin, lr_scale, p < harden_start)
@@ -396,8 +398,10 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
-        collect = point.soft_phase
-        probe = collect and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
+        probe = point.soft_phase and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
+        # The mask gradient feeds the Fisher probe and the (optional) first-order evidence only; other
+        # steps skip its weight-sized backward and EMA update in every layer.
+        collect = probe or (point.soft_phase and cfg.first_order != 0)
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
             ms.collecting = collect

@@ -32,11 +32,15 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .masks import NMPattern, count_nm_violations
+
+if TYPE_CHECKING:
+    from .sparse_linear import DispatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -769,7 +773,7 @@ def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path, check_nm: b
             raise CheckpointError(f"{folder}: layer {layer!r} is not {entry['pattern']} sparse after loading")
 
 
-def lower_layers(model: nn.Module, layers: Mapping[str, Mapping], dispatch=None):
+def lower_layers(model: nn.Module, layers: Mapping[str, Mapping], dispatch: DispatchConfig | None = None):
     """Swap the N:M layers for SparseLinear modules (``lowering.lower_model``) -> its LoweringReport.
     ``dispatch``: a ``sparse_linear.DispatchConfig`` (default: measured dispatch)."""
     from .lowering import lower_model
@@ -780,7 +784,7 @@ def lower_layers(model: nn.Module, layers: Mapping[str, Mapping], dispatch=None)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         format: str = "auto", lower: bool = True, dispatch=None):
+         format: str = "auto", lower: bool = True, dispatch: DispatchConfig | None = None):
     """Load a checkpoint written by :func:`save` -> ``models.LoadedModel``.
 
     ``format``: "compact", "hf" or "auto" (compact when present). Every tensor read is checked against
