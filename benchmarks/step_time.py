@@ -33,11 +33,12 @@ from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
-def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0):
+def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off"):
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
-                        teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight)
+                        teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
+                        compile=compile)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -52,9 +53,13 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
 
 
 def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str,
-                  hidden_weight: float = 0.0) -> list[dict]:
+                  hidden_weight: float = 0.0, compile: str = "off") -> list[dict]:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
-    kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight)
+    kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
+                         compile=compile)
+    t0 = time.perf_counter()
+    kd.train_step()  # with compile on, this first step compiles
+    kd_first_s = time.perf_counter() - t0
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
@@ -71,7 +76,10 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
 
     fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
-    _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight)
+    _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile)
+    t0 = time.perf_counter()
+    sf.train_step()
+    sf_first_s = time.perf_counter() - t0
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
@@ -80,9 +88,10 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     sf.step = total - args.repeats * 2 - 4  # the final phase: training with the hard mask
     final_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     tokens = batch * args.seqlen
-    config = f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g}"
+    config = f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} compile={compile}"
     return [
-        {"bench": "train_step", "config": config, "batch": batch, "seq": args.seqlen,
+        {"bench": "train_step", "config": config, "batch": batch, "seq": args.seqlen, "compile": kd.compiled,
+         "plain_kd_first_step_s": round(kd_first_s, 1), "anneal_first_step_s": round(sf_first_s, 1),
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
          "harden_over_kd": round(harden_ms / kd_ms, 3), "kd_tokens_per_s": round(tokens / kd_ms * 1e3),
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
+    p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
     p.add_argument("--sample-batches", default="512,2048")
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)
@@ -113,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for hidden_weight in [float(w) for w in args.hidden_weights.split(",")]:
-            rows += measure_batch(base, tok, calib, batch, args, device, hidden_weight)
-            print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
+            for compile in args.compile.split(","):
+                rows += measure_batch(base, tok, calib, batch, args, device, hidden_weight, compile)
+                print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
     teacher = copy.deepcopy(base).eval()
     if device == "cuda":
         teacher = teacher.to(torch.bfloat16)

@@ -41,6 +41,9 @@ class BlockOutputRecorder(nn.Module):
             self.outputs[index] = hidden
         return hidden
 
+    def clear(self) -> None:
+        self.outputs = {}
+
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs in block order, and forget them (they hold the autograd graph)."""
         if len(self.outputs) != self.blocks:

@@ -138,6 +138,7 @@ class MaskState(nn.Module):
         self.register_buffer("grad_ema", torch.zeros(weight_shape), persistent=True)
         # Updates folded into each EMA so far, for Adam-style bias correction (x / (1 - beta^k)).
         self.register_buffer("updates", torch.zeros(2, dtype=torch.long), persistent=True)
+        self.register_buffer("fed", None, persistent=False)
         self.importance_beta = 0.9
         self.collecting = False
         self.hook_enabled = True
@@ -257,11 +258,30 @@ class MaskState(nn.Module):
             self.importance.lerp_(value.float(), 1 - self.importance_beta)
             self._updates[1] += 1
 
-    def forward(self) -> torch.Tensor:
+    def make_mask(self, leaf: bool = False) -> torch.Tensor:
+        """The mask in use now; while ``collecting``, a leaf of the autograd graph whose gradient
+        feeds ``grad_ema`` and is kept in ``last_mask`` for other gradients (the Fisher probe).
+        ``leaf=True`` makes it a gradient-taking leaf on every step, so that a compiled graph sees
+        one input signature whether or not this step collects."""
         mask = self._mixed()
-        if self.collecting and torch.is_grad_enabled():
+        if (self.collecting or leaf) and torch.is_grad_enabled():
             if not mask.requires_grad:
                 mask = mask.detach().requires_grad_()
-            mask.register_hook(self._accumulate)
-            self.last_mask = mask
+            if self.collecting:
+                mask.register_hook(self._accumulate)
+                self.last_mask = mask
         return mask
+
+    def feed(self, mask: torch.Tensor | None) -> None:
+        """Hand the graph this mask on its next forwards (None: compute it in the forward).
+
+        The training loop makes every layer's mask eagerly and feeds it, so that the graph itself
+        is pure tensor code that ``torch.compile`` traces whole: the mask arrives as an input (a
+        buffer), and the caching, hooks and Python state of :meth:`make_mask` stay outside it.
+        """
+        self.fed = mask
+
+    def forward(self) -> torch.Tensor:
+        if self.fed is not None:
+            return self.fed
+        return self.make_mask()
