@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override an AnnealConfig field for the trained methods, e.g. --anneal lr=2e-4")
     p.add_argument("--teacher-sample-share", type=float, default=0.2)
     p.add_argument("--teacher-sample-batch", type=int, default=None,
-                   help="rows sampled at once (default 1024 on a GPU, 16 on the CPU, as the CLI: the time limit "
-                        "is checked between batches, and one 1024-row batch takes minutes on a CPU)")
+                   help="rows sampled at once (default: as many as fit in 40%% of the free memory on a GPU, at "
+                        "most 4096; 16 on the CPU, as the CLI: one 1024-row batch takes minutes on a CPU)")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
                                  teacher_sample_share=args.teacher_sample_share,
-                                 teacher_sample_batch=args.teacher_sample_batch
-                                 or (1024 if args.device.startswith("cuda") else 16), anneal=acfg)
+                                 teacher_sample_batch=args.teacher_sample_batch, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
             result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
-    p.add_argument("--sample-batches", default="512,2048")
+    p.add_argument("--sample-batches", default="1024,4096")
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

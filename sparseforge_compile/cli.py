@@ -122,8 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # SparseGPT's column-by-column updates take minutes per model on 2 cores: Wanda warm-starts there.
 CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seqlen": 256,
                 "teacher_sample_batch": 16, "warm_start": "wanda"}
-GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512,
-                "teacher_sample_batch": 1024}
+GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512}
 
 
 def _flag(name: str) -> str:

@@ -87,27 +87,58 @@ class BlockOutputHooks:
         self._handles = []
 
 
+MAX_SAMPLE_BATCH = 4096
+SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-sized buffers
+
+
+def sample_batch_size(teacher: nn.Module, length: int) -> int:
+    """Rows to sample at once: decode of a small model is launch-bound (SmolLM2 on an H200: ~25 ms
+    a step at 512 and at 2048 rows alike), so tokens/s grow with the batch until memory runs out.
+    On a GPU, as many rows as fit in 40% of the free memory (at most 4096); on the CPU 16."""
+    device = next(teacher.parameters()).device
+    if device.type != "cuda":
+        return 16
+    cfg = getattr(teacher, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return 1024
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    elem = next(teacher.parameters()).element_size()
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    # K and V of every layer, plus one layer's concatenation copy, plus fp32 logits/probs/noise.
+    per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + 4 * vocab * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(MAX_SAMPLE_BATCH, SAMPLE_MEMORY_SHARE * free // per_row)))
+
+
 @torch.no_grad()
-def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, *, batch_size: int = 256,
+def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, *, batch_size: int | None = None,
                         temperature: float = 1.0, seed: int = 0, time_limit_s: float | None = None,
                         progress: bool = False) -> torch.Tensor:
     """Continue each prompt row by ancestral sampling from ``teacher`` up to ``length`` tokens.
 
     A plain KV-cache loop (no generate() machinery: its per-step overhead dominated at small
-    models). Stops early, keeping whole batches, when ``time_limit_s`` runs out.
-    Returns ``(rows, length)`` token ids on the CPU.
+    models); ``batch_size`` None picks it from memory (:func:`sample_batch_size`). With
+    ``time_limit_s``, keeps whole batches and starts no batch that the last one's duration says
+    would end past the limit (the first always runs). Returns ``(rows, length)`` token ids on the CPU.
     """
     from transformers import DynamicCache
 
     device = next(teacher.parameters()).device
+    batch_size = batch_size or sample_batch_size(teacher, length)
     gen = torch.Generator(device=device).manual_seed(seed)
     # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`.
     cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     start = time.perf_counter()
     out: list[torch.Tensor] = []
+    last_batch_s = 0.0
     for i in range(0, prompts.shape[0], batch_size):
-        if time_limit_s is not None and out and time.perf_counter() - start > time_limit_s:
+        if time_limit_s is not None and out and time.perf_counter() - start + last_batch_s > time_limit_s:
             break
+        batch_start = time.perf_counter()
         ids = prompts[i : i + batch_size].to(device)
         cache = {cache_arg: DynamicCache()}
         logits = teacher(input_ids=ids, use_cache=True, **cache).logits[:, -1]
@@ -122,6 +153,7 @@ def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, 
             if step < length - ids.shape[1] - 1:
                 logits = teacher(input_ids=nxt, use_cache=True, **cache).logits[:, -1]
         out.append(torch.cat(tokens, dim=1).cpu())
+        last_batch_s = time.perf_counter() - batch_start
         if progress:
             done = sum(t.numel() for t in out)
             log.info("teacher sampling: %d tokens in %.1fs", done, time.perf_counter() - start)

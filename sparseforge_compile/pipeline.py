@@ -42,7 +42,7 @@ class SparsifyConfig:
     budget_s: float | None = 600.0
     teacher_sample_share: float = 0.2  # of the budget, for sampling text from the dense teacher
     teacher_sample_rows: int | None = None  # sample exactly this many sequences instead (no time limit)
-    teacher_sample_batch: int = 1024  # decode is launch-bound at this size: tokens/s grow with it
+    teacher_sample_batch: int | None = None  # None: from free GPU memory (distill.sample_batch_size)
     teacher_prompt_tokens: int = 8
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
 

@@ -13,3 +13,30 @@ def test_samples_continue_the_prompts_and_repeat_for_a_seed():
     b = sample_from_teacher(teacher, prompts, 20, batch_size=4, seed=3)
     assert a.shape == (6, 20) and torch.equal(a[:, :4], prompts) and torch.equal(a, b)
     assert not torch.equal(a, sample_from_teacher(teacher, prompts, 20, batch_size=4, seed=4))
+
+
+def test_the_time_limit_starts_no_batch_that_would_end_past_it(monkeypatch):
+    """Each batch 'takes' 10 s of a fake clock: with a 25-s limit, batches 1 and 2 run (the third
+    would end at 30 s), where checking only the elapsed time would start a third and overrun."""
+    from sparseforge_compile import distill
+
+    clock = {"now": 0.0}
+    teacher = load_model("tiny-llama").model.eval()
+    real_forward = teacher.forward
+
+    def slow_forward(*args, **kwargs):
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] > 1:
+            clock["now"] += 10.0  # the prompt's forward: once per batch
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(teacher, "forward", slow_forward)
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: clock["now"])
+    prompts = torch.randint(0, 256, (10, 4), generator=torch.Generator().manual_seed(0))
+    rows = sample_from_teacher(teacher, prompts, 8, batch_size=2, time_limit_s=25.0)
+    assert rows.shape == (4, 8)
+
+
+def test_sample_batch_is_small_on_the_cpu():
+    from sparseforge_compile.distill import sample_batch_size
+
+    assert sample_batch_size(load_model("tiny-llama").model, 512) == 16
