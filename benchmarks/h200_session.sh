@@ -5,7 +5,8 @@
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
 # Steps: gputests lowered trained oneshot step_time kernels e2e. BUDGET_MIN sets the trained methods'
-# budget (default 8), TRAINED the method list of the trained step (default: ours and the peer).
+# budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
+# TASKS its zero-shot tasks (default piqa,arc_easy; empty for none).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 set -u
 out=$1
@@ -13,16 +14,17 @@ shift
 mkdir -p "$out"
 budget=${BUDGET_MIN:-8}
 trained=${TRAINED:-sparseforge,sparsegpt+kd}
+tasks=${TASKS-piqa,arc_easy}
 for step in "$@"; do
   case $step in
     gputests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider) ;;
     lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
-                  --tasks piqa,arc_easy --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
+                  --tasks "$tasks" --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
-    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 0,3
-                    --out "$out/step_time.json") ;;
+    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 0,3 --compile on
+                    --sample-batches 4096 --out "$out/step_time.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;
