@@ -61,6 +61,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     kd.train_step()  # with compile on, this first step compiles
     kd_first_s = time.perf_counter() - t0
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
+    compiled = kd.compiled
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
         teacher_ms = median_ms(lambda: kd.teacher(ids), args.repeats, warmup=2)
@@ -90,7 +91,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     tokens = batch * args.seqlen
     config = f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} compile={compile}"
     return [
-        {"bench": "train_step", "config": config, "batch": batch, "seq": args.seqlen, "compile": kd.compiled,
+        {"bench": "train_step", "config": config, "batch": batch, "seq": args.seqlen, "compile": compiled,
          "plain_kd_first_step_s": round(kd_first_s, 1), "anneal_first_step_s": round(sf_first_s, 1),
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
