@@ -13,6 +13,7 @@ WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-sample-batch", type=int, default=None,
                    help="rows sampled at once (default: as many as fit in 40%% of the free memory on a GPU, at "
                         "most 4096; 16 on the CPU, as the CLI: one 1024-row batch takes minutes on a CPU)")
+    p.add_argument("--warm-compile-caches", action="store_true",
+                   help="let a trained method reuse what an earlier one compiled (default: each compiles cold)")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -95,6 +98,23 @@ def split_methods(text: str) -> list[str]:
             current += ch
     specs.append(current.strip())
     return [s for s in specs if s]
+
+
+@contextlib.contextmanager
+def cold_compile_caches(cold: bool):
+    """Each trained method compiles from scratch, as a first run on a fresh machine does: a method run
+    after another would otherwise find the teacher's blocks (same model, same code) compiled already."""
+    if not cold:
+        yield
+        return
+    import torch._dynamo
+    import torch._inductor.utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    with fresh():
+        yield
+    torch._dynamo.reset()
 
 
 def method_of(spec: str) -> str:
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                  teacher_sample_batch=args.teacher_sample_batch, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
-            result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
+            with cold_compile_caches(not args.warm_compile_caches):
+                result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
             info = result.summary()
             if result.anneal and result.anneal.history:
                 speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]

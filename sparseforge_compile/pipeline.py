@@ -300,7 +300,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     taps = _layer_taps(model, teacher, captured.gm) if acfg.hidden_weight else None
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
                         warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
-                        progress=progress)
+                        progress=progress, regions=(teacher, model))
     return TrainingSetup(annealer, teacher_rows, taps)
 
 
