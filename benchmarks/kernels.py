@@ -2,8 +2,9 @@
 
 Compares dense cuBLAS (``F.linear`` on the masked weight) with the lowered layer as users get it
 (``SparseLinear``: cuSPARSELt with the measured algorithm, or dense where dispatch chose dense) and
-with the best sparse kernel forced (no dispatch). Times are medians of CUDA-graph replays with the
-inputs (and, for weights that fit in L2, the weights) rotated among copies. Also checks each shape's
+with the best sparse kernel forced (no dispatch). Times are medians of CUDA-graph replays, the three
+variants' replays interleaved (so clock drift does not enter their ratio), with the inputs (and, for
+weights that fit in L2, the weights) rotated among copies. Also checks each shape's
 output against the dense result and reports the weight bytes of the compressed form.
 
     python benchmarks/kernels.py                 # writes benchmarks/results/kernels.json
@@ -30,7 +31,7 @@ from sparseforge_compile.sparse_linear import (
     _cslt_linear_2d,
     algorithm_cache,
     device_name,
-    graph_time_ms,
+    graph_times_ms,
     rotation_copies,
     shape_key,
 )
@@ -80,11 +81,14 @@ def bench_shape(model: str, layer: str, out_f: int, in_f: int, tokens_list: list
             if tokens <= 4096:  # fp32 reference (no TF32)
                 ref = F.linear(xs[0].float(), w.float())
                 rel_err = float((lowered(xs[0]).float() - ref).norm() / ref.norm())
-            dense_ms = graph_time_ms([functools.partial(F.linear, xs[i % n_x], weights[i % n_w]) for i in range(n)])
-            sparse_ms = graph_time_ms([functools.partial(layers[i % n_w], xs[i % n_x]) for i in range(n)])
             choice = algorithm_cache().lookup(skey, tokens)
-            forced_ms = graph_time_ms([functools.partial(_cslt_linear_2d, xs[i % n_x], layers[i % n_w].packed, None,
-                                                         choice) for i in range(n)])
+            # Interleaved replays: dense, ours (dispatch included), the chosen sparse kernel forced.
+            dense_ms, sparse_ms, forced_ms = graph_times_ms([
+                [functools.partial(F.linear, xs[i % n_x], weights[i % n_w]) for i in range(n)],
+                [functools.partial(layers[i % n_w], xs[i % n_x]) for i in range(n)],
+                [functools.partial(_cslt_linear_2d, xs[i % n_x], layers[i % n_w].packed, None, choice)
+                 for i in range(n)],
+            ], replays=11)
         kernel = "dense (dispatch)" if choice.use_dense and lowered.dense_weight is not None else (
             f"cusparselt alg {choice.alg_id} split_k {choice.split_k}")
         rows.append({"bench": "kernel", "model": model, "layer": layer, "shape": f"{out_f}x{in_f}",
