@@ -116,6 +116,16 @@ def decode_fn(model, cache):
     return run
 
 
+def recording_backend():
+    """--dry-run: the lowering pass alone (no Inductor), to check the backend path on the CPU."""
+    from sparseforge_compile.passes.lower_sparse import LowerSparseLinears
+
+    def backend(gm, example_inputs):
+        LowerSparseLinears()(gm, example_inputs)
+        return gm.forward
+    return backend
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -129,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both models")
     parser.add_argument("--dynamic", choices=["auto", "true", "false"], default="true",
                         help="torch.compile dynamic= for both (true: one graph per phase, no recompiles)")
+    parser.add_argument("--paths", default="lower,backend",
+                        help="ours as sparseforge_compile.compile (lower: module swap, then Inductor) and/or "
+                             "torch.compile(backend='sparseforge') (backend: graph pass, sibling Linears fused)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny model on the CPU, Dynamo without Inductor: checks the script, times nothing real")
@@ -157,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     dense_c = torch.compile(dense, backend=backend, mode=mode, dynamic=dynamic)
     ours_c = sparseforge_compile.compile(ours, backend=backend, mode=mode, dynamic=dynamic)
     report = ours_c._sparseforge_report
+    paths = args.paths.split(",")
+    variants = {"lower": ours_c} if "lower" in paths else {}
+    if "backend" in paths:
+        graph_model = copy.deepcopy(dense)
+        variants["backend"] = (torch.compile(graph_model, backend=recording_backend(), dynamic=dynamic)
+                               if args.dry_run else
+                               sparseforge_compile.compile(graph_model, via="backend", mode=mode, dynamic=dynamic))
     lean_report = lower_model(lean, config=DispatchConfig(keep_dense="never"))
     lower_s = time.perf_counter() - t0
     print(report.summary(), flush=True)
@@ -174,40 +194,45 @@ def main(argv: list[str] | None = None) -> None:
         for batch, seq in prefills:
             t1 = time.perf_counter()
             dense_ms = timed(prefill_fn(dense_c), inputs[(batch, seq)], iters=args.iters)
-            sparse_ms = timed(prefill_fn(ours_c), inputs[(batch, seq)], iters=args.iters)
-            torch.compiler.cudagraph_mark_step_begin()
-            err = rel_err(prefill_fn(ours_c)(*inputs[(batch, seq)][0]), reference[(batch, seq)])
-            rows.append({"bench": "e2e", "config": f"llama-7b-shaped x{args.layers}", "phase": "prefill",
-                         "batch": batch, "seq": seq, "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
-                         "speedup": round(dense_ms / sparse_ms, 4), "logits_rel_err": err,
-                         "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
-            print(rows[-1], flush=True)
+            for path, model_c in variants.items():
+                sparse_ms = timed(prefill_fn(model_c), inputs[(batch, seq)], iters=args.iters)
+                torch.compiler.cudagraph_mark_step_begin()
+                err = rel_err(prefill_fn(model_c)(*inputs[(batch, seq)][0]), reference[(batch, seq)])
+                rows.append({"bench": "e2e", "config": f"llama-7b-shaped x{args.layers} via {path}", "path": path,
+                             "phase": "prefill", "batch": batch, "seq": seq, "dense_ms": round(dense_ms, 4),
+                             "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 4),
+                             "logits_rel_err": err, "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
+                print(rows[-1], flush=True)
             write_results(name_out, rows, args.out, extra={"partial": True})
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             t1 = time.perf_counter()
             steps = 3 + 2 * args.iters + 1
             dense_cache, dense_inputs = decode_setup(dense, batch, args.kv, steps, vocab, device)
-            ours_cache, ours_inputs = decode_setup(ours, batch, args.kv, steps, vocab, device)
             dense_ms = timed(decode_fn(dense_c, dense_cache), dense_inputs[:-1], iters=2 * args.iters)
-            sparse_ms = timed(decode_fn(ours_c, ours_cache), ours_inputs[:-1], iters=2 * args.iters)
             torch.compiler.cudagraph_mark_step_begin()  # one more step each, same tokens and history
             want = decode_fn(dense_c, dense_cache)(*dense_inputs[-1]).clone()
-            torch.compiler.cudagraph_mark_step_begin()
-            err = rel_err(decode_fn(ours_c, ours_cache)(*ours_inputs[-1]), want)
-            rows.append({"bench": "e2e", "config": f"llama-7b-shaped x{args.layers}", "phase": "decode",
-                         "batch": batch, "seq": 1, "kv_len": args.kv, "dense_ms": round(dense_ms, 4),
-                         "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 4),
-                         "logits_rel_err": err, "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
-            print(rows[-1], flush=True)
+            for path, model_c in variants.items():
+                source = ours if path == "lower" else graph_model
+                ours_cache, ours_inputs = decode_setup(source, batch, args.kv, steps, vocab, device)
+                sparse_ms = timed(decode_fn(model_c, ours_cache), ours_inputs[:-1], iters=2 * args.iters)
+                torch.compiler.cudagraph_mark_step_begin()
+                err = rel_err(decode_fn(model_c, ours_cache)(*ours_inputs[-1]), want)
+                rows.append({"bench": "e2e", "config": f"llama-7b-shaped x{args.layers} via {path}", "path": path,
+                             "phase": "decode", "batch": batch, "seq": 1, "kv_len": args.kv,
+                             "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
+                             "speedup": round(dense_ms / sparse_ms, 4), "logits_rel_err": err,
+                             "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
+                print(rows[-1], flush=True)
+                del ours_cache
             write_results(name_out, rows, args.out, extra={"partial": True})
-            del dense_cache, ours_cache
+            del dense_cache
 
     extra = {"mode": mode, "dynamic": dynamic, "lowering_s": round(lower_s, 1), "lowering": report.to_dict()}
     path = write_results(name_out, rows, args.out, extra=extra)
     print(f"\nwrote {path}")
     for r in rows:
         if r["bench"] == "e2e":
-            print(f"{r['phase']:8s} B={r['batch']:<3d} S={r['seq']:<5d} dense {r['dense_ms']:8.3f} ms  "
+            print(f"{r['path']:8s} {r['phase']:8s} B={r['batch']:<3d} S={r['seq']:<5d} dense {r['dense_ms']:8.3f} ms  "
                   f"ours {r['sparse_ms']:8.3f} ms  {r['speedup']:.3f}x  err {r['logits_rel_err']:.1e}")
         else:
             print(f"memory  {r['config']}: {r['ratio']:.4f}x of dense ({r['dense_copies']} dense copies)")

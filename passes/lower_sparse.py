@@ -15,6 +15,7 @@ needs it (some token bucket measured faster dense) or where the sparse kernel do
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ PACKED_PREFIX = "_sparseforge_packed_"
 # compressed weight instead of holding a second copy. Keyed by identity; the version counter
 # notices in-place updates.
 _STATE_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Fused sibling weights, keyed by the group's first weight: (ids and versions, weight, bias, state).
+_FUSED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @dataclass
@@ -104,6 +107,20 @@ def _matches(gm: fx.GraphModule) -> list[_Match]:
     return found
 
 
+def _sibling_groups(eligible: list[tuple[_Match, torch.Tensor | None]]) -> list[list[tuple[_Match, torch.Tensor | None]]]:
+    """Eligible Linear calls grouped by what they share: the same input node, input width, dtype,
+    device and whether they have a bias (``call_module`` and Conv1D calls stay alone)."""
+    groups: dict[tuple, list] = {}
+    for match, bias in eligible:
+        if match.node.op == "call_module" or match.transposed or not isinstance(match.x, fx.Node):
+            key: tuple = (id(match),)
+        else:
+            w = match.weight
+            key = (match.x, int(w.shape[1]), w.dtype, w.device, bias is None)
+        groups.setdefault(key, []).append((match, bias))
+    return list(groups.values())
+
+
 def _declare_to_aot(gm: fx.GraphModule, attr: str) -> None:
     """AOTAutograd expects every parameter/buffer of a Dynamo graph to have a Dynamo source (it uses
     them to dedupe inputs and to mark CUDA-graph static inputs); a buffer added here has none, so
@@ -117,10 +134,18 @@ def _declare_to_aot(gm: fx.GraphModule, attr: str) -> None:
 
 @dataclass
 class LowerSparseLinears(GraphPass):
-    """Lower Linear calls on hardened N:M weights to the sparse op (``run(gm, example_inputs)``)."""
+    """Lower Linear calls on hardened N:M weights to the sparse op (``run(gm, example_inputs)``).
+
+    ``fuse_siblings``: hardened Linears that read the same input (q/k/v, gate/up) become one sparse
+    op on their row-concatenated weight (still N:M: groups run along the input dim) whose output is
+    split again. One wide GEMM beats three narrow ones on the sparse kernel (LLaMA-7B: 4096x4096
+    measured 1.25-1.39x over cuBLAS, 11008x4096 1.41-1.51x) and saves launches at decode. Only
+    where the sparse kernel applies: the fused weight is a new (compressed) tensor.
+    """
 
     pattern: str = "2:4"
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    fuse_siblings: bool = True
 
     def __post_init__(self) -> None:
         self._pattern = NMPattern.parse(self.pattern)
@@ -145,8 +170,9 @@ class LowerSparseLinears(GraphPass):
     def run(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PassResult:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         inputs = dict(zip(placeholders, example_inputs))
-        lowered, fallback, skipped, kept_dense = [], [], [], []
+        lowered, fallback, skipped, kept_dense, fused = [], [], [], [], []
         packed_count = sum(1 for name, _ in gm.named_buffers() if name.startswith(PACKED_PREFIX))
+        eligible: list[tuple[_Match, torch.Tensor | None]] = []
         for match in _matches(gm):
             if match.node.op == "call_module":
                 module = gm.get_submodule(match.node.target)
@@ -163,6 +189,19 @@ class LowerSparseLinears(GraphPass):
                 continue  # a general addmm, not a Conv1D layer
             if not self._hardened(match.weight, match.transposed, match.name):
                 continue
+            eligible.append((match, bias_t))
+        singles = eligible
+        if self.fuse_siblings:
+            singles = []
+            for group in _sibling_groups(eligible):
+                if len(group) > 1 and self._fuse(gm, group, packed_count):
+                    packed_count += 1
+                    names = [m.name for m, _ in group]
+                    lowered.extend(names)
+                    fused.append(names)
+                else:
+                    singles.extend(group)
+        for match, bias_t in singles:
             state = self._state(match.weight, match.transposed, None if bias_t is None else bias_t.detach())
             if dense_wins_everywhere(state, self.dispatch):
                 kept_dense.append(match.name)
@@ -175,7 +214,50 @@ class LowerSparseLinears(GraphPass):
             gm.recompile()
         return PassResult(gm=gm, modified=bool(lowered or fallback),
                           stats={"sparse": lowered, "dense_fallback": fallback, "skipped": skipped,
-                                 "dense_faster": kept_dense})
+                                 "dense_faster": kept_dense, "fused": fused})
+
+    def _fuse(self, gm: fx.GraphModule, group: list[tuple[_Match, torch.Tensor | None]], index: int) -> bool:
+        """One sparse op on the concatenated weight of ``group`` (same input), outputs split again.
+        False (nothing changed) where the sparse kernel does not apply or dense wins every bucket."""
+        weights = [m.weight for m, _ in group]
+        biases = [b for _, b in group]
+        key = weights[0]
+        fingerprint = (tuple(id(w) for w in weights), tuple(w._version for w in weights))
+        cached = _FUSED_CACHE.get(key)
+        if cached is not None and cached[0] == fingerprint:
+            weight, bias, state = cached[1:]
+        else:
+            weight = torch.cat([w.detach() for w in weights])
+            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            state = build_kernel_state(weight, bias, self.dispatch)
+            _FUSED_CACHE[key] = (fingerprint, weight, bias, state)
+        if state.packed is None or dense_wins_everywhere(state, self.dispatch):
+            return False
+        graph = gm.graph
+        first = next(n for n in graph.nodes if n in {m.node for m, _ in group})
+        sizes = [int(w.shape[0]) for w in weights]
+        with graph.inserting_before(first):
+            attr = f"{PACKED_PREFIX}{index}"
+            gm.register_buffer(attr, state.packed, persistent=False)
+            _declare_to_aot(gm, attr)
+            operands = [graph.get_attr(attr)]
+            for suffix, tensor in (("dense", weight if state.keep_dense else None), ("bias", bias)):
+                if tensor is None:
+                    operands.append(None)
+                    continue
+                gm.register_buffer(f"{attr}_{suffix}", tensor, persistent=False)
+                _declare_to_aot(gm, f"{attr}_{suffix}")
+                operands.append(graph.get_attr(f"{attr}_{suffix}"))
+            new = graph.call_function(SPARSE_LINEAR, (group[0][0].x, operands[0], operands[1], operands[2],
+                                                      sum(sizes)))
+            parts = graph.call_function(torch.ops.aten.split_with_sizes.default, (new, sizes, -1))
+            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(group))]
+        new.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for (match, _), out in zip(group, outs):
+            out.meta.update(match.node.meta)
+            match.node.replace_all_uses_with(out)
+            graph.erase_node(match.node)
+        return True
 
     @staticmethod
     def _rewrite(gm: fx.GraphModule, match: _Match, state: KernelState, index: int) -> None:
@@ -205,5 +287,6 @@ class LowerSparseLinears(GraphPass):
     def ensures(self, result: PassResult) -> None:
         done = len(result.stats["sparse"]) + len(result.stats["dense_fallback"])
         ops = sum(1 for n in result.gm.graph.nodes if n.op == "call_function" and n.target is SPARSE_LINEAR)
+        ops += sum(len(group) - 1 for group in result.stats["fused"])  # one op serves a fused group
         if ops < done:
             raise PassConditionError(f"{self.name}: lowered {done} layers but the graph holds {ops} sparse ops")

@@ -146,3 +146,39 @@ def test_gpu_compile_reduce_overhead(via, tmp_path, monkeypatch):
             torch.compiler.cudagraph_mark_step_begin()
             out = compiled(x).logits.float()
     assert float((out - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_siblings_reading_one_input_become_one_sparse_op(monkeypatch, fuse):
+    """q/k/v and gate/up share their input: fused, each group is one op on the row-concatenated
+    weight (still 2:4) and a split; o/down stay alone. Same logits as eager."""
+    import sparseforge_compile.passes.lower_sparse as lower_sparse
+
+    def gpu_like_state(weight, bias, config):  # as on a GPU: a compressed weight, dense kept for dispatch
+        return KernelState(packed=torch.ones(weight.shape[0], weight.shape[1] // 2), keep_dense=True,
+                           fallback_reason=None)
+
+    monkeypatch.setattr(lower_sparse, "build_kernel_state", gpu_like_state)
+    model = one_layer_llama()
+    x = ids()
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(LowerSparseLinears(fuse_siblings=fuse)(gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend=backend)(x).logits
+    stats = results[0].stats
+    ops = [n for n in results[0].gm.graph.nodes if n.op == "call_function" and n.target is SPARSE_LINEAR]
+    assert len(stats["sparse"]) == 7
+    if fuse:
+        groups = sorted(sorted(name.rsplit(".", 1)[-1] for name in g) for g in stats["fused"])
+        assert groups == [["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"]]
+        assert len(ops) == 4
+        fused_widths = sorted(n.args[4] for n in ops)
+        assert fused_widths == [64, 64, 64 + 2 * 32, 2 * 128]  # o, down | q+k+v (GQA: k, v 32 wide) | gate+up
+    else:
+        assert stats["fused"] == [] and len(ops) == 7
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
