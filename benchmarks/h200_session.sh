@@ -24,7 +24,7 @@ for step in "$@"; do
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 0,3 --compile on
-                    --sample-batches 4096 --out "$out/step_time.json") ;;
+                    --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;

@@ -52,6 +52,22 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
     return model, setup.annealer
 
 
+def profile_steps(step, path: str, device: str, steps: int = 8) -> None:
+    """torch.profiler over ``steps`` steps (one Fisher probe among 8): the ops by device time, to a
+    text file, so that where a step's time goes is on record."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str,
                   hidden_weight: float = 0.0, compile: str = "off") -> list[dict]:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
@@ -62,6 +78,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     kd_first_s = time.perf_counter() - t0
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     compiled = kd.compiled
+    if args.profile:
+        profile_steps(kd.train_step, f"{args.profile}.plain_kd_{compile}_hw{hidden_weight:g}.txt", device)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
         teacher_ms = median_ms(lambda: kd.teacher(ids), args.repeats, warmup=2)
@@ -82,6 +100,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     sf.train_step()
     sf_first_s = time.perf_counter() - t0
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
+    if args.profile:
+        profile_steps(sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
@@ -112,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
+    p.add_argument("--profile", default=None, metavar="PREFIX",
+                   help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
     p.add_argument("--sample-batches", default="1024,4096")
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)
