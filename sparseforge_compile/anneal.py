@@ -108,6 +108,11 @@ class AnnealConfig:
     # torch.compile the teacher, the student's graph and the loss: auto = on CUDA only (on the CPU the
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
+    # Compile the masked graph with its decoder blocks outlined into one shared region
+    # (passes/outline_blocks.py: CPU compile time of SmolLM2's graph 34 -> 13 s). Off by default:
+    # torch 2.13's Inductor returned wrong gradients for the first block on the CPU (aot_eager is
+    # right); tests/test_outline_blocks.py checks the GPU.
+    outline_blocks: bool = False
     checkpoint_every: int = 0
     log_every: int = 10
 
@@ -249,7 +254,8 @@ class Annealer:
     ``plain_forward`` runs the model without mask nodes (the final, hard-mask phase);
     ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
     ``teacher(input_ids) -> logits`` is the dense model; ``regions`` the modules behind ``teacher``
-    and ``plain_forward``, whose decoder blocks are compiled (with ``cfg.compile``) one block at a time.
+    and ``plain_forward``, whose decoder blocks are compiled (with ``cfg.compile``) one block at a time;
+    ``compile_forward`` what to compile in place of ``forward`` (the same graph, blocks outlined).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
@@ -258,7 +264,7 @@ class Annealer:
                  *, device: torch.device, warm_masks: dict[str, torch.Tensor] | None = None,
                  plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  taps: LayerTaps | None = None, out_dir: Path | None = None, progress: bool = True,
-                 regions: Sequence[nn.Module] = ()) -> None:
+                 regions: Sequence[nn.Module] = (), compile_forward: Callable | None = None) -> None:
         if cfg.hidden_weight and taps is None:
             raise AnnealError("hidden_weight > 0 needs block-output taps on the teacher and the student")
         self.forward, self.plain_forward, self.params, self.masks = forward, plain_forward, params, masks
@@ -287,6 +293,7 @@ class Annealer:
         self._eager = (self.forward, self.plain_forward, self.teacher)
         self._loss_terms = _loss_terms
         self.regions = list(regions)
+        self._compile_forward = compile_forward
         self._compiled_blocks: list[nn.Module] = []
         # Hutchinson differentiates twice, which compiled graphs do not support.
         self.compiled = cfg.importance != "hutchinson" and (
@@ -444,7 +451,7 @@ class Annealer:
 
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:
-            self.forward = compiled(self.forward)
+            self.forward = compiled(self._compile_forward or self.forward)
         for model in self.regions:
             try:
                 blocks = find_decoder_blocks(model)[1]

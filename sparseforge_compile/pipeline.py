@@ -300,8 +300,24 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     taps = _layer_taps(model, teacher, captured.gm) if acfg.hidden_weight else None
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
                         warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
-                        progress=progress, regions=(teacher, model))
+                        progress=progress, regions=(teacher, model),
+                        compile_forward=_outlined(model, captured.gm) if acfg.outline_blocks else None)
     return TrainingSetup(annealer, teacher_rows, taps)
+
+
+def _outlined(model: nn.Module, gm):
+    """The masked graph with its decoder blocks outlined into one shared compile region (what
+    torch.compile then builds once for all blocks); None, with a note, where the blocks differ."""
+    from .baselines import PruneError, find_decoder_blocks
+    from .passes.base import PassConditionError
+    from .passes.outline_blocks import OutlineRepeatedBlocks
+
+    try:
+        path, blocks = find_decoder_blocks(model)
+        return OutlineRepeatedBlocks(path, len(blocks))(gm).gm
+    except (PruneError, PassConditionError) as exc:
+        log.warning("compiling the masked graph flat: %s", exc)
+        return None
 
 
 def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
