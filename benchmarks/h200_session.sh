@@ -17,7 +17,7 @@ trained=${TRAINED:-sparseforge,sparsegpt+kd}
 tasks=${TASKS-piqa,arc_easy}
 for step in "$@"; do
   case $step in
-    gputests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider) ;;
+    gputests) cmd=(bash -c "python3 benchmarks/nested_region_check.py; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
     lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
                   --tasks "$tasks" --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
