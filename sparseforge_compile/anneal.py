@@ -444,9 +444,10 @@ class Annealer:
         return self._train_step()
 
     def _compile(self) -> None:
-        """The masked graph (flat: export inlined its blocks) is compiled whole. The Hugging Face
-        modules (teacher, plain student) are compiled one decoder block at a time: every block of a
-        model shares one compiled artifact, which cut their compile time ~Nx (regional compilation)."""
+        """The masked graph is compiled whole (export inlined its blocks; ``compile_forward`` may
+        hand them in outlined). The Hugging Face modules (teacher, plain student) are compiled one
+        decoder block at a time: all blocks of a model share one compiled artifact (regional
+        compilation; the peer's first step on the CPU took 26 s instead of ~70)."""
         from .baselines import PruneError, find_decoder_blocks
 
         compiled = functools.partial(torch.compile, dynamic=False)
