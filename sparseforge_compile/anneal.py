@@ -567,8 +567,9 @@ class Annealer:
 
     @torch.no_grad()
     def undecided(self) -> float:
-        total = sum(ms.score.numel() for ms in self.masks.values())
-        return sum(ms.undecided_fraction() * ms.score.numel() for ms in self.masks.values()) / max(total, 1)
+        """Fraction of all groups still undecided (one device sync for all layers)."""
+        groups = sum(ms.score.numel() // ms.pattern.m for ms in self.masks.values())
+        return float(sum(ms.undecided_groups() for ms in self.masks.values())) / max(groups, 1)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

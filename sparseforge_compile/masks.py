@@ -217,12 +217,16 @@ class MaskState(nn.Module):
         z = self._margin * (1.0 / self._t)
         return torch.sigmoid(z).masked_fill_(z < -SOFT_CUTOFF, 0.0)
 
-    def undecided_fraction(self, tol: float = 0.1) -> float:
-        """Fraction of groups where some value of the mask in use sits between tol and 1 - tol."""
+    def undecided_groups(self, tol: float = 0.1) -> torch.Tensor:
+        """How many groups have some value of the mask in use between tol and 1 - tol (a device
+        tensor: the loop sums all layers before it synchronizes once)."""
         with torch.no_grad():
             mask = _groups(self._mixed(), self.pattern)
-            undecided = ((mask > tol) & (mask < 1 - tol)).any(dim=-1)
-            return float(undecided.float().mean())
+            return ((mask > tol) & (mask < 1 - tol)).any(dim=-1).sum()
+
+    def undecided_fraction(self, tol: float = 0.1) -> float:
+        """Fraction of groups where some value of the mask in use sits between tol and 1 - tol."""
+        return float(self.undecided_groups(tol)) / max(self.score.numel() // self.pattern.m, 1)
 
     def entropy(self) -> float:
         """Mean binary entropy (bits) of the mask in use: 0 when fully hardened."""
