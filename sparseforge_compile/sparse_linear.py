@@ -583,6 +583,21 @@ class KernelState:
     def kernel(self) -> str:
         return "dense-fallback" if self.packed is None else "cusparselt"
 
+    def dense_up_to(self, buckets: Sequence[int]) -> int:
+        """Token count up to which every call runs dense (0: none): the largest bucket B such that
+        all measured buckets <= B chose dense. Lowered layers route such calls to ``F.linear``
+        before the custom op, so Inductor sees a plain matmul there (layouts, fusion) and eager
+        decode skips the op's dispatch cost; dense buckets further up still dispatch inside the op."""
+        if self.packed is None or not self.keep_dense or not self.dense_buckets:
+            return 0
+        dense = set(self.dense_buckets)
+        prefix = 0
+        for bucket in sorted(buckets):
+            if bucket not in dense:
+                break
+            prefix = bucket
+        return prefix
+
 
 def build_kernel_state(weight: Tensor, bias: Tensor | None, config: DispatchConfig) -> KernelState:
     """Compress a 2:4 weight (Linear layout) and settle its dispatch; dense fallback where unsupported."""
@@ -634,6 +649,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("dense_weight", None, persistent=False)
         self.register_buffer("bias", None, persistent=False)
         self.state = KernelState(packed=None, keep_dense=True, fallback_reason="not initialised")
+        self.dense_up_to = 0  # calls with at most this many tokens run F.linear (KernelState.dense_up_to)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, pattern: NMPattern | str = "2:4", *,
@@ -655,6 +671,7 @@ class SparseLinear(nn.Module):
                              f"({self.out_features}, {self.in_features})")
         state = build_kernel_state(weight, bias, self.config)
         self.state = state
+        self.dense_up_to = state.dense_up_to(self.config.buckets)
         self.packed = state.packed
         self.dense_weight = weight.contiguous() if state.keep_dense else None
         self.bias = bias
@@ -668,6 +685,8 @@ class SparseLinear(nn.Module):
         return decompress(self.packed, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dense_up_to and x.numel() <= self.dense_up_to * x.shape[-1]:  # tokens <= dense_up_to
+            return F.linear(x, self.dense_weight, self.bias)
         return torch.ops.sparseforge.sparse_linear(x, self.packed, self.dense_weight, self.bias, self.out_features)
 
     def weight_bytes(self) -> dict[str, int]:

@@ -281,3 +281,43 @@ def test_layers_where_dense_wins_every_bucket_stay_dense_linears(hardened_llama,
     by_name = {layer.name: layer for layer in report.layers}
     assert all(by_name[n].kernel == "dense-faster" and by_name[n].bytes_compressed == 0 for n in kept)
     assert all(model.get_submodule(n) is originals[n] for n in kept)  # the very same Linear, untouched
+
+
+@pytest.mark.parametrize("dense_buckets, expected", [((16, 32, 64), 64), ((), 0), ((16, 64), 16), ((32,), 0)])
+def test_dense_up_to_is_the_dense_prefix_of_the_buckets(dense_buckets, expected):
+    from sparseforge_compile.sparse_linear import KernelState
+
+    state = KernelState(packed=torch.zeros(1), keep_dense=bool(dense_buckets), fallback_reason=None,
+                        dense_buckets=dense_buckets)
+    assert state.dense_up_to(DispatchConfig(max_bucket=256).buckets) == expected
+
+
+def test_small_token_calls_skip_the_op_where_dispatch_chose_dense(monkeypatch):
+    """Buckets 16-64 measured dense, larger sparse: calls of <= 64 tokens are a plain F.linear in the
+    traced graph (Inductor sees a matmul, eager skips the op), larger ones the sparse op."""
+    import sparseforge_compile.sparse_linear as sl
+
+    monkeypatch.setattr(sl, "sparse_unsupported_reason", lambda w: None)
+    monkeypatch.setattr(sl, "compress", lambda w: w.clone())
+    monkeypatch.setattr(sl, "calibrate", lambda weight, packed, bias, config, cache=None: {
+        b: KernelChoice(use_dense=b <= 64, dense_ms=1.0, sparse_ms=2.0 if b <= 64 else 0.5) for b in config.buckets})
+    w = torch.randn(32, 64)
+    w = w * nm_mask(w.abs(), P24)
+    layer = SparseLinear.from_dense(w, torch.randn(32), "2:4", config=DispatchConfig(calibrate=False))
+    assert layer.dense_up_to == 64 and layer.dense_weight is not None
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    op = torch.ops.sparseforge.sparse_linear.default
+    for tokens, uses_op in ((1, False), (64, False), (65, True), (300, True)):
+        x = torch.randn(tokens, 64)
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(layer, backend=backend, dynamic=False)(x)
+        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        assert (op in targets or torch.ops.sparseforge.sparse_linear in targets) == uses_op, tokens
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, layer.bias))
