@@ -699,9 +699,11 @@ class Annealer:
         self.train_budget_s = 0.0
         remaining = deadline - time.perf_counter() - per_step  # one step of slack: the last step overruns
         if remaining < per_step:
+            compiled = (f"; the first step, which compiles, took {t1 - t0:.0f}s (--compile off trains eagerly)"
+                        if self.compiled else "")
             raise AnnealError(
                 f"the budget leaves {max(remaining, 0):.1f}s for training but one step takes {per_step:.1f}s: "
-                f"raise --budget-minutes or lower --batch-size / --seqlen"
+                f"raise --budget-minutes or lower --batch-size / --seqlen{compiled}"
             )
         log.info("one step takes %.3fs (probe took %.1fs): %.0fs of training, ~%d steps", per_step,
                  time.perf_counter() - t0, remaining, remaining / per_step)

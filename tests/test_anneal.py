@@ -181,6 +181,24 @@ def test_budget_too_small_for_one_step(data_dir):
         sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
 
 
+def test_a_budget_eaten_by_compilation_says_so(data_dir, monkeypatch):
+    from sparseforge_compile import anneal
+
+    clock = {"now": 0.0}
+    real_step = anneal.Annealer._train_step
+
+    def slow_first_step(self):  # the first (compiling) step takes 50 s of a fake clock, later ones 1 s
+        clock["now"] += 50.0 if not self.step and not clock.get("compiled") else 1.0
+        clock["compiled"] = True
+        return real_step(self)
+
+    monkeypatch.setattr(anneal.Annealer, "_train_step", slow_first_step)
+    monkeypatch.setattr(anneal.time, "perf_counter", lambda: clock["now"])
+    annealer = _annealer(data_dir, steps=None, compile="on")
+    with pytest.raises(AnnealError, match=r"the first step, which compiles, took 50s \(--compile off"):
+        annealer._training_budget(deadline=40.0)
+
+
 def test_a_budget_run_spans_its_schedule_over_time_and_keeps_the_budget(data_dir):
     """Sized by time: the phases follow the share of the budget spent (soft, hardening, hard), the
     run ends inside the budget, and the final curve point is the last step."""
