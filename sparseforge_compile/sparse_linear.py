@@ -493,7 +493,7 @@ def _candidate_choices(packed: Tensor, x_probe: Tensor, bias: Tensor | None, buc
     max_alg = torch.backends.cusparselt.get_max_alg_id()
     # The library's own search (one timing each, no rotation) missed the best algorithm by up to
     # ~8 % on large GEMMs; where the sparse kernel can win (>= 1024 tokens) every id is timed here.
-    algs.update(range(min(int(max_alg) if max_alg else 4, MAX_ALGS if bucket >= 1024 else 4)))
+    algs.update(range(min(int(max_alg) + 1 if max_alg else 4, MAX_ALGS if bucket >= 1024 else 4)))  # ids the library refuses are skipped
     choices = [KernelChoice(alg_id=a) for a in sorted(algs)]
     # Split-k only pays when the output has too few tiles to fill the GPU (small token counts).
     sms = torch.cuda.get_device_properties(packed.device).multi_processor_count
