@@ -290,6 +290,12 @@ class Annealer:
         self.tokens = 0
         self._weights_folded = False
         self._autocast = (cfg.autocast == "bf16") or (cfg.autocast == "auto" and device.type == "cuda")
+        # Non-finite steps: with the fused optimizer (CUDA) the check is deferred (no sync per step).
+        self._deferred_check = bool(self.opt.defaults.get("fused"))
+        self._first_bad_step = torch.tensor(-1, device=device)
+        self._bad_param = torch.tensor(-1, device=device)
+        self._bad_loss = torch.tensor(0.0, device=device)
+        self._grad_params: list[nn.Parameter] = []
         self._eager = (self.forward, self.plain_forward, self.teacher)
         self._loss_terms = _loss_terms
         self.regions = list(regions)
@@ -503,7 +509,9 @@ class Annealer:
             ms.collecting = collect
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * point.lr_scale
-        ids = self.batches.batch(self.step).to(self.device)
+        ids = self.batches.batch(self.step)
+        # Pinned and non-blocking: a copy from pageable memory waits for the GPU to drain first.
+        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids
         if point.soft_phase and cfg.importance == "hutchinson" and self.step % cfg.importance_every == 0:
             self._hutchinson(ids)
             self.opt.zero_grad(set_to_none=True)
@@ -516,11 +524,13 @@ class Annealer:
         loss.backward()
         for ms in self.masks.values():
             ms.last_mask = None
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
-        # One host sync per step: a non-finite loss gives non-finite gradients too, so checking the
-        # norm (before the optimizer touches the weights) catches both.
-        if not torch.isfinite(norm + loss.detach()):
-            raise AnnealError(self._nonfinite_message(loss))
+        bad = self._clip_and_check(loss.detach())
+        if self._deferred_check:
+            # No host sync: the fused optimizer skips the update on the device when the step is
+            # non-finite, and the loop raises at its next check (log step, checkpoint, end).
+            self.opt.found_inf = bad.float()
+        elif bool(bad):
+            raise AnnealError(self._nonfinite_message(loss, self.step, self._bad_param))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if plain:
@@ -533,16 +543,43 @@ class Annealer:
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
 
     @torch.no_grad()
+    def _clip_and_check(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip the gradients to ``grad_clip`` and return whether this step is non-finite (a device
+        bool: a non-finite loss gives non-finite gradients too, and the norm catches both). The first
+        bad step and the parameter whose gradient went non-finite are kept on the device."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        per_param = torch.stack(torch._foreach_norm(grads))
+        norm = per_param.norm()
+        if self.cfg.grad_clip:
+            torch._foreach_mul_(grads, (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        bad = ~torch.isfinite(norm + loss)
+        first = self._first_bad_step < 0
+        nonfinite = ~torch.isfinite(per_param)
+        culprit = torch.where(nonfinite.any(), nonfinite.int().argmax(), -1)  # -1: only the total overflowed
+        self._bad_param = torch.where(bad & first, culprit, self._bad_param)
+        self._first_bad_step = torch.where(bad & first, self.step, self._first_bad_step)
+        self._bad_loss = torch.where(bad & first, loss.float(), self._bad_loss)
+        self._grad_params = params
+        return bad
+
+    def check_finite(self) -> None:
+        """Raise :class:`AnnealError` if a step since the start went non-finite (one host sync)."""
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise AnnealError(self._nonfinite_message(self._bad_loss, step, self._bad_param))
+
+    @torch.no_grad()
     def _reapply_masks(self) -> None:
         for name, ms in self.masks.items():
             self.weight_views[name]().mul_(ms._hard_float())
 
-    def _first_nonfinite_grad(self) -> str:
-        names = self._param_names()
-        for p in self.params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-        return "(no single parameter: the total norm overflowed)"
+    def _first_nonfinite_grad(self, index: torch.Tensor) -> str:
+        i = int(index)
+        if i < 0 or i >= len(self._grad_params):
+            return "(no single parameter: the total norm overflowed)"
+        p = self._grad_params[i]
+        return self._param_names().get(id(p), f"a parameter of shape {tuple(p.shape)}")
 
     def _param_names(self) -> dict[int, str]:
         return {id(v._base if v._base is not None else v): n for n in self.masks for v in [self.weight_views[n]()]}
@@ -551,12 +588,12 @@ class Annealer:
         return (f"the last good checkpoint is in {self.out_dir / 'checkpoint'}"
                 if self.out_dir and (self.out_dir / "checkpoint").exists() else "no checkpoint was written yet")
 
-    def _nonfinite_message(self, loss: torch.Tensor) -> str:
+    def _nonfinite_message(self, loss: torch.Tensor, step: int, bad_param: torch.Tensor) -> str:
         names = self._param_names()
         culprit = next((names.get(id(p), "?") for p in self.params if not torch.isfinite(p).all()), None)
         where = (f"; non-finite weights in {culprit}" if culprit
-                 else f"; first non-finite gradient in {self._first_nonfinite_grad()}")
-        return (f"loss is {float(loss.detach())} at step {self.step}{where}; lower --lr or check the data. "
+                 else f"; first non-finite gradient in {self._first_nonfinite_grad(bad_param)}")
+        return (f"loss is {float(loss.detach())} at step {step}{where}; lower --lr or check the data. "
                 f"The model was not hardened; {self._kept_note()}")
 
     # -- stats -------------------------------------------------------------------------------
@@ -641,13 +678,16 @@ class Annealer:
             while more():
                 last = self.train_step()
                 if self.step % every == 0 or (not budget_mode and self.step == self.total_steps):
+                    self.check_finite()
                     row = self._log_row(last, metrics_file)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}",
                                     undecided=f"{row['undecided']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.checkpoint_every and self.out_dir and self.step % cfg.checkpoint_every == 0:
+                    self.check_finite()  # a checkpoint is only ever written from finite steps
                     self.save_checkpoint(self.out_dir / "checkpoint")
                 self.train_seconds = seconds_before + time.perf_counter() - loop_t0
+            self.check_finite()
             if last and (not self.history or self.history[-1]["step"] != self.step):
                 self._log_row(last, metrics_file)  # the curves end where the run ended
             bar.close()
@@ -695,6 +735,7 @@ class Annealer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         per_step = time.perf_counter() - t1
+        self.check_finite()
         self._restore(snapshot)
         self.train_budget_s = 0.0
         remaining = deadline - time.perf_counter() - per_step  # one step of slack: the last step overruns

@@ -294,3 +294,28 @@ def test_a_compile_failure_falls_back_to_eager(data_dir, monkeypatch, caplog):
         losses = [float(annealer.train_step()["loss"]) for _ in range(4)]
     assert not annealer.compiled and all(math.isfinite(v) for v in losses)
     assert "training eagerly" in caplog.text
+
+
+def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir):
+    """The CUDA path (fused AdamW, no host sync per step), run on the CPU: from step 3 on the loss is
+    NaN; the fused optimizer skips those updates on the device, and the next check (log step 4) stops
+    the run naming step 3, with the weights as step 2 left them."""
+    from sparseforge_compile import anneal
+
+    annealer = _annealer(data_dir, steps=10, log_every=4, warm_start="magnitude")
+    annealer.opt = torch.optim.AdamW(annealer.params, lr=annealer.cfg.lr, betas=(0.9, 0.95), fused=True)
+    annealer._deferred_check = True
+    real_loss = annealer._loss
+    snapshots = {}
+
+    def loss_going_nan(ids, plain, eager=False):
+        loss, parts, logits = real_loss(ids, plain, eager)
+        if annealer.step == 3:
+            snapshots["before"] = [p.detach().clone() for p in annealer.params]
+        return (loss * math.nan if annealer.step >= 3 else loss), parts, logits
+
+    annealer._loss = loss_going_nan
+    with pytest.raises(anneal.AnnealError, match=r"loss is nan at step 3; first non-finite gradient in"):
+        annealer.run()
+    assert annealer.step == 4  # stopped at the first check after the bad step
+    assert all(torch.equal(p, q) for p, q in zip(annealer.params, snapshots["before"]))
