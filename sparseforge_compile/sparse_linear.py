@@ -485,22 +485,25 @@ def rotation_copies(nbytes: int, device: torch.device, cap: int = 4) -> int:
 
 
 def _candidate_choices(packed: Tensor, x_probe: Tensor, bias: Tensor | None, bucket: int) -> list[KernelChoice]:
-    algs = {0}
+    searched = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with contextlib.suppress(RuntimeError):
-            algs.add(int(torch._cslt_sparse_mm_search(packed, x_probe.t(), bias=bias, transpose_result=True)))
+            searched = int(torch._cslt_sparse_mm_search(packed, x_probe.t(), bias=bias, transpose_result=True))
+    algs = {0, searched}
     max_alg = torch.backends.cusparselt.get_max_alg_id()
     # The library's own search (one timing each, no rotation) missed the best algorithm by up to
     # ~8 % on large GEMMs; where the sparse kernel can win (>= 1024 tokens) every id is timed here.
     algs.update(range(min(int(max_alg) + 1 if max_alg else 4, MAX_ALGS if bucket >= 1024 else 4)))  # ids the library refuses are skipped
     choices = [KernelChoice(alg_id=a) for a in sorted(algs)]
-    # Split-k only pays when the output has too few tiles to fill the GPU (small token counts).
+    # Split-k only pays when the output has too few tiles to fill the GPU (small token counts);
+    # tried with the default and the library's searched algorithm, each split-k mode.
     sms = torch.cuda.get_device_properties(packed.device).multi_processor_count
     if math.ceil(packed.shape[0] / 128) * math.ceil(bucket / 128) < 2 * sms:
-        for split_k in (2, 4, 8):
-            for mode in (-1, 1):
-                choices.append(KernelChoice(alg_id=0, split_k=split_k, split_k_mode=mode))
+        for alg in sorted({0, searched}):
+            for split_k in (2, 4, 8):
+                for mode in (-1, 0, 1):
+                    choices.append(KernelChoice(alg_id=alg, split_k=split_k, split_k_mode=mode))
     return choices
 
 
