@@ -354,18 +354,19 @@ class Annealer:
     @torch.no_grad()
     def _refresh_scores(self, margin: float) -> None:
         for name, ms in self.masks.items():
-            present = ms.hard_mask().float() if self.step else self.warm.get(name, ms.hard_mask()).float()
+            def present(name: str = name, ms: MaskState = ms) -> torch.Tensor:  # only some terms need it
+                return (ms.hard_mask() if self.step else self.warm.get(name, ms.hard_mask())).float()
             # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
             # not having the weight. The first-order term (optional) adds the sign-aware gain of
             # bringing a pruned weight back / of removing a kept one at the current point.
             evidence = self._curvature(name, ms)
             if self.cfg.first_order:
-                evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present - 1)
+                evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present() - 1)
             score = evidence / evidence.abs().mean().clamp_min(1e-30) * self._evidence_weight(ms)
             if name in self.warm:
                 score += margin * (2 * self.warm[name].float() - 1)
             elif not self.step:
-                score += margin * (2 * present - 1)  # no warm start: keep magnitude's choice until evidence
+                score += margin * (2 * present() - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
 
     def _hutchinson(self, ids: torch.Tensor) -> None:
