@@ -230,12 +230,14 @@ class LowerSparseLinears(GraphPass):
             weight = torch.cat([w.detach() for w in weights])
             bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
             state = build_kernel_state(weight, bias, self.dispatch)
+            weight = weight if state.keep_dense and state.packed is not None else None  # else unused: not kept
             _FUSED_CACHE[key] = (fingerprint, weight, bias, state)
         if state.packed is None or dense_wins_everywhere(state, self.dispatch):
             return False
         graph = gm.graph
-        first = next(n for n in graph.nodes if n in {m.node for m, _ in group})
-        sizes = [int(w.shape[0]) for w in weights]
+        members = {m.node for m, _ in group}
+        first = next(n for n in graph.nodes if n in members)
+        sizes = [int(w.shape[0]) for w in weights]  # the group's own weights: the fused one may be dropped
         with graph.inserting_before(first):
             attr = f"{PACKED_PREFIX}{index}"
             gm.register_buffer(attr, state.packed, persistent=False)
