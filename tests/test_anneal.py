@@ -245,14 +245,14 @@ def test_hutchinson_importance_runs_with_eager_attention(data_dir):
         assert count_nm_violations(loaded.model.get_submodule(name).weight, PATTERN) == 0
 
 
-def _annealer(data_dir, **anneal):
+def _annealer(data_dir, method: str = "sparseforge", **anneal):
     from sparseforge_compile.capture import capture
     from sparseforge_compile.data import calibration_windows
     from sparseforge_compile.passes.eligibility import analyze_eligibility
     from sparseforge_compile.pipeline import prepare_training
 
     loaded = sharpened_tiny_llama()
-    cfg = tiny_config(**anneal)
+    cfg = tiny_config(method, **anneal)
     captured = capture(loaded.model, (torch.randint(0, 256, (4, 64)),))
     report = analyze_eligibility(captured, PATTERN, kernel_constraints=None)
     layers = [i.name for i in report.layers if i.eligible]
@@ -279,6 +279,23 @@ def test_compiled_annealing_follows_the_eager_run(data_dir):
     eager, comp = runs["off"][1], runs["on"][1]
     for name, ms in eager.masks.items():
         assert torch.allclose(ms.importance, comp.masks[name].importance, rtol=1e-2, atol=1e-6), name
+
+
+def test_compiled_peer_follows_the_eager_run(data_dir):
+    """The peer (fixed mask, plain model): teacher and student compiled one decoder block at a time,
+    with the layer-wise taps' hooks on the blocks; same losses as eager, blocks eager again after run()."""
+    from sparseforge_compile.baselines import find_decoder_blocks
+
+    runs = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        annealer = _annealer(data_dir, method="sparsegpt+kd", steps=6, hidden_weight=3.0, compile=mode)
+        runs[mode] = annealer.run().history, annealer
+    assert [r["loss"] for r in runs["on"][0]] == pytest.approx([r["loss"] for r in runs["off"][0]], rel=2e-3)
+    compiled = runs["on"][1]
+    assert compiled.compiled and not compiled._compiled_blocks
+    blocks = find_decoder_blocks(compiled.regions[1])[1]
+    assert all(block._compiled_call_impl is None for block in blocks)  # evaluation runs them eagerly
 
 
 def test_a_compile_failure_falls_back_to_eager(data_dir, monkeypatch, caplog):
