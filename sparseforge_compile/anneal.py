@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import hidden_state_loss, kd_loss
-from .masks import MaskState
+from .masks import MaskState, make_masks
 from .passes.tap_blocks import BlockOutputRecorder
 
 log = logging.getLogger(__name__)
@@ -402,9 +402,10 @@ class Annealer:
         if taps is not None:
             student_rec = taps.graph if masked else taps.plain
             taps.teacher.enabled = student_rec.enabled = True
-        if masked:  # every mask is made eagerly and handed to the graph (MaskState.feed)
-            for ms in self.masks.values():
-                ms.feed(ms.make_mask(leaf=self.compiled and not eager))
+        if masked:  # every mask is made eagerly, all layers at once, and handed to the graph (feed)
+            states = list(self.masks.values())
+            for ms, mask in zip(states, make_masks(states, leaf=self.compiled and not eager)):
+                ms.feed(mask)
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 t_logits = teacher(ids)

@@ -94,3 +94,26 @@ def test_soft_mask_has_no_denormals_at_low_temperature():
             assert not bool(tiny.any()), temperature
     state.score.requires_grad_(False)
     assert bool((state.soft_mask() == 0).any())
+
+
+@pytest.mark.parametrize("temperature, blend", [(0.3, 0.0), (0.001, 0.0), (0.05, 0.4), (0.02, 1.0)])
+def test_all_layers_masks_at_once_equal_the_per_layer_masks(temperature, blend):
+    """make_masks (multi-tensor kernels for all layers) hands out exactly what make_mask does,
+    including the exact zeros below the cutoff, the leaves and the evidence hook while collecting."""
+    from sparseforge_compile.masks import MaskState, NMPattern, make_masks
+
+    torch.manual_seed(0)
+    states = []
+    for k, shape in enumerate([(8, 16), (4, 32), (8, 16)]):
+        ms = MaskState(shape, NMPattern(2, 4), f"layer{k}")
+        ms.set_scores(torch.randn(shape) * 3)
+        ms.set_schedule(temperature, blend)
+        states.append(ms)
+    states[1].collecting = True
+    ref = [ms.make_mask(leaf=True) for ms in states]
+    got = make_masks(states, leaf=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert all(m.requires_grad and m.is_leaf for m in got)
+    assert states[1].last_mask is got[1] and states[0].last_mask is None
+    (got[1] * torch.ones_like(got[1])).sum().backward()
+    assert states[1]._updates[0] == 1  # the hook fed the gradient EMA
