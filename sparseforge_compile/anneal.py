@@ -342,10 +342,15 @@ class Annealer:
             for ms in masks:
                 ms.hook_enabled = True
         tokens = sampled.numel()
-        with torch.no_grad():
-            for ms, g in zip(masks, grads):
-                if g is not None:
-                    ms.add_importance(0.5 * tokens * g.float().square())
+        pairs = [(ms, g.float()) for ms, g in zip(masks, grads) if g is not None]
+        if pairs:  # every layer's EMA update in a few multi-tensor kernels
+            with torch.no_grad():
+                squares = torch._foreach_mul([g for _, g in pairs], [g for _, g in pairs])
+                torch._foreach_mul_(squares, 0.5 * tokens)
+                # Every MaskState got cfg.importance_beta in __init__: one lerp weight for all.
+                torch._foreach_lerp_([ms.importance for ms, _ in pairs], squares, 1 - self.cfg.importance_beta)
+            for ms, _ in pairs:
+                ms._updates[1] += 1
 
     def _evidence_weight(self, ms: MaskState) -> float:
         probes = self.hutchinson_probes if self.cfg.importance == "hutchinson" else ms._updates[1]
