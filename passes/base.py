@@ -54,6 +54,11 @@ def as_graph_module(gm_or_captured: Any) -> fx.GraphModule:
     return gm
 
 
+def module_paths(node: fx.Node) -> list[str]:
+    """The qualified names of the modules whose code produced ``node`` (export's nn_module_stack)."""
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}

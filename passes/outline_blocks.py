@@ -1,13 +1,16 @@
 """Graph pass: outline the repeated decoder blocks of a flat graph into one shared region.
 
 ``torch.export`` inlines every decoder block, so a 30-layer model is one flat graph and
-``torch.compile`` traces, lowers and code-generates all 30 copies of the same block: on SmolLM2 that
-was most of the annealing loop's compile time. This pass checks that the blocks' subgraphs are the
+``torch.compile`` traces, lowers and code-generates all 30 copies of the same block (SmolLM2's masked
+graph on the CPU: 34 s of compile; outlined, 13 s). This pass checks that the blocks' subgraphs are the
 same computation (same ops in the same order, same constants; only the parameters and masks they
 read differ) and returns a new graph in which each block is a call of one function taking the
 block's activations, parameters and masks as inputs, marked ``torch.compiler.nested_compile_region``
 so that the compiler builds it once and reuses it for every block. In eager mode the region is a
-plain call: the outlined graph computes exactly what the flat one does (tested).
+plain call: the outlined graph computes exactly what the flat one does (tested). Caveat: with
+torch 2.13, Inductor on the CPU returns wrong gradients for the first call of a region
+(``benchmarks/nested_region_check.py`` shows it without this code), so the training loop uses this
+only with ``--outline-blocks``.
 
 The input graph is left as it is (hardening, lowering and the report keep working on it); the
 outlined one shares its parameters, mask modules and taps. Inputs of a block: ``get_attr`` and
@@ -26,11 +29,7 @@ from torch import fx
 
 from sparseforge_compile.ops import APPLY_MASK
 
-from .base import GraphPass, PassConditionError, PassResult
-
-
-def _module_paths(node: fx.Node) -> list[str]:
-    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+from .base import GraphPass, PassConditionError, PassResult, module_paths
 
 
 @dataclass
@@ -74,7 +73,7 @@ class OutlineRepeatedBlocks(GraphPass):
             raise PassConditionError("OutlineRepeatedBlocks: this torch has no torch.compiler.nested_compile_region")
 
     def _block_of(self, node: fx.Node) -> int | None:
-        for path in _module_paths(node):
+        for path in module_paths(node):
             for i in range(self.blocks):
                 name = f"{self.blocks_path}.{i}"
                 if path == name or path.endswith("." + name) or f".{name}." in f".{path}.":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .base import GraphPass, PassConditionError, PassResult
+from .base import GraphPass, PassConditionError, PassResult, module_paths
 
 TAP_MODULE = "sparseforge_block_taps"
 
@@ -54,10 +54,6 @@ class BlockOutputRecorder(nn.Module):
         return out
 
 
-def _module_paths(node: fx.Node) -> list[str]:
-    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-
-
 @dataclass
 class TapBlockOutputs(GraphPass):
     """Adds a recorder tap after the output node of each block ``{blocks_path}.{i}``.
@@ -88,7 +84,7 @@ class TapBlockOutputs(GraphPass):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            for path in _module_paths(node):
+            for path in module_paths(node):
                 index = self._block_of(path)
                 if index is not None:
                     last[index] = node
