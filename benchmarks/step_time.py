@@ -33,12 +33,13 @@ from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
-def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off"):
+def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
+          outline: str = "off"):
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
                         teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile)
+                        compile=compile, outline_blocks=outline)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -95,6 +96,18 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
 
     fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
+    outlined_row = None
+    if compile == "on" and "on" in args.outline.split(","):
+        _, sfo = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
+                       compile=compile, outline="on")
+        t0 = time.perf_counter()
+        sfo.train_step()
+        outlined_first_s = time.perf_counter() - t0
+        outlined_ms = median_ms(sfo.train_step, args.repeats, warmup=2)
+        outlined_row = {"anneal_soft_outlined_ms": round(outlined_ms, 2),
+                        "anneal_outlined_first_step_s": round(outlined_first_s, 1),
+                        "outlined_in_use": sfo._compile_forward is not None}
+        sfo = None
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile)
     t0 = time.perf_counter()
     sf.train_step()
@@ -116,7 +129,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
          "harden_over_kd": round(harden_ms / kd_ms, 3), "kd_tokens_per_s": round(tokens / kd_ms * 1e3),
-         "soft_tokens_per_s": round(tokens / soft_ms * 1e3)},
+         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **(outlined_row or {})},
         {"bench": "component", "config": config, "batch": batch, "seq": args.seqlen,
          "teacher_fwd_ms": round(teacher_ms, 2), "student_fwd_ms": round(fwd_ms, 2),
          "student_fwd_bwd_ms": round(fwd_bwd_ms, 2), "kd_loss_fwd_bwd_ms": round(loss_ms, 2)},
@@ -132,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
+    p.add_argument("--outline", default="off,on",
+                   help="compiled soft steps also with the masked graph's blocks outlined (on): first-step "
+                        "(compile) seconds and step time, to decide --outline-blocks")
     p.add_argument("--profile", default=None, metavar="PREFIX",
                    help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
     p.add_argument("--sample-batches", default="1024,4096")

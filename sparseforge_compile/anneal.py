@@ -108,11 +108,13 @@ class AnnealConfig:
     # torch.compile the teacher, the student's graph and the loss: auto = on CUDA only (on the CPU the
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
-    # Compile the masked graph with its decoder blocks outlined into one shared region
-    # (passes/outline_blocks.py: CPU compile time of SmolLM2's graph 34 -> 13 s). Off by default:
-    # torch 2.13's Inductor returned wrong gradients for the first block on the CPU (aot_eager is
-    # right); tests/test_outline_blocks.py checks the GPU.
-    outline_blocks: bool = False
+    # Compile the masked graph with its identical decoder blocks outlined into one shared region
+    # (passes/outline_blocks.py). CPU, SmolLM2, cold: SparseForge's first step 79 -> 48 s, its next
+    # step 2.41 -> 2.69 s; the GPU trade is unmeasured (step_time.py --outline off,on), so it is off
+    # by default (auto = on CUDA). Inductor reused a buffer of a region's first call in later calls
+    # (wrong gradients, benchmarks/nested_region_check.py), so the outlined graph compiles with
+    # allow_buffer_reuse off; if it fails to compile, the flat graph is compiled instead.
+    outline_blocks: str = "off"  # off | on | auto
     checkpoint_every: int = 0
     log_every: int = 10
 
@@ -138,6 +140,18 @@ class AnnealConfig:
             raise ValueError(f"autocast {self.autocast!r}: use auto, bf16 or off")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile {self.compile!r}: use auto, on or off")
+        if self.outline_blocks not in ("auto", "on", "off"):
+            raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, on or off")
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether the loop runs compiled on ``device`` (Hutchinson's double backward cannot)."""
+        return self.importance != "hutchinson" and (
+            self.compile == "on" or (self.compile == "auto" and device.type == "cuda"))
+
+    def outlines(self, device: torch.device) -> bool:
+        """Whether the compiled masked graph has its blocks outlined into one region."""
+        return self.compiles(device) and (
+            self.outline_blocks == "on" or (self.outline_blocks == "auto" and device.type == "cuda"))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,9 +315,7 @@ class Annealer:
         self.regions = list(regions)
         self._compile_forward = compile_forward
         self._compiled_blocks: list[nn.Module] = []
-        # Hutchinson differentiates twice, which compiled graphs do not support.
-        self.compiled = cfg.importance != "hutchinson" and (
-            cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
+        self.compiled = cfg.compiles(device)
         self._compile_tried = False
         if self.compiled:
             self._compile()
@@ -449,9 +461,16 @@ class Annealer:
                 return self._train_step()
             except AnnealError:
                 raise
-            except Exception as exc:  # any compiler failure: train eagerly instead
-                log.warning("torch.compile failed (%s: %s); training eagerly (--compile off skips the attempt)",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            except Exception as exc:  # any compiler failure: the flat graph, then eager
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self._reset_failed_step()
+                if self._compile_forward is not None:
+                    log.warning("compiling the outlined graph failed (%s); compiling it flat", reason)
+                    self._compile_forward = None
+                    self.forward = torch.compile(self._eager[0], dynamic=False)
+                    self._compile_tried = False
+                    return self.train_step()
+                log.warning("torch.compile failed (%s); training eagerly (--compile off skips the attempt)", reason)
                 self._use_eager()
                 return self._train_step()
         return self._train_step()
@@ -466,7 +485,10 @@ class Annealer:
 
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:
-            self.forward = compiled(self._compile_forward or self.forward)
+            if self._compile_forward is not None:  # see AnnealConfig.outline_blocks
+                self.forward = compiled(self._compile_forward, options={"allow_buffer_reuse": False})
+            else:
+                self.forward = compiled(self.forward)
         for model in self.regions:
             try:
                 blocks = find_decoder_blocks(model)[1]
@@ -494,6 +516,10 @@ class Annealer:
         self._uncompile_blocks()
         self._loss_terms = _loss_terms
         self.compiled = False
+        self._reset_failed_step()
+
+    def _reset_failed_step(self) -> None:
+        """Forget what a step that raised half-way left behind (gradients, masks, recordings)."""
         self.opt.zero_grad(set_to_none=True)
         for ms in self.masks.values():
             ms.last_mask = None

@@ -301,7 +301,8 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
                         warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
                         progress=progress, regions=(teacher, model),
-                        compile_forward=_outlined(model, captured.gm) if acfg.outline_blocks else None)
+                        compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.fixed_mask
+                        else None)
     return TrainingSetup(annealer, teacher_rows, taps)
 
 
