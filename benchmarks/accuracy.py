@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             if result.anneal and result.anneal.history:
                 speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]
                 info["tokens_per_s_median"] = statistics.median(speeds)
+                # Seconds into the training loop at its first log row: compilation (and the budget
+                # probe's two steps) dominate it.
+                first = result.anneal.history[0]
+                info["first_log_step"], info["first_log_elapsed_s"] = first["step"], round(first["elapsed_s"], 1)
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         ppl = perplexity(model, windows, total_windows=all_windows.shape[0], progress=not args.quiet)
@@ -182,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.also_valid and args.split != "valid":
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
-        for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median"):
+        for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median",
+                    "first_log_step", "first_log_elapsed_s"):
             if key in info:
                 row[key] = info[key]
+        for phase, seconds in info.get("phases", {}).items():  # where the budget went (flat keys)
+            row[f"phase_{phase}_s"] = round(seconds, 1)
         for task in tasks:
             from sparseforge_compile.zeroshot import evaluate_task
 
