@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             speed[name, "decode"] = median_ms(
                 lambda m=m: m.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
                                        do_sample=False, pad_token_id=tok.eos_token_id), max(args.repeats // 3, 1))
-    config = f"{args.model} bf16, {report.sparse_layers} cuSPARSELt + {report.fallback_layers} fallback layers"
+    config = (f"{args.model} bf16, {report.sparse_layers} cuSPARSELt + {report.fallback_layers} fallback + "
+              f"{report.dense_faster_layers} left dense (cuBLAS faster at every bucket) layers")
     rows = [
         {"bench": "accuracy", "model": args.model, "method": "magnitude", "pattern": "2:4", "budget_s": 0,
          "hardened_ppl": round(ppl["hardened"], 4), "lowered_ppl": round(ppl["lowered"], 4),
