@@ -1,5 +1,6 @@
 """Teacher sampling: shapes and determinism."""
 
+import pytest
 import torch
 
 from sparseforge_compile.distill import sample_from_teacher
@@ -32,7 +33,7 @@ def test_the_time_limit_starts_no_batch_that_would_end_past_it(monkeypatch):
     monkeypatch.setattr(teacher, "forward", slow_forward)
     monkeypatch.setattr(distill.time, "perf_counter", lambda: clock["now"])
     prompts = torch.randint(0, 256, (10, 4), generator=torch.Generator().manual_seed(0))
-    rows = sample_from_teacher(teacher, prompts, 8, batch_size=2, time_limit_s=25.0)
+    rows = sample_from_teacher(teacher, prompts, 8, batch_size=2, time_limit_s=25.0, static_cache=False)
     assert rows.shape == (4, 8)
 
 
@@ -40,3 +41,30 @@ def test_sample_batch_is_small_on_the_cpu():
     from sparseforge_compile.distill import sample_batch_size
 
     assert sample_batch_size(load_model("tiny-llama").model, 512) == 16
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_static_cache_decoder_gives_the_models_logits_and_samples(name):
+    """Step-by-step decode over the preallocated cache (grouped-query heads, Qwen2's q/k/v biases)
+    equals the model's own forward, and sampling draws the same tokens as the DynamicCache loop."""
+    from sparseforge_compile.distill import StaticKVDecoder
+
+    model = load_model(name).model.eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA is exercised
+    assert StaticKVDecoder.supports(model, 40)
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        decoder = StaticKVDecoder(model, 3, 20)
+        got = torch.stack([decoder.step(ids[:, p : p + 1], p) for p in range(12)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    prompts = torch.randint(0, 256, (6, 4), generator=torch.Generator().manual_seed(0))
+    hf = sample_from_teacher(model, prompts, 40, batch_size=4, seed=3, static_cache=False)
+    static = sample_from_teacher(model, prompts, 40, batch_size=4, seed=3, static_cache=True)
+    assert torch.equal(hf, static)
+
+
+def test_other_families_sample_through_the_models_forward():
+    from sparseforge_compile.distill import StaticKVDecoder
+
+    assert not StaticKVDecoder.supports(load_model("tiny-gpt2").model, 40)
