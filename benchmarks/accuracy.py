@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "most 4096; 16 on the CPU, as the CLI: one 1024-row batch takes minutes on a CPU)")
     p.add_argument("--warm-compile-caches", action="store_true",
                    help="let a trained method reuse what an earlier one compiled (default: each compiles cold)")
+    p.add_argument("--teacher-decode", default="auto", choices=("auto", "forward", "static", "graphs"))
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
                                  teacher_sample_share=args.teacher_sample_share,
-                                 teacher_sample_batch=args.teacher_sample_batch, anneal=acfg)
+                                 teacher_sample_batch=args.teacher_sample_batch,
+                                 teacher_decode=args.teacher_decode, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
             with cold_compile_caches(not args.warm_compile_caches):

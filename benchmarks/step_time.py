@@ -170,15 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher.to(torch.bfloat16)
     for sb in [int(b) for b in args.sample_batches.split(",") if b]:
         prompts = torch.randint(0, base.config.vocab_size, (sb, 8))
-        for static in (False, True):  # the model's forward + DynamicCache, then the static-cache decoder
+        paths = ("forward", "static", "graphs") if device == "cuda" else ("forward", "static")
+        for path in paths:  # the model's forward + DynamicCache, the static-cache decoder, its graphed steps
             for _ in range(2):
                 t = time.perf_counter()
-                sample_from_teacher(teacher, prompts, 8 + args.sample_steps, batch_size=sb, static_cache=static)
+                sample_from_teacher(teacher, prompts, 8 + args.sample_steps, batch_size=sb, decode=path)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t
-            path = "static-cache decoder" if static else "model forward + DynamicCache"
-            rows.append({"bench": "teacher_sampling", "config": f"{args.model} bf16, {path}", "batch": sb,
+            rows.append({"bench": "teacher_sampling", "config": f"{args.model} bf16, decode={path}", "batch": sb,
                          "steps": args.sample_steps, "ms_per_step": round(seconds / args.sample_steps * 1e3, 2),
                          "tokens_per_s": round(sb * args.sample_steps / seconds)})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)

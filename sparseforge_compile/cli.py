@@ -174,7 +174,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
                          teacher_sample_share=args.teacher_sample_share,
-                         teacher_sample_batch=args.teacher_sample_batch, anneal=anneal_cfg)
+                         teacher_sample_batch=args.teacher_sample_batch, teacher_decode=args.teacher_decode,
+                         anneal=anneal_cfg)
     if args.method not in ONE_SHOT and not args.budget_minutes and not args.steps:
         raise UsageError(f"--method {args.method} trains: give --budget-minutes or --steps")
     out = Path(args.out)
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=None)
     p.add_argument("--teacher-sample-share", type=float, default=0.2)
     p.add_argument("--teacher-sample-batch", type=int, default=None)
+    p.add_argument("--teacher-decode", default="auto", choices=("auto", "forward", "static", "graphs"),
+                   help="how teacher text is decoded: the model's forward, a static KV cache (LLaMA family; "
+                        "auto picks it), or its steps replayed as CUDA graphs")
     p.add_argument("--quiet", action="store_true")
     for f in _anneal_fields():
         kind = str(f.type)

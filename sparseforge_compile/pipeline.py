@@ -44,6 +44,8 @@ class SparsifyConfig:
     teacher_sample_rows: int | None = None  # sample exactly this many sequences instead (no time limit)
     teacher_sample_batch: int | None = None  # None: from free GPU memory (distill.sample_batch_size)
     teacher_prompt_tokens: int = 8
+    # How teacher text is decoded (distill.sample_from_teacher): auto | forward | static | graphs.
+    teacher_decode: str = "auto"
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class SparsifyConfig:
             NMPattern.parse(self.pattern)
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"budget must be positive, got {self.budget_s}s")
+        if self.teacher_decode not in ("auto", "forward", "static", "graphs"):
+            raise ValueError(f"teacher_decode {self.teacher_decode!r}: use auto, forward, static or graphs")
         if not 0 <= self.teacher_sample_share < 1:
             raise ValueError(f"teacher_sample_share {self.teacher_sample_share} must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
@@ -115,7 +119,7 @@ def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConf
     prompts = torch.stack([stream[s : s + cfg.teacher_prompt_tokens] for s in starts.tolist()])
     return sample_from_teacher(teacher, prompts, cfg.anneal.seqlen, batch_size=cfg.teacher_sample_batch,
                                seed=cfg.anneal.seed, time_limit_s=None if cfg.teacher_sample_rows else time_limit,
-                               progress=progress)
+                               progress=progress, decode=cfg.teacher_decode)
 
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenizer=None, calib: torch.Tensor | None = None,
