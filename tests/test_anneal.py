@@ -103,24 +103,10 @@ def test_layerwise_distillation_beats_logit_only_distillation(data_dir, method):
 def test_the_mask_starts_exactly_at_the_warm_start(data_dir):
     """With no evidence yet the scores must reproduce the warm-start mask (the first GPU run of an
     earlier design flipped 19.7 M weights here and never recovered)."""
-    from sparseforge_compile.capture import capture
-    from sparseforge_compile.data import calibration_windows
-    from sparseforge_compile.passes.eligibility import analyze_eligibility
-    from sparseforge_compile.pipeline import prepare_training
-
-    loaded = sharpened_tiny_llama()
-    cfg = tiny_config(warm_start="wanda")
-    ids = torch.randint(0, 256, (4, 64))
-    captured = capture(loaded.model, (ids,))
-    report = analyze_eligibility(captured, PATTERN, kernel_constraints=None)
-    layers = [i.name for i in report.layers if i.eligible]
-    transposed = {i.name: i.transposed for i in report.layers if i.eligible}
-    calib = calibration_windows(ByteTokenizer(), 4, 64, seed=0, data_dir=data_dir)
-    setup = prepare_training(loaded.model, cfg, captured, report, layers, transposed, calib, loaded.tokenizer,
-                             data_dir=data_dir, progress=False)
-    assert setup.annealer.flips() == 0
-    setup.annealer.train_step()  # one step of evidence cannot beat the margin either
-    assert setup.annealer.flips() == 0
+    annealer = _annealer(data_dir, warm_start="wanda")
+    assert annealer.flips() == 0
+    annealer.train_step()  # one step of evidence cannot beat the margin either
+    assert annealer.flips() == 0
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
