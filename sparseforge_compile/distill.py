@@ -110,7 +110,8 @@ def sample_batch_size(teacher: nn.Module, length: int) -> int:
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     elem = next(teacher.parameters()).element_size()
     vocab = getattr(cfg, "vocab_size", 0) or 0
-    # K and V of every layer, plus one layer's concatenation copy, plus fp32 logits/probs/noise.
+    # K and V of every layer, one layer more of headroom (the DynamicCache path's concatenation
+    # copy), and fp32 logits/probs/noise.
     per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + 4 * vocab * 4
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(MAX_SAMPLE_BATCH, SAMPLE_MEMORY_SHARE * free // per_row)))
@@ -130,6 +131,9 @@ class StaticKVDecoder:
     FAMILIES = ("llama", "qwen2", "mistral")
 
     def __init__(self, model: nn.Module, rows: int, length: int) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._rope = apply_rotary_pos_emb  # the family's RoPE (Qwen2 and Mistral share it)
         inner, cfg = model.model, model.config
         self.model, self.layers, self.length = model, list(inner.layers), length
         self.heads = cfg.num_attention_heads
@@ -154,29 +158,17 @@ class StaticKVDecoder:
         if window is not None and getattr(cfg, "use_sliding_window", True) and window < length:
             return False
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        layer_parts = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                       "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                       "mlp.act_fn")
+        layer_parts = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj", "self_attn.k_proj",
+                       "self_attn.v_proj", "self_attn.o_proj")
         try:
             return (all(hasattr(inner, n) for n in needed) and hasattr(model, "lm_head")
                     and all(inner.layers[0].get_submodule(p) is not None for p in layer_parts))
         except AttributeError:
             return False
 
-    @staticmethod
-    def _rms_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        h32 = h.float()
-        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h32.to(h.dtype)
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (rows, vocab) after feeding ``tokens`` (rows, 1) at ``position``."""
-        cos, sin = self.cos[:, position][:, None, None], self.sin[:, position][:, None, None]
+        cos, sin = self.cos[:, position][:, None], self.sin[:, position][:, None]  # (1, 1, head_dim)
 
         def write(cache: torch.Tensor, value: torch.Tensor) -> None:
             cache[: value.shape[0], :, position : position + 1] = value
@@ -191,8 +183,8 @@ class StaticKVDecoder:
         cache slots, masked past the position: fixed shapes and addresses for a whole bucket of
         positions, so one CUDA graph serves them all (:class:`GraphedDecoder`)."""
         index = position.view(1)
-        cos = self.cos[0].index_select(0, index)[None, None]
-        sin = self.sin[0].index_select(0, index)[None, None]
+        cos = self.cos[0].index_select(0, index)[None]
+        sin = self.sin[0].index_select(0, index)[None]
         slots = torch.arange(end, device=position.device)
         mask = torch.zeros(end, dtype=self.cos.dtype, device=position.device).masked_fill(slots > position, -math.inf)
         mask = mask.view(1, 1, 1, end)
@@ -211,22 +203,20 @@ class StaticKVDecoder:
         h = self.model.model.embed_tokens(tokens)
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             attn = layer.self_attn
-            x = self._rms_norm(layer.input_layernorm, h)
+            x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            write(keys, self._rope(k, cos, sin))
+            q, k = self._rope(q, k, cos, sin)
+            write(keys, k)
             write(values, v)
             # One query token: the query heads sharing a key/value head (consecutive ones, as the
             # model's repeat_kv pairs them) become that head's query rows, so grouped-query
             # attention needs no copy of the cache and no GQA support from the kernel.
-            q = self._rope(q, cos, sin).reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-            o = attend(q, keys, values)
+            o = attend(q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim), keys, values)
             h = h + attn.o_proj(o.reshape(rows, 1, self.heads * self.head_dim))
-            x = self._rms_norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return self.model.lm_head(self._rms_norm(self.model.model.norm, h))[:, -1]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(self.model.model.norm(h))[:, -1]
 
 
 class GraphedDecoder:
