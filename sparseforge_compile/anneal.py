@@ -268,7 +268,8 @@ class Annealer:
     ``plain_forward`` runs the model without mask nodes (the final, hard-mask phase);
     ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
     ``teacher(input_ids) -> logits`` is the dense model; ``regions`` the modules behind ``teacher``
-    and ``plain_forward``, whose decoder blocks are compiled (with ``cfg.compile``) one block at a time;
+    and ``plain_forward``, whose decoder blocks are compiled (with ``cfg.compile``) one block at a time
+    (without them those two run eagerly);
     ``compile_forward`` what to compile in place of ``forward`` (the same graph, blocks outlined).
     """
 
@@ -497,12 +498,6 @@ class Annealer:
             for block in blocks:
                 block.compile(dynamic=False)
                 self._compiled_blocks.append(block)
-        if not self.regions:  # no modules given: compile the functions whole
-            self.teacher = compiled(self.teacher)
-            if self.plain_forward is not None:
-                self.plain_forward = compiled(self.plain_forward)
-            if self.cfg.fixed_mask:
-                self.forward = compiled(self.forward)
         self._loss_terms = compiled(_loss_terms)
 
     def _uncompile_blocks(self) -> None:
@@ -516,7 +511,6 @@ class Annealer:
         self._uncompile_blocks()
         self._loss_terms = _loss_terms
         self.compiled = False
-        self._reset_failed_step()
 
     def _reset_failed_step(self) -> None:
         """Forget what a step that raised half-way left behind (gradients, masks, recordings)."""
