@@ -492,8 +492,8 @@ def _candidate_choices(packed: Tensor, x_probe: Tensor, bias: Tensor | None, buc
             searched = int(torch._cslt_sparse_mm_search(packed, x_probe.t(), bias=bias, transpose_result=True))
     algs = {0, searched}
     max_alg = torch.backends.cusparselt.get_max_alg_id()
-    # The library's own search (one timing each, no rotation) missed the best algorithm by up to
-    # ~8 % on large GEMMs; where the sparse kernel can win (>= 1024 tokens) every id is timed here.
+    # The library's search times each id once, on its own inputs; where the sparse kernel can win
+    # (>= 1024 tokens) every id is also timed here, the same way as dense (rotated inputs, graphs).
     algs.update(range(min(int(max_alg) + 1 if max_alg else 4, MAX_ALGS if bucket >= 1024 else 4)))  # ids the library refuses are skipped
     choices = [KernelChoice(alg_id=a) for a in sorted(algs)]
     # Split-k only pays when the output has too few tiles to fill the GPU (small token counts);
@@ -618,8 +618,7 @@ def build_kernel_state(weight: Tensor, bias: Tensor | None, config: DispatchConf
 def dense_wins_everywhere(state: KernelState, config: DispatchConfig) -> bool:
     """The measured dispatch picked dense cuBLAS at every token bucket: lowering the layer would only
     add the sparse op's call overhead, so lowering passes leave it a dense Linear."""
-    return (state.packed is not None and config.keep_dense == "auto"
-            and set(config.buckets) <= set(state.dense_buckets))
+    return bool(config.buckets) and state.dense_up_to(config.buckets) == max(config.buckets)
 
 
 def tensor_bytes(t: Tensor | None) -> int:
