@@ -69,14 +69,19 @@ def profile_steps(step, path: str, device: str, steps: int = 8) -> None:
     Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
+def first_step_s(annealer) -> float:
+    """Seconds of the first step: with compile on, it compiles."""
+    t0 = time.perf_counter()
+    annealer.train_step()
+    return time.perf_counter() - t0
+
+
 def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str,
                   hidden_weight: float = 0.0, compile: str = "off") -> list[dict]:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
     kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
                          compile=compile)
-    t0 = time.perf_counter()
-    kd.train_step()  # with compile on, this first step compiles
-    kd_first_s = time.perf_counter() - t0
+    kd_first_s = first_step_s(kd)
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     compiled = kd.compiled
     if args.profile:
@@ -100,18 +105,14 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     if compile == "on" and "on" in args.outline.split(","):
         _, sfo = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline="on")
-        t0 = time.perf_counter()
-        sfo.train_step()
-        outlined_first_s = time.perf_counter() - t0
+        outlined_first_s = first_step_s(sfo)
         outlined_ms = median_ms(sfo.train_step, args.repeats, warmup=2)
         outlined_row = {"anneal_soft_outlined_ms": round(outlined_ms, 2),
                         "anneal_outlined_first_step_s": round(outlined_first_s, 1),
                         "outlined_in_use": sfo._compile_forward is not None}
         sfo = None
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile)
-    t0 = time.perf_counter()
-    sf.train_step()
-    sf_first_s = time.perf_counter() - t0
+    sf_first_s = first_step_s(sf)
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     if args.profile:
         profile_steps(sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)

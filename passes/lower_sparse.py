@@ -243,7 +243,7 @@ class LowerSparseLinears(GraphPass):
             gm.register_buffer(attr, state.packed, persistent=False)
             _declare_to_aot(gm, attr)
             operands = [graph.get_attr(attr)]
-            for suffix, tensor in (("dense", weight if state.keep_dense else None), ("bias", bias)):
+            for suffix, tensor in (("dense", weight), ("bias", bias)):  # weight is None unless dispatch keeps it
                 if tensor is None:
                     operands.append(None)
                     continue
