@@ -109,8 +109,8 @@ class AnnealConfig:
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
     # Compile the masked graph with its identical decoder blocks outlined into one shared region
-    # (passes/outline_blocks.py). CPU, SmolLM2, cold: SparseForge's first step 79 -> 48 s, its next
-    # step 2.41 -> 2.69 s; the GPU trade is unmeasured (step_time.py --outline off,on), so it is off
+    # (passes/outline_blocks.py). CPU, SmolLM2: first (compiling) step 56 -> 25 s, soft steps about
+    # equal (benchmarks/results/step_time_cpu_compile.json); the GPU trade is unmeasured, so it is off
     # by default (auto = on CUDA). Inductor reused a buffer of a region's first call in later calls
     # (wrong gradients, benchmarks/nested_region_check.py), so the outlined graph compiles with
     # allow_buffer_reuse off; if it fails to compile, the flat graph is compiled instead.
@@ -480,8 +480,8 @@ class Annealer:
         """The masked graph is compiled whole (export inlined its blocks; ``compile_forward`` may
         hand them in outlined). The Hugging Face modules (teacher, plain student) are compiled one
         decoder block at a time: all blocks of a model share one compiled artifact (regional
-        compilation; SmolLM2's teacher compiled whole took 37 s on the CPU, the peer's whole first
-        step compiled this way 26 s)."""
+        compilation; the peer's whole first step on SmolLM2 on the CPU: 31.6 s,
+        benchmarks/results/step_time_cpu_compile.json)."""
         from .baselines import PruneError, find_decoder_blocks
 
         compiled = functools.partial(torch.compile, dynamic=False)

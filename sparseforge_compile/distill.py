@@ -123,7 +123,7 @@ class StaticKVDecoder:
 
     Why not the model's forward with a ``DynamicCache``: decode of a small model is launch-bound, and
     per step that path re-concatenated every layer's whole cache (at 4096 rows and a mean length of
-    256, ~24 GB of copies a step on SmolLM2) and ran the generic mask and cache machinery. Here each
+    256, ~24 GB of copies a step on SmolLM2, by arithmetic) and ran the generic mask and cache machinery. Here each
     layer writes its new key/value in place and attends over exactly the filled prefix. Logits equal
     the model's own forward (test, CPU, fp32).
     """
