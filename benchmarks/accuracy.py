@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anneal", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an AnnealConfig field for the trained methods, e.g. --anneal lr=2e-4")
     p.add_argument("--teacher-sample-share", type=float, default=0.2)
+    p.add_argument("--teacher-sample-rows", type=int, default=None,
+                   help="sample exactly this many teacher sequences (no time share): fixed data for step sweeps")
     p.add_argument("--teacher-sample-batch", type=int, default=None,
                    help="rows sampled at once (default: as many as fit in 40%% of the free memory on a GPU, at "
                         "most 4096; 16 on the CPU, as the CLI: one 1024-row batch takes minutes on a CPU)")
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
                                  teacher_sample_share=args.teacher_sample_share,
                                  teacher_sample_batch=args.teacher_sample_batch,
+                                 teacher_sample_rows=args.teacher_sample_rows,
                                  teacher_decode=args.teacher_decode, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None

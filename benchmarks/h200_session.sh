@@ -4,9 +4,11 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: gputests lowered trained oneshot step_time kernels e2e. BUDGET_MIN sets the trained methods'
-# budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
-# TASKS its zero-shot tasks (default piqa,arc_easy; empty for none).
+# Steps: gputests lowered trained oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
+# methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
+# TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
+# a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
+# SWEEP its method list, SWEEP_STEPS the steps (default 800).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 set -u
 out=$1
@@ -23,7 +25,10 @@ for step in "$@"; do
                   --tasks "$tasks" --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
-    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 0,3 --compile on
+    sweep) cmd=(python3 benchmarks/accuracy.py --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
+                --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows 4096 --warm-compile-caches
+                --split valid --tasks '' --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
+    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 3 --compile on
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;

@@ -109,12 +109,13 @@ class AnnealConfig:
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
     # Compile the masked graph with its identical decoder blocks outlined into one shared region
-    # (passes/outline_blocks.py). CPU, SmolLM2: first (compiling) step 56 -> 25 s, soft steps about
-    # equal (benchmarks/results/step_time_cpu_compile.json); the GPU trade is unmeasured, so it is off
-    # by default (auto = on CUDA). Inductor reused a buffer of a region's first call in later calls
-    # (wrong gradients, benchmarks/nested_region_check.py), so the outlined graph compiles with
-    # allow_buffer_reuse off; if it fails to compile, the flat graph is compiled instead.
-    outline_blocks: str = "off"  # off | on | auto
+    # (passes/outline_blocks.py). Measured both ways (benchmarks/results/step_time*.json): H200,
+    # SmolLM2 b32x512, first (compiling) step 91.7 -> 66.5 s and soft steps 157 -> 127 ms; CPU 56 -> 25 s,
+    # soft steps about equal. auto = on where the loop compiles on CUDA; the CPU compiles off by default.
+    # Inductor reused a buffer of a region's first call in later calls (wrong gradients on CPU and
+    # CUDA, benchmarks/nested_region_check.py), so the outlined graph compiles with allow_buffer_reuse
+    # off; if it fails to compile, the flat graph is compiled instead.
+    outline_blocks: str = "auto"  # off | on | auto
     checkpoint_every: int = 0
     log_every: int = 10
 

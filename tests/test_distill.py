@@ -62,6 +62,8 @@ def test_static_cache_decoder_gives_the_models_logits_and_samples(name):
     hf = sample_from_teacher(model, prompts, 40, batch_size=4, seed=3, decode="forward")
     static = sample_from_teacher(model, prompts, 40, batch_size=4, seed=3, decode="static")
     assert torch.equal(hf, static)
+    # auto: the static decoder on the CPU (graphs on CUDA, GPU test below)
+    assert torch.equal(sample_from_teacher(model, prompts, 40, batch_size=4, seed=3), static)
 
 
 def test_other_families_sample_through_the_models_forward():
