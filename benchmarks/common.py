@@ -42,21 +42,34 @@ def write_results(name: str, rows: list[dict], out: str | Path | None = None, ex
     return path
 
 
+def _once_ms(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median milliseconds of ``fn()`` after warm-up: CUDA events on the GPU, perf_counter on the CPU."""
     for _ in range(warmup):
         fn()
-    times = []
+    return statistics.median(_once_ms(fn) for _ in range(repeats))
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds of each ``fns[name]()``, timed round by round (one call of each per round), so
+    clock or thermal drift during the measurement lands on every variant alike instead of on the later one."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_once_ms(fn))
+    return {name: statistics.median(values) for name, values in times.items()}

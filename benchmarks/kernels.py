@@ -45,6 +45,11 @@ SHAPES = [
     ("llama-70b", "k/v", 1024, 8192),
     ("llama-70b", "gate/up", 28672, 8192),
     ("llama-70b", "down", 8192, 28672),
+    # what torch.compile(backend="sparseforge") runs after fusing sibling Linears that read one input
+    ("llama-7b", "q+k+v fused", 12288, 4096),
+    ("llama-7b", "gate+up fused", 22016, 4096),
+    ("llama-70b", "q+k+v fused", 10240, 8192),
+    ("llama-70b", "gate+up fused", 57344, 8192),
 ]
 TOKENS = [1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384]
 
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts (comma separated)")
     parser.add_argument("--models", default="llama-7b,llama-70b")
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused sibling shapes (q+k+v, gate+up)")
     parser.add_argument("--max-bucket", type=int, default=16384, help="largest token bucket measured")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/kernels.json)")
     args = parser.parse_args(argv)
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     config = DispatchConfig(max_bucket=args.max_bucket)
     rows = []
     for model, layer, out_f, in_f in SHAPES:
-        if model in models:
+        if model in models and not (args.no_fused and "fused" in layer):
             rows += bench_shape(model, layer, out_f, in_f, tokens, config)
             torch.cuda.empty_cache()
             write_results("kernels", rows, args.out, extra={"partial": True})  # survives a cut-short run
