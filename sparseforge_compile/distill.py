@@ -93,6 +93,9 @@ MAX_SAMPLE_BATCH = 4096
 SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-sized buffers
 
 
+GRAPH_BUCKET = 64  # positions per captured decode graph (GraphedDecoder)
+
+
 def sample_batch_size(teacher: nn.Module, length: int) -> int:
     """Rows to sample at once: decode of a small model is launch-bound (SmolLM2 on an H200: ~25 ms
     a step at 512 and at 2048 rows alike), so tokens/s grow with the batch until memory runs out.
@@ -111,8 +114,9 @@ def sample_batch_size(teacher: nn.Module, length: int) -> int:
     elem = next(teacher.parameters()).element_size()
     vocab = getattr(cfg, "vocab_size", 0) or 0
     # K and V of every layer, one layer more of headroom (the DynamicCache path's concatenation
-    # copy), and fp32 logits/probs/noise.
-    per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + 4 * vocab * 4
+    # copy), fp32 logits/probs/noise, and the logits each captured decode graph keeps (GraphedDecoder).
+    graphs = -(-length // GRAPH_BUCKET)
+    per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + (4 + graphs) * vocab * 4
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(MAX_SAMPLE_BATCH, SAMPLE_MEMORY_SHARE * free // per_row)))
 
@@ -225,7 +229,7 @@ class GraphedDecoder:
     of ~45 launches per layer. Decode of a small model is launch-bound (SmolLM2 at 4096 rows: ~25 ms a
     step against ~8 ms of GPU work). Only for full batches of ``rows``."""
 
-    def __init__(self, decoder: StaticKVDecoder, rows: int, bucket: int = 64) -> None:
+    def __init__(self, decoder: StaticKVDecoder, rows: int, bucket: int = GRAPH_BUCKET) -> None:
         self.decoder, self.rows, self.bucket = decoder, rows, bucket
         device = decoder.cos.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
