@@ -8,7 +8,8 @@
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
-# SWEEP its method list, SWEEP_STEPS the steps (default 800).
+# SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
+# 2048-token training rows need fewer, their KV cache is 4x larger).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 set -u
 out=$1
@@ -26,7 +27,7 @@ for step in "$@"; do
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
     sweep) cmd=(python3 benchmarks/accuracy.py --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
-                --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows 4096 --warm-compile-caches
+                --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
                 --split valid --tasks '' --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes 32 --hidden-weights 3 --compile on
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
