@@ -53,9 +53,11 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
     return model, setup.annealer
 
 
-def profile_steps(step, path: str, device: str, steps: int = 8) -> None:
+def profile_steps(step, path: str, device: str, steps: int = 8) -> float | None:
     """torch.profiler over ``steps`` steps (one Fisher probe among 8): the ops by device time, to a
-    text file, so that where a step's time goes is on record."""
+    text file, so that where a step's time goes is on record. Returns the device-busy milliseconds per
+    step (sum of kernel self times; None on the CPU): far below the step's wall time means the step
+    is host-bound (launches, dispatch), not compute-bound."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -66,7 +68,12 @@ def profile_steps(step, path: str, device: str, steps: int = 8) -> None:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    averages = prof.key_averages()
+    Path(path).write_text(averages.table(sort_by=key, row_limit=40))
+    if device != "cuda":
+        return None
+    busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+    return busy_us / 1e3 / steps
 
 
 def first_step_s(annealer) -> float:
@@ -82,10 +89,12 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
                          compile=compile)
     kd_first_s = first_step_s(kd)
+    busy: dict[str, float | None] = {}  # device-busy ms per step, from the profiles
     kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     compiled = kd.compiled
     if args.profile:
-        profile_steps(kd.train_step, f"{args.profile}.plain_kd_{compile}_hw{hidden_weight:g}.txt", device)
+        busy["plain_kd_gpu_busy_ms"] = profile_steps(
+            kd.train_step, f"{args.profile}.plain_kd_{compile}_hw{hidden_weight:g}.txt", device)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
         teacher_ms = median_ms(lambda: kd.teacher(ids), args.repeats, warmup=2)
@@ -115,7 +124,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     sf_first_s = first_step_s(sf)
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     if args.profile:
-        profile_steps(sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
+        busy["anneal_soft_gpu_busy_ms"] = profile_steps(
+            sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
@@ -130,7 +140,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
          "harden_over_kd": round(harden_ms / kd_ms, 3), "kd_tokens_per_s": round(tokens / kd_ms * 1e3),
-         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **(outlined_row or {})},
+         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **(outlined_row or {}),
+         **{k: round(v, 2) for k, v in busy.items() if v is not None}},
         {"bench": "component", "config": config, "batch": batch, "seq": args.seqlen,
          "teacher_fwd_ms": round(teacher_ms, 2), "student_fwd_ms": round(fwd_ms, 2),
          "student_fwd_bwd_ms": round(fwd_bwd_ms, 2), "kd_loss_fwd_bwd_ms": round(loss_ms, 2)},
