@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .distill import hidden_state_loss, kd_loss
 from .masks import MaskState, make_masks
+from .passes.inline_masks import InlineMaskOps
 from .passes.tap_blocks import BlockOutputRecorder
 
 log = logging.getLogger(__name__)
@@ -469,7 +470,7 @@ class Annealer:
                 if self._compile_forward is not None:
                     log.warning("compiling the outlined graph failed (%s); compiling it flat", reason)
                     self._compile_forward = None
-                    self.forward = torch.compile(self._eager[0], dynamic=False)
+                    self.forward = torch.compile(_inlined_masks(self._eager[0]), dynamic=False)
                     self._compile_tried = False
                     return self.train_step()
                 log.warning("torch.compile failed (%s); training eagerly (--compile off skips the attempt)", reason)
@@ -488,9 +489,10 @@ class Annealer:
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:
             if self._compile_forward is not None:  # see AnnealConfig.outline_blocks
-                self.forward = compiled(self._compile_forward, options={"allow_buffer_reuse": False})
+                self.forward = compiled(_inlined_masks(self._compile_forward, copy=False),
+                                        options={"allow_buffer_reuse": False})
             else:
-                self.forward = compiled(self.forward)
+                self.forward = compiled(_inlined_masks(self.forward))
         for model in self.regions:
             try:
                 blocks = find_decoder_blocks(model)[1]
@@ -777,6 +779,13 @@ class Annealer:
         log.info("one step takes %.3fs (probe took %.1fs): %.0fs of training, ~%d steps", per_step,
                  time.perf_counter() - t0, remaining, remaining / per_step)
         return remaining
+
+
+def _inlined_masks(forward: Callable, copy: bool = True) -> Callable:
+    """What torch.compile gets for a masked graph: its ``apply_mask`` ops as plain multiplies, which
+    Inductor fuses (with the bf16 cast) instead of calling the op back in Python for every layer
+    (passes/inline_masks.py). ``copy``: rewrite a copy, leaving the graph hardening reads intact."""
+    return InlineMaskOps(copy=copy)(forward).gm if isinstance(forward, fx.GraphModule) else forward
 
 
 def _loss_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor,

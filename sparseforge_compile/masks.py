@@ -152,6 +152,18 @@ class MaskState(nn.Module):
         self._hard: torch.Tensor | None = None
         self._hard_f: torch.Tensor | None = None
 
+    # Plain Python state the loop sets for all ~200 layers every step: stored directly, because
+    # nn.Module.__setattr__ (checks for parameters, buffers, submodules) was milliseconds of host
+    # time a step on SmolLM2, and compiled steps are host-bound on a GPU (benchmarks/results/profile/).
+    _PLAIN_ATTRS = frozenset({"collecting", "hook_enabled", "last_mask", "_t", "_blend", "_cache_key", "_thr",
+                              "_margin", "_hard", "_hard_f"})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in MaskState._PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, pattern={self.pattern}, shape={tuple(self.score.shape)}"
 
@@ -287,7 +299,7 @@ class MaskState(nn.Module):
         is pure tensor code that ``torch.compile`` traces whole: the mask arrives as an input (a
         buffer), and the caching, hooks and Python state of :meth:`make_mask` stay outside it.
         """
-        self.fed = mask
+        self._buffers["fed"] = mask  # the registered buffer, without nn.Module.__setattr__'s checks
 
     def forward(self) -> torch.Tensor:
         if self.fed is not None:

@@ -1,0 +1,68 @@
+"""Host overhead of a training step, measurable on a CPU: SmolLM2's depth and layer count, tiny width.
+
+A 30-layer LLaMA with hidden 64 (210 Linears, like SmolLM2-135M) at 2 x 32 tokens: its kernels are
+so small that a step's wall time is mostly dispatch, Python and launch overhead, the part that makes
+the compiled steps host-bound on an H200 (benchmarks/results/profile/: about half of a SmolLM2 step
+is kernel time). Times plain KD and SparseForge soft-phase steps (same loss, layer-wise term on),
+eager and compiled, flat and outlined.
+
+    python benchmarks/host_overhead.py          # writes benchmarks/results/host_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_ms, write_results
+from step_time import build
+
+from sparseforge_compile.data import calibration_windows
+from sparseforge_compile.models import load_model
+
+
+def deep_narrow_llama(layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.name_or_path = "tiny-deep"  # step_time.build: no kernel-shape rules for tiny layers
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--configs", default="off/off,on/off,on/on", help="compile/outline pairs")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    base = deep_narrow_llama(args.layers)
+    tok = load_model("tiny-llama").tokenizer
+    calib = calibration_windows(tok, 4, 64, seed=0)
+    rows = []
+    for pair in args.configs.split(","):
+        compile, outline = pair.split("/")
+        times = {}
+        for fixed in (True, False):
+            _, annealer = build(base, tok, calib, 2, 32, fixed=fixed, hidden_weight=3.0, compile=compile,
+                                outline=outline)
+            times[fixed] = median_ms(annealer.train_step, args.repeats, warmup=3)
+        rows.append({"bench": "host_overhead", "config": f"llama {args.layers}x64 b2x32 hidden_weight=3 "
+                     f"compile={compile} outline={outline}", "batch": 2, "seq": 32, "plain_kd_ms": round(times[True], 2),
+                     "anneal_soft_ms": round(times[False], 2), "soft_over_kd": round(times[False] / times[True], 3)})
+        print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
+    write_results("host_overhead_cpu", rows, out=args.out)
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
