@@ -34,12 +34,12 @@ from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
-          outline: str = "off"):
+          outline: str = "off", teacher_graphs: str = "off"):
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
                         teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile, outline_blocks=outline)
+                        compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -113,16 +113,27 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
 
     fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
-    outlined_row = None
+    extra_cols = None
     if compile == "on" and "on" in args.outline.split(","):
         _, sfo = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline="on")
         outlined_first_s = first_step_s(sfo)
         outlined_ms = median_ms(sfo.train_step, args.repeats, warmup=2)
-        outlined_row = {"anneal_soft_outlined_ms": round(outlined_ms, 2),
+        extra_cols = {"anneal_soft_outlined_ms": round(outlined_ms, 2),
                         "anneal_outlined_first_step_s": round(outlined_first_s, 1),
                         "outlined_in_use": sfo._compile_forward is not None}
         sfo = None
+    if device == "cuda" and "on" in args.teacher_graphs.split(","):
+        # the same two loops with the teacher's forward replayed as one CUDA graph (--teacher-graphs on)
+        graphed = {}
+        for fixed in (True, False):
+            _, ann = build(base, tok, calib, batch, args.seqlen, fixed=fixed, hidden_weight=hidden_weight,
+                           compile=compile, outline="on" if compile == "on" else "off", teacher_graphs="on")
+            first_step_s(ann)
+            graphed[fixed] = median_ms(ann.train_step, args.repeats, warmup=2)
+            ann = None
+        extra_cols = {**(extra_cols or {}), "plain_kd_teacher_graphs_ms": round(graphed[True], 2),
+                        "anneal_soft_teacher_graphs_ms": round(graphed[False], 2)}
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile)
     sf_first_s = first_step_s(sf)
     soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
@@ -143,7 +154,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
          "harden_over_kd": round(harden_ms / kd_ms, 3), "kd_tokens_per_s": round(tokens / kd_ms * 1e3),
-         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **(outlined_row or {}),
+         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **(extra_cols or {}),
          **{k: round(v, 2) for k, v in busy.items() if v is not None}},
         {"bench": "component", "config": config, "batch": batch, "seq": args.seqlen,
          "teacher_fwd_ms": round(teacher_ms, 2), "student_fwd_ms": round(fwd_ms, 2),
@@ -163,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outline", default="off,on",
                    help="compiled soft steps also with the masked graph's blocks outlined (on): first-step "
                         "(compile) seconds and step time, to decide --outline-blocks")
+    p.add_argument("--teacher-graphs", default="on",
+                   help="on: also time both loops with the teacher replayed as one CUDA graph (GPU only; the "
+                        "soft loop outlined when compiled)")
     p.add_argument("--profile", default=None, metavar="PREFIX",
                    help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
     p.add_argument("--sample-batches", default="1024,4096")

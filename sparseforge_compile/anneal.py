@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .distill import hidden_state_loss, kd_loss
+from .distill import GraphedForward, hidden_state_loss, kd_loss
 from .masks import MaskState, make_masks
 from .passes.inline_masks import InlineMaskOps
 from .passes.tap_blocks import BlockOutputRecorder
@@ -117,6 +117,9 @@ class AnnealConfig:
     # CUDA, benchmarks/nested_region_check.py), so the outlined graph compiles with allow_buffer_reuse
     # off; if it fails to compile, the flat graph is compiled instead.
     outline_blocks: str = "auto"  # off | on | auto
+    # Replay the teacher's forward as one CUDA graph (distill.GraphedForward): the steps are host-bound
+    # on a GPU. auto = on CUDA; off until benchmarks/step_time.py has measured it there.
+    teacher_graphs: str = "off"  # off | on | auto
     checkpoint_every: int = 0
     log_every: int = 10
 
@@ -144,6 +147,8 @@ class AnnealConfig:
             raise ValueError(f"compile {self.compile!r}: use auto, on or off")
         if self.outline_blocks not in ("auto", "on", "off"):
             raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, on or off")
+        if self.teacher_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"teacher_graphs {self.teacher_graphs!r}: use auto, on or off")
 
     def compiles(self, device: torch.device) -> bool:
         """Whether the loop runs compiled on ``device`` (Hutchinson's double backward cannot)."""
@@ -154,6 +159,10 @@ class AnnealConfig:
         """Whether the compiled masked graph has its blocks outlined into one region."""
         return self.compiles(device) and (
             self.outline_blocks == "on" or (self.outline_blocks == "auto" and device.type == "cuda"))
+
+    def graphs_teacher(self, device: torch.device) -> bool:
+        """Whether the loop replays the teacher as a CUDA graph (CUDA only)."""
+        return device.type == "cuda" and self.teacher_graphs in ("on", "auto")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -322,6 +331,8 @@ class Annealer:
         self._compile_tried = False
         if self.compiled:
             self._compile()
+        if cfg.graphs_teacher(device):
+            self.teacher = GraphedForward(self.teacher, self.taps.teacher if self.taps is not None else None)
         if not cfg.fixed_mask:
             self._refresh_scores(margin=cfg.prior_margin)
 

@@ -352,3 +352,20 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
         annealer.run()
     assert annealer.step == 4  # stopped at the first check after the bad step
     assert all(torch.equal(p, q) for p, q in zip(annealer.params, snapshots["before"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["sparsegpt+kd", "sparseforge"])
+def test_teacher_cuda_graph_gives_the_same_run(data_dir, method):
+    """--teacher-graphs on (the teacher's forward replayed as one CUDA graph, block taps included):
+    the same losses as the teacher run call by call, compiled."""
+    runs = {}
+    for graphs in ("off", "on"):
+        torch.manual_seed(0)
+        annealer = _annealer(data_dir, method=method, device="cuda", steps=6, hidden_weight=3.0, compile="on",
+                             teacher_graphs=graphs, warm_start="wanda", importance_every=2)
+        runs[graphs] = [float(annealer.train_step()["loss"]) for _ in range(6)], annealer
+    graphed = runs["on"][1].teacher
+    assert graphed.graph is not None and not graphed.failed
+    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=1e-3), runs
