@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
         for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median",
-                    "first_log_step", "first_log_elapsed_s"):
+                    "first_log_step", "first_log_elapsed_s", "compiled"):
             if key in info:
                 row[key] = info[key]
         for phase, seconds in info.get("phases", {}).items():  # where the budget went (flat keys)

@@ -270,6 +270,7 @@ class AnnealResult:
     flips_vs_warm_start: int
     metrics_path: str | None
     history: list[dict] = field(default_factory=list)
+    compiled: bool = False  # the run ended compiled (False: eager by choice or after a compile failure)
 
 
 class Annealer:
@@ -745,7 +746,7 @@ class Annealer:
                             final_loss=float(last["loss"]) if last else float("nan"),
                             flips_vs_warm_start=self.flips() if self.warm else 0,
                             metrics_path=str(self.out_dir / "metrics.jsonl") if self.out_dir else None,
-                            history=self.history)
+                            history=self.history, compiled=self.compiled)
 
     def _log_row(self, last: dict, metrics_file) -> dict:
         now = time.perf_counter()

@@ -93,7 +93,8 @@ class SparsifyResult:
                "phases": {k: round(v, 2) for k, v in self.phases.items()}, "teacher_tokens": self.teacher_tokens}
         if self.anneal:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
-                       final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start)
+                       final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
+                       compiled=self.anneal.compiled)
         return out
 
 
