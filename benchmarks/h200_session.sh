@@ -9,7 +9,8 @@
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
-# 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes.
+# 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes;
+# STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 set -u
 out=$1
@@ -30,6 +31,7 @@ for step in "$@"; do
                 --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
                 --split valid --tasks '' --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
+                    --outline "${STEP_OUTLINE:-off,on}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
