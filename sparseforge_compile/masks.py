@@ -200,11 +200,12 @@ class MaskState(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _refresh(self) -> None:
-        key = (self.score.data_ptr(), self.score._version, self.score.device)
+        score = self.score  # one nn.Module attribute lookup: this runs for every layer every step
+        key = (score.data_ptr(), score._version, score.device)
         if key != self._cache_key:
             with torch.no_grad():
-                self._thr = group_thresholds(self.score, self.pattern)
-                self._margin = self.score - self._thr  # what the soft mask needs, one kernel per step
+                self._thr = group_thresholds(score, self.pattern)
+                self._margin = score - self._thr  # what the soft mask needs, one kernel per step
             self._hard = self._hard_f = None  # projected lazily: the soft phase never needs them
             self._cache_key = key
 
