@@ -2,7 +2,7 @@
 
 ``torch.export`` inlines every decoder block, so a 30-layer model is one flat graph and
 ``torch.compile`` traces, lowers and code-generates all 30 copies of the same block (SmolLM2 on the CPU:
-SparseForge's first, compiling step 56.2 s flat, 24.8 s outlined; benchmarks/results/step_time_cpu_compile.json).
+SparseForge's first, compiling step 61.4 s flat, 29.4 s outlined; benchmarks/results/step_time_cpu_compile.json).
 This pass checks that the blocks' subgraphs are the
 same computation (same ops in the same order, same constants; only the parameters and masks they
 read differ) and returns a new graph in which each block is a call of one function taking the

@@ -111,7 +111,7 @@ class AnnealConfig:
     compile: str = "auto"  # auto | on | off
     # Compile the masked graph with its identical decoder blocks outlined into one shared region
     # (passes/outline_blocks.py). Measured both ways (benchmarks/results/step_time*.json): H200,
-    # SmolLM2 b32x512, first (compiling) step 91.7 -> 66.5 s and soft steps 157 -> 127 ms; CPU 56 -> 25 s,
+    # SmolLM2 b32x512, first (compiling) step 91.7 -> 66.5 s and soft steps 157 -> 127 ms; CPU 61 -> 29 s,
     # soft steps about equal. auto = on where the loop compiles on CUDA; the CPU compiles off by default.
     # Inductor reused a buffer of a region's first call in later calls (wrong gradients on CPU and
     # CUDA, benchmarks/nested_region_check.py), so the outlined graph compiles with allow_buffer_reuse
@@ -494,7 +494,7 @@ class Annealer:
         """The masked graph is compiled whole (export inlined its blocks; ``compile_forward`` may
         hand them in outlined). The Hugging Face modules (teacher, plain student) are compiled one
         decoder block at a time: all blocks of a model share one compiled artifact (regional
-        compilation; the peer's whole first step on SmolLM2 on the CPU: 31.6 s,
+        compilation; the peer's whole first step on SmolLM2 on the CPU: 35.6 s,
         benchmarks/results/step_time_cpu_compile.json)."""
         from .baselines import PruneError, find_decoder_blocks
 
