@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results
 
 import sparseforge_compile
+from sparseforge_compile.cuda_graphs import capture
 from sparseforge_compile.lowering import lower_model
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.sparse_linear import DispatchConfig
@@ -86,25 +87,16 @@ def timed(fn, inputs: list, warmup: int = 3, iters: int = 10) -> float:
 
 def graph_timed(fn, inputs: list, warmup: int = 3, iters: int = 10) -> float:
     """Median ms of ``iters`` CUDA-graph replays of one ``fn`` call (compiled without CUDA graphs): warm-up
-    calls on a side stream (they compile), one captured call, then replays with ``inputs[i]`` copied into
-    the captured input buffers first. Only device time counts, for dense and ours alike, so a host-bound
-    harness (guards, cache bookkeeping) cannot decide a decode comparison."""
+    calls on a side stream (they compile) and one captured call, all on ``inputs[0]``, then replays with
+    ``inputs[i]`` copied into the captured input buffers first. Only device time counts, for dense and
+    ours alike, so a host-bound harness (guards, cache bookkeeping) cannot decide a decode comparison."""
     static = [t.clone() for t in inputs[0]]
 
     def load(i: int) -> None:
         for buf, t in zip(static, inputs[i % len(inputs)]):
             buf.copy_(t)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(warmup):
-            load(i)
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*static)
+    graph, _ = capture(lambda: fn(*static), warmup=warmup)  # the warm-ups compile
     times = []
     for i in range(warmup, warmup + iters):
         load(i)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cuda_graphs import capture, warm_up
+
 log = logging.getLogger(__name__)
 
 
@@ -240,15 +242,8 @@ class GraphedDecoder:
 
     def _graph(self, end: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if end not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture
-                self.decoder.bucket_step(self.tokens, self.position, end)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.decoder.bucket_step(self.tokens, self.position, end)
-            self.graphs[end] = (graph, logits)
+            self.graphs[end] = capture(lambda: self.decoder.bucket_step(self.tokens, self.position, end),
+                                       pool=self.pool)
         return self.graphs[end]
 
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
@@ -287,19 +282,11 @@ class GraphedForward:
 
     def _capture(self, ids: torch.Tensor) -> None:
         self.static_ids = ids.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.fn(self.static_ids)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(lambda: self.fn(self.static_ids), times=2)
         if self.recorder is not None:
-            self.recorder.clear()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fn(self.static_ids)
+            self.recorder.clear()  # the warm-ups' recordings: the capture's are the ones replays refill
+        self.graph, self.out = capture(lambda: self.fn(self.static_ids), warmup=0)
         self.recorded = dict(self.recorder.outputs) if self._recording() else {}
-        self.graph, self.out = graph, out
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         usable = not self.failed and ids.is_cuda

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cuda_graphs import capture, warm_up
 from .masks import NMPattern, count_nm_violations
 
 log = logging.getLogger(__name__)
@@ -430,24 +431,24 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def _record_graph(fns: Sequence[Callable[[], object]], target_ms: float, pool=None) -> tuple[torch.cuda.CUDAGraph, int]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:  # warm-up outside capture: handles, workspaces, plans
+    def each_once() -> None:
+        for fn in fns:
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
+
+    warm_up(each_once)  # handles, workspaces, plans: outside the capture
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for fn in fns:
-        fn()
+    each_once()
     end.record()
     end.synchronize()
     estimate = max(start.elapsed_time(end) / len(fns), 1e-3)
     calls = int(min(64, max(len(fns), target_ms / estimate)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+
+    def cycle() -> None:  # outputs dropped as it goes, so the graph's memory holds one at a time
         for i in range(calls):
             fns[i % len(fns)]()
+
+    graph, _ = capture(cycle, warmup=0, pool=pool)
     graph.replay()
     return graph, calls
 
