@@ -45,7 +45,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .distill import GraphedForward, hidden_state_loss, kd_loss
-from .masks import MaskState, make_masks
+from .masks import MaskState, add_importances, make_masks
 from .passes.inline_masks import InlineMaskOps
 from .passes.tap_blocks import BlockOutputRecorder
 
@@ -370,14 +370,11 @@ class Annealer:
                 ms.hook_enabled = True
         tokens = sampled.numel()
         pairs = [(ms, g.float()) for ms, g in zip(masks, grads) if g is not None]
-        if pairs:  # every layer's EMA update in a few multi-tensor kernels
+        if pairs:
             with torch.no_grad():
                 squares = torch._foreach_mul([g for _, g in pairs], [g for _, g in pairs])
                 torch._foreach_mul_(squares, 0.5 * tokens)
-                # Every MaskState got cfg.importance_beta in __init__: one lerp weight for all.
-                torch._foreach_lerp_([ms.importance for ms, _ in pairs], squares, 1 - self.cfg.importance_beta)
-            for ms, _ in pairs:
-                ms._updates[1] += 1
+            add_importances([ms for ms, _ in pairs], squares)
 
     def _evidence_weight(self, ms: MaskState) -> float:
         probes = self.hutchinson_probes if self.cfg.importance == "hutchinson" else ms._updates[1]

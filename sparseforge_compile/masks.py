@@ -270,11 +270,6 @@ class MaskState(nn.Module):
         value = getattr(self, which)
         return value / (1 - self.importance_beta**k) if k else value
 
-    def add_importance(self, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.importance.lerp_(value.float(), 1 - self.importance_beta)
-            self._updates[1] += 1
-
     def make_mask(self, leaf: bool = False) -> torch.Tensor:
         """The mask in use now; while ``collecting``, a leaf of the autograd graph whose gradient
         feeds ``grad_ema`` and is kept in ``last_mask`` for other gradients (the Fisher probe).
@@ -306,6 +301,19 @@ class MaskState(nn.Module):
         if self.fed is not None:
             return self.fed
         return self.make_mask()
+
+
+@torch.no_grad()
+def add_importances(states: list[MaskState], values: list[torch.Tensor]) -> None:
+    """Fold one curvature estimate per layer into each ``importance`` EMA (weight 1 - importance_beta),
+    all layers in a few multi-tensor kernels (one lerp per beta: the loop gives all layers the same)."""
+    by_beta: dict[float, list[int]] = {}
+    for i, ms in enumerate(states):
+        by_beta.setdefault(ms.importance_beta, []).append(i)
+    for beta, index in by_beta.items():
+        torch._foreach_lerp_([states[i].importance for i in index], [values[i].float() for i in index], 1 - beta)
+    for ms in states:
+        ms._updates[1] += 1
 
 
 def make_masks(states: list[MaskState], leaf: bool = False) -> list[torch.Tensor]:
