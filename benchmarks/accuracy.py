@@ -28,6 +28,7 @@ from common import RESULTS_DIR, write_results
 
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
+from sparseforge_compile.distill import TEACHER_DECODES
 from sparseforge_compile.evaluate import perplexity
 from sparseforge_compile.models import load_model
 from sparseforge_compile.pipeline import METHODS, SparsifyConfig, sparsify
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "most 4096; 16 on the CPU, as the CLI: one 1024-row batch takes minutes on a CPU)")
     p.add_argument("--warm-compile-caches", action="store_true",
                    help="let a trained method reuse what an earlier one compiled (default: each compiles cold)")
-    p.add_argument("--teacher-decode", default="auto", choices=("auto", "forward", "static", "graphs"))
+    p.add_argument("--teacher-decode", default="auto", choices=TEACHER_DECODES)
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)

@@ -138,8 +138,9 @@ class LowerSparseLinears(GraphPass):
 
     ``fuse_siblings``: hardened Linears that read the same input (q/k/v, gate/up) become one sparse
     op on their row-concatenated weight (still N:M: groups run along the input dim) whose output is
-    split again. One wide GEMM beats three narrow ones on the sparse kernel (LLaMA-7B: 4096x4096
-    measured 1.25-1.39x over cuBLAS, 11008x4096 1.41-1.51x) and saves launches at decode. Only
+    split again, on the expectation that a wider sparse GEMM gains more (benchmarks/results/kernels.json:
+    LLaMA-7B 4096x4096 1.38-1.51x, 11008x4096 1.36-1.52x over cuBLAS at >= 4096 tokens) and saves launches
+    at decode; end to end it has not paid yet (e2e.json: prefill 1.27x fused vs 1.31x unfused). Only
     where the sparse kernel applies: the fused weight is a new (compressed) tensor.
     """
 

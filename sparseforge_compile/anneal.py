@@ -143,12 +143,9 @@ class AnnealConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast {self.autocast!r}: use auto, bf16 or off")
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"compile {self.compile!r}: use auto, on or off")
-        if self.outline_blocks not in ("auto", "on", "off"):
-            raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, on or off")
-        if self.teacher_graphs not in ("auto", "on", "off"):
-            raise ValueError(f"teacher_graphs {self.teacher_graphs!r}: use auto, on or off")
+        for name in ("compile", "outline_blocks", "teacher_graphs"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} {getattr(self, name)!r}: use auto, on or off")
 
     def compiles(self, device: torch.device) -> bool:
         """Whether the loop runs compiled on ``device`` (Hutchinson's double backward cannot)."""

@@ -19,6 +19,7 @@ from .anneal import AnnealError
 from .baselines import PruneError
 from .capture import CaptureError
 from .data import DataError
+from .distill import TEACHER_DECODES
 from .models import SMOLLM2_NAME, ModelLoadError
 
 
@@ -297,9 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=None)
     p.add_argument("--teacher-sample-share", type=float, default=0.2)
     p.add_argument("--teacher-sample-batch", type=int, default=None)
-    p.add_argument("--teacher-decode", default="auto", choices=("auto", "forward", "static", "graphs"),
-                   help="how teacher text is decoded: the model's forward, a static KV cache (LLaMA family; "
-                        "auto picks it), or its steps replayed as CUDA graphs")
+    p.add_argument("--teacher-decode", default="auto", choices=TEACHER_DECODES,
+                   help="how teacher text is decoded: the model's forward, a static KV cache (LLaMA family), "
+                        "or its steps replayed as CUDA graphs; auto: graphs on a GPU, static on the CPU, "
+                        "forward for other families")
     p.add_argument("--quiet", action="store_true")
     for f in _anneal_fields():
         kind = str(f.type)

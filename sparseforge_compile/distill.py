@@ -97,6 +97,7 @@ SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-
 
 
 GRAPH_BUCKET = 64  # positions per captured decode graph (GraphedDecoder)
+TEACHER_DECODES = ("auto", "forward", "static", "graphs")  # sample_from_teacher(decode=...)
 
 
 def sample_batch_size(teacher: nn.Module, length: int) -> int:
@@ -331,8 +332,8 @@ def sample_from_teacher(teacher: nn.Module, prompts: torch.Tensor, length: int, 
     gen = torch.Generator(device=device).manual_seed(seed)
     # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`.
     cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
-    if decode not in ("auto", "forward", "static", "graphs"):
-        raise ValueError(f"decode={decode!r}: use auto, forward, static or graphs")
+    if decode not in TEACHER_DECODES:
+        raise ValueError(f"decode={decode!r}: use one of {', '.join(TEACHER_DECODES)}")
     if decode == "auto":
         decode = ("forward" if not StaticKVDecoder.supports(teacher, length)
                   else "graphs" if device.type == "cuda" else "static")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .anneal import AnnealConfig, Annealer, AnnealResult, LayerTaps, TrainingBatches
+from .distill import TEACHER_DECODES
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ class SparsifyConfig:
             NMPattern.parse(self.pattern)
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"budget must be positive, got {self.budget_s}s")
-        if self.teacher_decode not in ("auto", "forward", "static", "graphs"):
-            raise ValueError(f"teacher_decode {self.teacher_decode!r}: use auto, forward, static or graphs")
+        if self.teacher_decode not in TEACHER_DECODES:
+            raise ValueError(f"teacher_decode {self.teacher_decode!r}: use one of {', '.join(TEACHER_DECODES)}")
         if not 0 <= self.teacher_sample_share < 1:
             raise ValueError(f"teacher_sample_share {self.teacher_sample_share} must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
