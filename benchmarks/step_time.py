@@ -79,11 +79,12 @@ def profile_steps(step, path: str, device: str, steps: int = 8) -> float | None:
     return busy_us / 1e3 / steps
 
 
-def first_step_s(annealer) -> float:
-    """Seconds of the first step: with compile on, it compiles."""
+def first_and_median(annealer, repeats: int) -> tuple[float, float]:
+    """Seconds of the first step (with compile on, it compiles), then the median ms of the next ones."""
     t0 = time.perf_counter()
     annealer.train_step()
-    return time.perf_counter() - t0
+    first_s = time.perf_counter() - t0
+    return first_s, median_ms(annealer.train_step, repeats, warmup=2)
 
 
 def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device: str,
@@ -91,9 +92,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": device == "cuda"}
     kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
                          compile=compile)
-    kd_first_s = first_step_s(kd)
+    kd_first_s, kd_ms = first_and_median(kd, args.repeats)
     busy: dict[str, float | None] = {}  # device-busy ms per step, from the profiles
-    kd_ms = median_ms(kd.train_step, args.repeats, warmup=2)
     compiled = kd.compiled
     if args.profile:
         busy["plain_kd_gpu_busy_ms"] = profile_steps(
@@ -121,8 +121,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     if compile == "on" and other in args.outline.split(","):
         _, alt = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline=other)
-        alt_first_s = first_step_s(alt)
-        alt_ms = median_ms(alt.train_step, args.repeats, warmup=2)
+        alt_first_s, alt_ms = first_and_median(alt, args.repeats)
         label = "outlined" if other == "on" else "flat"
         extra_cols = {f"anneal_soft_{label}_ms": round(alt_ms, 2), f"anneal_{label}_first_step_s": round(alt_first_s, 1)}
         alt = None
@@ -132,16 +131,14 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
         for fixed in (True, False):
             _, ann = build(base, tok, calib, batch, args.seqlen, fixed=fixed, hidden_weight=hidden_weight,
                            compile=compile, outline="auto", teacher_graphs="on")
-            first_step_s(ann)
-            graphed[fixed] = median_ms(ann.train_step, args.repeats, warmup=2)
+            graphed[fixed] = first_and_median(ann, args.repeats)[1]
             ann = None
         extra_cols.update(plain_kd_teacher_graphs_ms=round(graphed[True], 2),
                           anneal_soft_teacher_graphs_ms=round(graphed[False], 2))
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile,
                   outline="auto")
-    sf_first_s = first_step_s(sf)
+    sf_first_s, soft_ms = first_and_median(sf, args.repeats)
     extra_cols["soft_outlined"] = sf._compile_forward is not None  # False also where the outlined compile failed
-    soft_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     if args.profile:
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
             sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
