@@ -277,8 +277,9 @@ class Annealer:
     ``plain_forward`` runs the model without mask nodes (the final, hard-mask phase);
     ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
     ``teacher(input_ids) -> logits`` is the dense model; ``regions`` the modules behind ``teacher``
-    and ``plain_forward``, whose decoder blocks are compiled (with ``cfg.compile``) one block at a time
-    (without them those two run eagerly);
+    and ``plain_forward``, in that order, whose decoder blocks are compiled (with ``cfg.compile``) one
+    block at a time (without them those two run eagerly; a teacher replayed as a CUDA graph is
+    compiled whole instead);
     ``compile_forward`` what to compile in place of ``forward`` (the same graph, blocks outlined).
     """
 
@@ -499,7 +500,13 @@ class Annealer:
                                         options={"allow_buffer_reuse": False})
             else:
                 self.forward = compiled(_inlined_masks(self.forward))
-        for model in self.regions:
+        regions = self.regions
+        if self.cfg.graphs_teacher(self.device) and regions:
+            # The teacher is replayed as a CUDA graph: compiled whole, transformers' mask checks that
+            # read device values on the host are traced away (eager, they break the capture).
+            self.teacher = compiled(self.teacher)
+            regions = regions[1:]
+        for model in regions:
             try:
                 blocks = find_decoder_blocks(model)[1]
             except PruneError:

@@ -25,6 +25,33 @@ def warm_up(fn: Callable[[], object], times: int = 1) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
+class HostSyncError(RuntimeError):
+    """The function synchronizes with the host, so a CUDA graph cannot capture it."""
+
+
+def check_no_host_syncs(fn: Callable[[], object], what: str = "the function") -> None:
+    """Run ``fn`` once with CUDA sync debugging set to raise; a synchronizing call (``.item()``, a
+    tensor in an ``if``) raises :class:`HostSyncError` naming it.
+
+    Why before a capture: a sync inside ``torch.cuda.graph`` invalidates the capture, and the aborted
+    capture leaves the CUDA generator in capture state, so every later random op in the process fails
+    ("Offset increment outside graph capture"; seen on the H200 with transformers' packed-sequence
+    check in an eager Hugging Face forward). Checked outside a capture, the caller can fall back.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as exc:
+        if "synchronizing" not in str(exc):
+            raise
+        raise HostSyncError(f"{what} synchronizes with the host, so it cannot be captured as a CUDA graph "
+                            f"({str(exc).splitlines()[0]}); compile it whole (Dynamo traces such checks "
+                            f"away) or run it without graphs") from exc
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def capture(fn: Callable[[], T], warmup: int = 1, pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
     """``warmup`` side-stream calls of ``fn``, then one captured call: the graph and that call's output
     (graph memory: each replay overwrites it). The capture records work but runs none: replay once

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cuda_graphs import capture, warm_up
+from .cuda_graphs import capture, check_no_host_syncs, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,11 @@ class GraphedForward:
     record into ``recorder`` during the capture are graph memory too: after each replay the recorder is
     handed those same tensors, now holding this call's values. Another shape, or no CUDA, calls ``fn``.
     The returned tensors are overwritten by the next call: use them before calling again (the loop
-    does: the loss consumes them within the step). If capturing fails, one warning and ``fn`` from then on.
+    does: the loss consumes them within the step). If capturing fails, one warning and ``fn`` from then on;
+    a forward that synchronizes with the host (an eager Hugging Face forward's mask checks, in some
+    transformers versions) is found before the capture (``cuda_graphs.check_no_host_syncs``), since a
+    failed capture breaks later random ops in the process. The training loop hands in the teacher
+    compiled whole, which has no such checks left.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], recorder: object | None = None) -> None:
@@ -284,6 +288,7 @@ class GraphedForward:
     def _capture(self, ids: torch.Tensor) -> None:
         self.static_ids = ids.clone()
         warm_up(lambda: self.fn(self.static_ids), times=2)
+        check_no_host_syncs(lambda: self.fn(self.static_ids), "the teacher's forward")
         if self.recorder is not None:
             self.recorder.clear()  # the warm-ups' recordings: the capture's are the ones replays refill
         self.graph, self.out = capture(lambda: self.fn(self.static_ids), warmup=0)

@@ -272,23 +272,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 def test_compiled_annealing_follows_the_eager_run(data_dir, outline, device):
     """torch.compile of the masked graph (masks fed in as inputs and multiplied inline; flat, or its
     blocks outlined into one region), the teacher and the loss: same losses as eager through the soft,
-    hardening and final phases, with Fisher probes and taps. On CUDA both run under bf16 autocast."""
+    hardening and final phases, with Fisher probes and taps. In fp32 on CUDA too: the Fisher probe
+    samples its labels from the student, and bf16's rounding differences between fused and eager
+    kernels flip some samples, which moves single weights' importances by 2x (seen on the H200);
+    the bf16 compiled loop is compared with eager in test_teacher_cuda_graph_gives_the_same_run."""
     runs = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
         annealer = _annealer(data_dir, device=device, steps=10, warm_start="wanda", hidden_weight=3.0,
                              compile=mode, importance_every=2, evidence_probes=1, prior_margin=0.5,
-                             outline_blocks=outline)
+                             outline_blocks=outline, autocast="off")
         runs[mode] = ([float(annealer.train_step()["loss"]) for _ in range(10)], annealer)
     assert not runs["off"][1].compiled and runs["on"][1].compiled
     assert (runs["on"][1]._compile_forward is not None) == (outline == "on")
-    bf16 = device == "cuda"  # fused bf16 kernels round differently from eager's
-    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=2e-2 if bf16 else 2e-3), runs
+    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=2e-3), runs
     # The scores (fed by Fisher probes through the compiled backward) agree too.
     eager, comp = runs["off"][1], runs["on"][1]
     for name, ms in eager.masks.items():
-        assert torch.allclose(ms.importance, comp.masks[name].importance, rtol=0.1 if bf16 else 1e-2,
-                              atol=1e-4 if bf16 else 1e-6), name
+        assert torch.allclose(ms.importance, comp.masks[name].importance, rtol=1e-2, atol=1e-6), name
 
 
 def test_compiled_peer_follows_the_eager_run(data_dir):
@@ -380,4 +381,6 @@ def test_teacher_cuda_graph_gives_the_same_run(data_dir, method):
         runs[graphs] = [float(annealer.train_step()["loss"]) for _ in range(6)], annealer
     graphed = runs["on"][1].teacher
     assert graphed.graph is not None and not graphed.failed
-    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=1e-3), runs
+    # Replayed, the teacher is compiled whole rather than block by block: Inductor fuses across
+    # blocks, so its bf16 logits round a little differently; a stale or wrong replay is far off.
+    assert runs["on"][0] == pytest.approx(runs["off"][0], rel=1e-2), runs
