@@ -121,6 +121,14 @@ def cold_compile_caches(cold: bool):
     torch._dynamo.reset()
 
 
+def anneal_config(args: argparse.Namespace, overrides: dict, spec: str) -> AnnealConfig:
+    """The flags' batch size and seqlen, then --anneal, then the method's own brackets: later wins
+    (``sparseforge[batch_size=64]`` overrides ``--batch-size``)."""
+    fields = {"batch_size": args.batch_size, "seqlen": args.train_seqlen, **overrides,
+              **anneal_overrides(spec_overrides(spec))}
+    return AnnealConfig(**fields)
+
+
 def method_of(spec: str) -> str:
     return spec.split("[", 1)[0]
 
@@ -133,10 +141,16 @@ def spec_overrides(spec: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     methods = split_methods(args.methods)
+    overrides = anneal_overrides(args.anneal)
     for spec in methods:
         m = method_of(spec)
         if m != "dense" and m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from dense, {', '.join(METHODS)}")
+        if m != "dense":
+            try:  # every method's settings, checked before the model loads and the first method runs
+                anneal_config(args, overrides, spec)
+            except (TypeError, ValueError) as exc:
+                raise SystemExit(f"{spec}: {exc}") from None
     tasks = [t for t in args.tasks.split(",") if t]
     base = load_model(args.model, device=args.device)
     tok = base.tokenizer
@@ -145,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     calib = None
     if any(method_of(m) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
         calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
-    overrides = anneal_overrides(args.anneal)
     rows = []
     stem = f"accuracy_{Path(args.model).name.replace('.', '_')}"
     run_dir = Path(args.out).parent if args.out else RESULTS_DIR
@@ -159,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         info: dict = {}
         budget_s = 0.0
         if method != "dense":
-            acfg = AnnealConfig(batch_size=args.batch_size, seqlen=args.train_seqlen,
-                                **{**overrides, **anneal_overrides(spec_overrides(spec))})
+            acfg = anneal_config(args, overrides, spec)
             budget_s = args.budget_minutes * 60 if method in ("sparsegpt+kd", "sparseforge") else 0.0
             cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
