@@ -138,9 +138,10 @@ class LowerSparseLinears(GraphPass):
 
     ``fuse_siblings``: hardened Linears that read the same input (q/k/v, gate/up) become one sparse
     op on their row-concatenated weight (still N:M: groups run along the input dim) whose output is
-    split again, on the expectation that a wider sparse GEMM gains more (benchmarks/results/kernels.json:
-    LLaMA-7B 4096x4096 1.38-1.51x, 11008x4096 1.36-1.52x over cuBLAS at >= 4096 tokens) and saves launches
-    at decode; end to end it has not paid yet (e2e.json: prefill 1.27x fused vs 1.31x unfused). Only
+    split again: one wider sparse GEMM gains a little more and launches once (benchmarks/results/
+    kernels.json, 4096 tokens: q+k+v 12288x4096 1.48x against 1.44x for one 4096x4096; gate+up
+    22016x4096 1.52x against 1.51x), and end to end it now pays slightly (e2e.json: prefill 4 x 2048
+    1.35x fused vs 1.32x unfused, 1 x 2048 1.35x vs 1.31x; the run before had 1.27x vs 1.31x). Only
     where the sparse kernel applies: the fused weight is a new (compressed) tensor.
     """
 
