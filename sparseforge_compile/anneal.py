@@ -52,6 +52,7 @@ from .passes.tap_blocks import BlockOutputRecorder
 log = logging.getLogger(__name__)
 
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
+SOURCE_METRICS = ("ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")  # see distill.kd_loss
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
 
 
@@ -446,7 +447,7 @@ class Annealer:
         hidden = (student_rec.take(), taps.teacher.take()) if taps is not None else None
         loss_terms = _loss_terms if eager else self._loss_terms
         loss, parts = loss_terms(s_logits, t_logits, ids, hidden, self.cfg.kd_temperature, self.cfg.ce_weight,
-                                 self.cfg.kl_weight, self.cfg.hidden_weight or 0.0)
+                                 self.cfg.kl_weight, self.cfg.hidden_weight or 0.0, self.batches.n_teacher)
         return loss, parts, s_logits
 
     def _plain_phase(self, point: SchedulePoint) -> bool:
@@ -757,6 +758,9 @@ class Annealer:
                "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
                "tokens_per_s": (self.tokens - self._tok_last) / max(now - self._t_last, 1e-9),
                "elapsed_s": now - self._start}
+        for key in SOURCE_METRICS:  # this batch's losses by source: memorization of the real text shows here
+            if key in last:
+                row[key] = float(last[key])
         self._t_last, self._tok_last = now, self.tokens
         self.history.append(row)
         if metrics_file:
@@ -805,11 +809,13 @@ def _inlined_masks(forward: Callable, copy: bool = True) -> Callable:
 
 def _loss_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor,
                 hidden: tuple[list[torch.Tensor], list[torch.Tensor]] | None, temperature: float,
-                ce_weight: float, kl_weight: float, hidden_weight: float) -> tuple[torch.Tensor, dict]:
+                ce_weight: float, kl_weight: float, hidden_weight: float,
+                real_from_row: int | None = None) -> tuple[torch.Tensor, dict]:
     """CE + tau^2 KL to the teacher (+ hidden_weight x the layer-wise loss): one function, so that
-    torch.compile fuses the vocab-sized fp32 work (a quarter of an eager step on SmolLM2)."""
+    torch.compile fuses the vocab-sized fp32 work (a quarter of an eager step on SmolLM2). The
+    batch's first ``real_from_row`` rows are teacher-sampled, the rest real text (``kd_loss``)."""
     loss, parts = kd_loss(s_logits, t_logits, ids, temperature=temperature, ce_weight=ce_weight,
-                          kl_weight=kl_weight)
+                          kl_weight=kl_weight, real_from_row=real_from_row)
     if hidden is not None:
         h = hidden_state_loss(*hidden)
         loss = loss + hidden_weight * h
@@ -830,6 +836,10 @@ def plot_curves(history: list[dict], layer_density: dict[str, float], path: str 
     ax.plot(steps, [r["loss"] for r in history], label="loss")
     ax.plot(steps, [r["kl"] for r in history], label="KL (x tau^2)", alpha=0.7)
     ax.plot(steps, [r["ce"] for r in history], label="CE", alpha=0.7)
+    if history and "ce_real" in history[-1]:  # below the teacher's own CE: the real text is memorized
+        ax.plot(steps, [r.get("ce_real", float("nan")) for r in history], label="CE, real rows", alpha=0.7)
+        ax.plot(steps, [r.get("teacher_ce_real", float("nan")) for r in history], label="teacher CE, real rows",
+                linestyle="--", alpha=0.7)
     ax.set_title("loss")
     ax.legend()
     ax = axes[0][1]

@@ -24,30 +24,53 @@ log = logging.getLogger(__name__)
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             temperature: float = 2.0, ce_weight: float = 1.0, kl_weight: float = 1.0,
-            chunk_tokens: int = 8192) -> tuple[torch.Tensor, dict[str, float]]:
+            chunk_tokens: int = 8192, real_from_row: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """CE on the next token + tau^2 * KL(teacher_tau || student_tau), mean over predicted tokens.
 
-    Computed in fp32 over token chunks so vocab-sized fp32 intermediates stay bounded.
-    Returns the loss and its parts (detached floats are read lazily by the caller).
+    Computed in fp32 over token chunks so vocab-sized fp32 intermediates stay bounded. The CE is
+    reported even with ``ce_weight=0`` (without a gradient): it is what perplexity measures.
+    ``real_from_row``: rows from that index on are real text (C4), those before it teacher-sampled;
+    then the parts also hold each source's CE and KL (``ce_real``, ``kl_real``, ``ce_sampled``,
+    ``kl_sampled``) and the teacher's own CE on the real rows (``teacher_ce_real``). A student whose
+    ``ce_real`` falls below the teacher's is memorizing the (small, repeated) real text.
+    Returns the loss and its parts (detached; the caller reads them lazily).
     """
+    n_rows, length = labels.shape
     s = student_logits[:, :-1].reshape(-1, student_logits.shape[-1])
     t = teacher_logits[:, :-1].reshape(-1, teacher_logits.shape[-1])
     y = labels[:, 1:].reshape(-1)
     count = y.numel()
-    ce_total = s.new_zeros((), dtype=torch.float32)
-    kl_total = s.new_zeros((), dtype=torch.float32)
+    split = count if real_from_row is None else min(max(real_from_row, 0), n_rows) * (length - 1)
+    ce_tok, kl_tok, teacher_ce = [], [], s.new_zeros((), dtype=torch.float32)
     for i in range(0, count, chunk_tokens):
-        sc = s[i : i + chunk_tokens].float()
-        if ce_weight:
-            ce_total = ce_total + F.cross_entropy(sc, y[i : i + chunk_tokens], reduction="sum")
-        if kl_weight:
-            log_p_s = F.log_softmax(sc / temperature, dim=-1)
+        sc, yc = s[i : i + chunk_tokens].float(), y[i : i + chunk_tokens]
+        log_p_s = F.log_softmax(sc / temperature, dim=-1) if kl_weight else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and ce_weight != 0):
+            if log_p_s is not None and temperature == 1:  # the CE's log-softmax is the KL's
+                ce_tok.append(-log_p_s.gather(1, yc[:, None]).squeeze(1))
+            else:
+                ce_tok.append(F.cross_entropy(sc, yc, reduction="none"))
+        if log_p_s is not None:
             log_p_t = F.log_softmax(t[i : i + chunk_tokens].float() / temperature, dim=-1)
-            kl_total = kl_total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
-    ce = ce_total / count
-    kl = kl_total / count * temperature**2
+            kl_tok.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1))
+        lo = max(i, split)
+        if lo < min(i + chunk_tokens, count):
+            with torch.no_grad():
+                teacher_ce = teacher_ce + F.cross_entropy(t[lo : i + chunk_tokens].float(), y[lo : i + chunk_tokens],
+                                                          reduction="sum")
+    ce_all = torch.cat(ce_tok)
+    kl_all = torch.cat(kl_tok) * temperature**2 if kl_tok else torch.zeros_like(ce_all)
+    ce, kl = ce_all.mean(), kl_all.mean()
     loss = ce_weight * ce + kl_weight * kl
-    return loss, {"ce": ce.detach(), "kl": kl.detach()}
+    parts = {"ce": ce.detach(), "kl": kl.detach()}
+    if real_from_row is not None:
+        for source, sl in (("sampled", slice(0, split)), ("real", slice(split, count))):
+            if sl.stop > sl.start:
+                parts[f"ce_{source}"] = ce_all[sl].detach().mean()
+                parts[f"kl_{source}"] = kl_all[sl].detach().mean()
+        if split < count:
+            parts["teacher_ce_real"] = teacher_ce / (count - split)
+    return loss, parts
 
 
 def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

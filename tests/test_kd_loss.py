@@ -1,0 +1,69 @@
+"""The distillation loss: CE + tau^2 KL, and its per-source parts (teacher-sampled vs real rows)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseforge_compile.distill import kd_loss
+
+
+def _logits(rows=5, length=9, vocab=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, length, vocab, generator=g, requires_grad=True)
+    t = torch.randn(rows, length, vocab, generator=g)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    return s, t, ids
+
+
+def _reference(s, t, ids, temperature):
+    sv, tv, y = s[:, :-1].reshape(-1, s.shape[-1]), t[:, :-1].reshape(-1, t.shape[-1]), ids[:, 1:].reshape(-1)
+    ce = F.cross_entropy(sv, y)
+    kl = F.kl_div(F.log_softmax(sv / temperature, -1), F.log_softmax(tv / temperature, -1), log_target=True,
+                  reduction="sum") / y.numel() * temperature**2
+    return ce, kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [4, 8192])
+def test_loss_is_ce_plus_scaled_kl_in_any_chunking(temperature, chunk):
+    s, t, ids = _logits()
+    loss, parts = kd_loss(s, t, ids, temperature=temperature, ce_weight=0.5, kl_weight=2.0, chunk_tokens=chunk)
+    ce, kl = _reference(s, t, ids, temperature)
+    torch.testing.assert_close(loss, 0.5 * ce + 2.0 * kl)
+    torch.testing.assert_close(parts["ce"], ce.detach())
+    torch.testing.assert_close(parts["kl"], kl.detach())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_ce_is_reported_but_not_trained_with_ce_weight_zero(temperature):
+    s, t, ids = _logits()
+    loss, parts = kd_loss(s, t, ids, temperature=temperature, ce_weight=0.0)
+    ce, kl = _reference(s, t, ids, temperature)
+    torch.testing.assert_close(parts["ce"], ce.detach())
+    (g,) = torch.autograd.grad(loss, s)
+    (g_kl,) = torch.autograd.grad(kl, s)
+    torch.testing.assert_close(g, g_kl)
+
+
+@pytest.mark.parametrize("chunk", [5, 8192])  # 5 tokens: a chunk straddles the sampled/real boundary
+def test_parts_by_source_match_each_sub_batch(chunk):
+    s, t, ids = _logits(rows=5)
+    _, parts = kd_loss(s, t, ids, temperature=2.0, real_from_row=3, chunk_tokens=chunk)
+    _, sampled = kd_loss(s[:3], t[:3], ids[:3], temperature=2.0)
+    _, real = kd_loss(s[3:], t[3:], ids[3:], temperature=2.0)
+    for key in ("ce", "kl"):
+        torch.testing.assert_close(parts[f"{key}_sampled"], sampled[key])
+        torch.testing.assert_close(parts[f"{key}_real"], real[key])
+    teacher_ce = F.cross_entropy(t[3:, :-1].reshape(-1, t.shape[-1]), ids[3:, 1:].reshape(-1))
+    torch.testing.assert_close(parts["teacher_ce_real"], teacher_ce)
+
+
+def test_all_real_or_all_sampled_batches_report_one_source():
+    s, t, ids = _logits(rows=4)
+    _, real = kd_loss(s, t, ids, real_from_row=0)
+    assert {"ce_real", "kl_real", "teacher_ce_real"} <= set(real) and "ce_sampled" not in real
+    _, sampled = kd_loss(s, t, ids, real_from_row=4)
+    assert {"ce_sampled", "kl_sampled"} <= set(sampled) and "ce_real" not in sampled
+    assert "teacher_ce_real" not in sampled
+    _, plain = kd_loss(s, t, ids)
+    assert set(plain) == {"ce", "kl"}
