@@ -12,10 +12,14 @@
 # 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
+# OUT_DIR/pgid holds the job's process group (started with setsid, the script leads it): to stop the
+# job and whatever step it runs, `kill -- -$(cat OUT_DIR/pgid)`. (Not `pkill -f PATTERN`: the calling
+# shell's own command line contains the pattern, and it killed the device call itself.)
 set -u
 out=$1
 shift
 mkdir -p "$out"
+ps -o pgid= $$ | tr -d ' ' > "$out/pgid"
 budget=${BUDGET_MIN:-8}
 trained=${TRAINED:-sparseforge,sparsegpt+kd}
 tasks=${TASKS-piqa,arc_easy}
