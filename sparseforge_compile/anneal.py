@@ -119,7 +119,8 @@ class AnnealConfig:
     # off; if it fails to compile, the flat graph is compiled instead.
     outline_blocks: str = "auto"  # off | on | auto
     # Replay the teacher's forward as one CUDA graph (distill.GraphedForward): the steps are host-bound
-    # on a GPU. auto = on CUDA; off until benchmarks/step_time.py has measured it there.
+    # on a GPU; the teacher is then compiled whole (Annealer._compile). auto = on CUDA; off until
+    # benchmarks/step_time.py has measured it there (its first GPU run found the capture bug now fixed).
     teacher_graphs: str = "off"  # off | on | auto
     checkpoint_every: int = 0
     log_every: int = 10
