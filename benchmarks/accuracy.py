@@ -199,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                "wikitext2_ppl": round(ppl.ppl, 3), "split": args.split, "eval_windows": ppl.windows,
                "eval_seqlen": args.seqlen, "budget_s": budget_s, "wall_s": round(wall, 1),
                "peak_gpu_gb": round(peak, 2) if peak is not None else None}
+        if 0 < args.train_seqlen < args.seqlen:
+            # Where in the 2048-token window each model loses, split at --train-seqlen for every row
+            # (dense too): trained methods saw windows that long (train_seqlen says if one differed).
+            row["position_split"] = args.train_seqlen
+            row["wikitext2_ppl_within_train_len"] = round(ppl.ppl_between(0, args.train_seqlen - 1), 3)
+            row["wikitext2_ppl_beyond_train_len"] = round(ppl.ppl_between(args.train_seqlen - 1, args.seqlen), 3)
+        if method != "dense" and budget_s:
+            row["train_seqlen"] = cfg.anneal.seqlen
         if method != "dense" and budget_s:
             row["hidden_weight"] = cfg.anneal.hidden_weight
         if args.also_valid and args.split != "valid":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,25 @@ class PerplexityResult:
     seqlen: int
     tokens: int  # predicted tokens scored
     seconds: float
+    # Mean NLL at each predicted position (index i: the token at i + 1, predicted from i + 1 tokens
+    # of context): where in the window a model loses, e.g. beyond the training length.
+    position_nll: list[float] = field(default_factory=list, repr=False)
 
     @property
     def subset(self) -> bool:
         return self.windows < self.total_windows
 
+    def ppl_between(self, start: int, end: int) -> float:
+        """Perplexity over the predicted positions ``start <= i < end`` (clipped to the window)."""
+        span = self.position_nll[max(start, 0) : min(end, len(self.position_nll))]
+        if not span:
+            raise ValueError(f"no predicted positions in [{start}, {end}) of a {self.seqlen}-token window")
+        return math.exp(sum(span) / len(span))
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "subset": self.subset}
+        out = {**asdict(self), "subset": self.subset}
+        out.pop("position_nll")
+        return out
 
 
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -40,13 +52,14 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def token_nll_sum(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLLs over a batch of windows (upcast to fp32), and the count."""
+def position_nll_sums(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token NLL summed over the batch's windows at each predicted position (fp32, on the
+    CPU: ``seqlen - 1`` values), and the number of windows."""
     logits = logits_of(model, batch)
     shift = logits[:, :-1].float()
     targets = batch[:, 1:]
-    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), reduction="sum")
-    return float(nll), targets.numel()
+    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(0).cpu(), targets.shape[0]
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, total_windows: int | None = None,
@@ -56,17 +69,21 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, tot
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    nll_sum, count = 0.0, 0
+    position_sums = torch.zeros(max(windows.shape[1] - 1, 0), dtype=torch.float64)
+    rows = 0
     bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, unit="batch")
     try:
         for i in bar:
             batch = windows[i : i + batch_size].to(device)
-            s, c = token_nll_sum(model, batch)
-            nll_sum, count = nll_sum + s, count + c
-            bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+            sums, n = position_nll_sums(model, batch)
+            position_sums += sums.double()
+            rows += n
+            bar.set_postfix(ppl=f"{math.exp(float(position_sums.sum()) / (rows * position_sums.numel())):.3f}")
     finally:
         model.train(was_training)
-    nll = nll_sum / count
+    count = rows * position_sums.numel()
+    nll = float(position_sums.sum()) / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, windows=int(windows.shape[0]),
                             total_windows=int(total_windows or windows.shape[0]), seqlen=int(windows.shape[1]),
-                            tokens=count, seconds=time.perf_counter() - start)
+                            tokens=count, seconds=time.perf_counter() - start,
+                            position_nll=(position_sums / max(rows, 1)).tolist())

@@ -25,3 +25,4 @@ def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
         accuracy.main(["--methods", "sparseforge[batchsize=64]"])
     with pytest.raises(SystemExit, match=r"sparseforge\[t_start=0.01\]: need 0 < t_end"):
         accuracy.main(["--methods", "sparseforge[t_start=0.01]"])
+
