@@ -126,6 +126,24 @@ def test_backend_through_inductor_matches_eager(monkeypatch):
     assert not any(isinstance(m, SparseLinear) for m in model.modules())  # the backend leaves the model as is
 
 
+def test_backend_follows_changing_sequence_lengths(monkeypatch):
+    """generate() and prompts of many lengths: after the second length Dynamo recompiles with a symbolic
+    token count; the lowered op (its fake kernel, its runtime dispatch) must take that graph too."""
+    import torch._dynamo
+
+    import sparseforge_compile.passes.lower_sparse as lower_sparse
+
+    monkeypatch.setattr(lower_sparse, "build_kernel_state", lambda weight, bias, config: KernelState(
+        packed=torch.ones(weight.shape[0], weight.shape[1] // 2), keep_dense=True, fallback_reason=None))
+    torch._dynamo.reset()
+    model = one_layer_llama()
+    compiled = sparseforge_compile.compile(model, via="backend")
+    with torch.no_grad():
+        for length in (8, 12, 17):
+            x = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_rejects_unknown_route():
     with pytest.raises(ValueError, match="via='fast'"):
         sparseforge_compile.compile(nn.Linear(4, 4), via="fast")
