@@ -186,6 +186,11 @@ def _resolve_layers(model: nn.Module, layers: list[str] | None,
     if not names:
         raise PruneError("no layers to prune: the layer list is empty")
     modules = dict(model.named_modules())
+    owners: dict[int, list[str]] = {}  # weight -> the modules holding it (tied embeddings)
+    for mod_name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(mod_name)
     out: dict[str, nn.Module] = {}
     for name in names:
         if name not in modules:
@@ -198,6 +203,10 @@ def _resolve_layers(model: nn.Module, layers: list[str] | None,
                 f"layer {name!r} is a {type(module).__name__}; only nn.Linear and transformers Conv1D layers "
                 f"can be pruned"
             )
+        shared = [n for n in owners.get(id(module.weight), []) if n != name]
+        if shared:
+            raise PruneError(f"layer {name!r} shares its weight with {', '.join(shared)} (tied embeddings): pruning "
+                             f"it would prune that too; leave it out, or untie the weights first")
         if pattern is not None:
             pattern.check_divides(int(weight_out_in(module).shape[1]), name)
         out[name] = module
@@ -645,18 +654,56 @@ def _prune_magnitude(targets: dict[str, nn.Module], pattern: NMPattern | None, s
     return stats, masks
 
 
-def _group_by_block(targets: dict[str, nn.Module], blocks_name: str, count: int) -> dict[int, list[str]]:
+def _group_by_block(targets: dict[str, nn.Module], blocks_name: str, count: int) -> tuple[dict[int, list[str]],
+                                                                                           list[str]]:
+    """Target layers by the index of the block that holds them, and those outside every block."""
     grouped: dict[int, list[str]] = {}
+    outside: list[str] = []
     prefix = f"{blocks_name}."
     for name in targets:
         index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-        if not index.isdigit() or int(index) >= count:
-            raise PruneError(
-                f"layer {name!r} is outside the decoder blocks {blocks_name!r}: Wanda and SparseGPT calibrate "
-                f"block by block, so they prune only layers inside the blocks (use magnitude for others)"
-            )
-        grouped.setdefault(int(index), []).append(name)
-    return grouped
+        if index.isdigit() and int(index) < count:
+            grouped.setdefault(int(index), []).append(name)
+        else:
+            outside.append(name)
+    return grouped, outside
+
+
+def _hooked_stats(layers: dict[str, nn.Module], method: str, measure_error: bool) -> tuple[dict[str, LayerInputStats],
+                                                                                          list]:
+    """Input statistics for ``layers``, filled by forward hooks while the caller runs calibration data."""
+    want_gram = method == "sparsegpt" or measure_error
+    collected = {
+        name: LayerInputStats(int(weight_out_in(module).shape[1]), gram=want_gram, norms=method == "wanda",
+                              layer=name)
+        for name, module in layers.items()
+    }
+    handles = [module.register_forward_hook(lambda _m, args, _out, s=collected[name]: s.add_batch(args[0]))
+               for name, module in layers.items()]
+    return collected, handles
+
+
+def _check_whole_model_on(model: nn.Module, layers: list[str], device: torch.device) -> None:
+    elsewhere = sorted({str(t.device) for t in model.parameters() if t.device != device})
+    if elsewhere:
+        raise PruneError(f"layers {', '.join(layers)} run after the decoder blocks; calibrating them runs the whole "
+                         f"model on {device}, but parts of it are on {', '.join(elsewhere)}: load the model on "
+                         f"{device}, or exclude those layers (--exclude) or prune them with magnitude")
+
+
+@torch.no_grad()
+def _whole_model_stats(model: nn.Module, layers: dict[str, nn.Module], calib: torch.Tensor, device: torch.device,
+                       batch_size: int, method: str, measure_error: bool) -> dict[str, LayerInputStats]:
+    """Statistics of layers after the decoder blocks (a BERT MLM-head transform, OPT's project_out), from
+    whole-model forwards of the calibration set through the blocks as pruned so far."""
+    collected, handles = _hooked_stats(layers, method, measure_error)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            model(input_ids=calib[start : start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collected
 
 
 @torch.no_grad()
@@ -664,33 +711,53 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
                       pattern: NMPattern | None, sparsity: float | None, config: OneShotConfig,
                       device: torch.device, progress: bool) -> tuple[dict, dict]:
     blocks_name, blocks = find_decoder_blocks(model)
-    per_block = _group_by_block(targets, blocks_name, len(blocks))
-    last = max(per_block)
+    per_block, outside = _group_by_block(targets, blocks_name, len(blocks))
+    last = max(per_block, default=-1)
     stats: dict[str, LayerPruneStats] = {}
     masks: dict[str, torch.Tensor] = {}
-    inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
-    spare = torch.empty_like(inputs.hidden)
-    bar = tqdm(range(last + 1), desc=f"{method} {pattern or sparsity}", disable=not progress, unit="block")
+
+    def prune(names: list[str], collected: dict[str, LayerInputStats]) -> None:
+        for name in names:
+            keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern, sparsity,
+                                             config)
+            layer_stats.calibration_sequences = int(calib.shape[0])
+            masks[name], stats[name] = keep.to(weight_out_in(targets[name]).device), layer_stats
+
+    # Layers outside the blocks that run before block 0 (an input projection) see the calibration data
+    # on the way to it: pruned first, so that the blocks calibrate on their pruned outputs.
+    collected, handles = _hooked_stats({n: targets[n] for n in outside}, method, config.measure_error)
     try:
+        inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    before = [n for n in outside if collected[n].ntokens]
+    after = [n for n in outside if not collected[n].ntokens]
+    if after:
+        _check_whole_model_on(model, after, device)  # before any weight changes
+    try:
+        if before:
+            prune(before, collected)
+            del inputs
+            inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
+        del collected
+        spare = torch.empty_like(inputs.hidden)
+        bar = tqdm(range(last + 1), desc=f"{method} {pattern or sparsity}", disable=not progress, unit="block")
         for index in bar:
             block = blocks[index]
             with _block_on(block, device):
                 names = per_block.get(index, [])
                 if names:
-                    collected = _collect_block_stats(block, inputs, {n: targets[n] for n in names}, method,
-                                                     config.measure_error)
-                    for name in names:
-                        keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern,
-                                                         sparsity, config)
-                        layer_stats.calibration_sequences = int(calib.shape[0])
-                        masks[name], stats[name] = keep, layer_stats
-                    del collected
+                    prune(names, _collect_block_stats(block, inputs, {n: targets[n] for n in names}, method,
+                                                      config.measure_error))
                 if index < last:
                     # The next block's inputs come from this block as pruned.
                     _run_block(block, inputs, spare)
                     inputs.hidden, spare = spare, inputs.hidden
-            for name in names:
-                masks[name] = masks[name].to(weight_out_in(targets[name]).device)
+        del inputs, spare
+        if after:  # layers after the blocks: one pass of the whole model, blocks pruned
+            prune(after, _whole_model_stats(model, {n: targets[n] for n in after}, calib, device, config.batch_size,
+                                            method, config.measure_error))
     except PruneError as exc:
         done = list(stats)  # in pruning order
         if done:
@@ -702,14 +769,7 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
 
 def _collect_block_stats(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], method: str,
                          measure_error: bool) -> dict[str, LayerInputStats]:
-    want_gram = method == "sparsegpt" or measure_error
-    collected = {
-        name: LayerInputStats(int(weight_out_in(module).shape[1]), gram=want_gram, norms=method == "wanda",
-                              layer=name)
-        for name, module in layers.items()
-    }
-    handles = [module.register_forward_hook(lambda _m, args, _out, s=collected[name]: s.add_batch(args[0]))
-               for name, module in layers.items()]
+    collected, handles = _hooked_stats(layers, method, measure_error)
     try:
         _run_block(block, inputs, None)
     finally:

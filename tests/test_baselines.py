@@ -10,6 +10,7 @@ import torch
 from sparseforge_compile.baselines import (
     OneShotConfig,
     PruneError,
+    default_prune_layers,
     find_decoder_blocks,
     magnitude_keep_mask,
     nm_prune_smallest,
@@ -331,6 +332,40 @@ def test_unstructured_and_subset_of_layers():
     assert changed == {f"{n}.weight" for n in layers}
 
 
+def _inputs_of(module, into: list):
+    return module.register_forward_hook(lambda _m, args, _o: into.append(args[0].detach().clone()))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("name, tail_layer", [("tiny-bert", "cls.predictions.transform.dense"),
+                                              ("tiny-llama", "lm_head")])
+def test_layers_after_the_blocks_calibrate_on_the_pruned_blocks(method, name, tail_layer):
+    """BERT's MLM-head transform (eligible, outside the encoder blocks) and an explicitly asked lm_head:
+    calibrated by a whole-model pass after the blocks are pruned, so they see the pruned model's
+    activations, and pruned exactly N:M like the rest."""
+    model = tiny_model(name)
+    if name == "tiny-llama":  # its lm_head is tied to the embeddings: untied, it may be pruned alone
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    layers = default_prune_layers(model) + [tail_layer]
+    tail = model.get_submodule(tail_layer)
+    seen: list = []
+    handle = _inputs_of(tail, seen)
+    result = prune_oneshot(model, method, calib=_calib(), layers=layers, progress=False)
+    handle.remove()
+    assert set(result.masks) == set(layers)
+    assert count_nm_violations(weight_out_in(tail), P24) == 0
+    assert result.layers[tail_layer].calibration_tokens == 6 * 24
+    # One whole-model pass reached it (the pre-pass stops at block 0), and its inputs were the pruned
+    # blocks' activations: a forward of the pruned model hands it the same.
+    again: list = []
+    handle = _inputs_of(tail, again)
+    with torch.no_grad():
+        model(input_ids=_calib())
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], again[0], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_is_refused_before_touching_the_model():
     model = tiny_model("tiny-llama")
     before = [p.clone() for p in model.parameters()]
@@ -344,8 +379,8 @@ def test_bad_input_is_refused_before_touching_the_model():
         (dict(method="wanda", calib=torch.zeros(1, 4096, dtype=torch.long)), ValueError, "2048 positions"),
         (dict(method="magnitude", layers=["model.layers.0.mlp.nope"]), PruneError, "not a module"),
         (dict(method="magnitude", layers=["model.layers.0.input_layernorm"]), PruneError, "LlamaRMSNorm"),
-        (dict(method="sparsegpt", calib=_calib(), layers=["lm_head"]), PruneError, "outside the decoder blocks"),
         (dict(method="magnitude", pattern="3:5"), ValueError, "not divisible by M=5"),
+        (dict(method="sparsegpt", calib=_calib(), layers=["lm_head"]), PruneError, "shares its weight with model"),
         (dict(method="sparsegpt", calib=_calib(), pattern="2:8", config=OneShotConfig(blocksize=4)), ValueError,
          "blocksize 4"),
     ]
