@@ -53,13 +53,16 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import eval_windows, load_wikitext2, tokenize
-    from .evaluate import perplexity
+    from .evaluate import perplexity, perplexity_unsupported
     from .models import load_model
 
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model} ships no tokenizer: perplexity needs one")
+    problem = perplexity_unsupported(loaded.model, args.seqlen)
+    if problem:
+        raise UsageError(f"{args.model}: {problem}")
     tokens = tokenize(loaded.tokenizer, load_wikitext2(args.split, args.data_dir))
     all_windows = eval_windows(tokens, args.seqlen)
     windows = all_windows[: args.max_windows] if args.max_windows else all_windows
@@ -159,7 +162,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .anneal import AnnealConfig, plot_curves
     from .data import eval_windows, load_wikitext2, tokenize
-    from .evaluate import perplexity
+    from .evaluate import perplexity, perplexity_unsupported
     from .models import load_model
     from .pipeline import ONE_SHOT, SparsifyConfig, sparsify
 
@@ -183,7 +186,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     windows = None
-    if args.eval_windows and tok is not None:
+    problem = perplexity_unsupported(model, 2048) if args.eval_windows and tok is not None else None
+    if problem:
+        print(f"WikiText-2 perplexity skipped: {problem}")
+    elif args.eval_windows and tok is not None:
         all_windows = eval_windows(tokenize(tok, load_wikitext2("test", args.data_dir)), 2048)
         windows = all_windows[: args.eval_windows] if args.eval_windows > 0 else all_windows
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None

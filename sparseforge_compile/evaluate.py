@@ -51,6 +51,20 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "use_cache")
 
 
+def perplexity_unsupported(model: nn.Module, seqlen: int) -> str | None:
+    """Why next-token perplexity over ``seqlen``-token windows cannot be measured on ``model``, or
+    None. A masked LM (BERT) does not predict the next token, and windows longer than the model's
+    position table fail deep inside its embedding."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        return f"{type(model).__name__} is not a causal language model (next-token perplexity does not apply)"
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and seqlen > positions:
+        return f"windows of {seqlen} tokens exceed {type(model).__name__}'s {positions} positions (use --seqlen {positions})"
+    return None
+
+
 @torch.no_grad()
 def position_nll_sums(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Next-token NLL summed over the batch's windows at each predicted position (fp32, on the

@@ -49,3 +49,25 @@ def test_prune_unstructured_saves_the_hf_layout(tmp_path, data_dir):
     model = AutoModelForCausalLM.from_pretrained(out / "hf-unstructured")
     weight = model.model.layers[0].mlp.up_proj.weight
     assert abs(float((weight == 0).float().mean()) - 0.5) < 1e-6
+
+
+def test_a_masked_lm_prunes_with_calibration_and_skips_perplexity(tmp_path, capsys, data_dir):
+    """BERT: Wanda calibrates every eligible layer, the MLM-head transform after the encoder blocks
+    included; next-token perplexity does not apply, so prune says so and eval refuses in one line."""
+    out = tmp_path / "bert"
+    code = main(["prune", "--model", "tiny-bert", "--method", "wanda", "--out", str(out), "--device", "cpu",
+                 "--quiet", "--data-dir", str(data_dir)])
+    assert code == 0
+    assert "perplexity skipped: BertForMaskedLM is not a causal language model" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pruned_layers"] == 13 and "pruned_ppl" not in summary
+    assert main(["eval", "--model", "tiny-bert", "--device", "cpu", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a causal language model" in err[0]
+
+
+def test_eval_windows_longer_than_the_position_table_are_refused(capsys, data_dir):
+    code = main(["eval", "--model", "tiny-llama", "--device", "cpu", "--seqlen", "100000", "--data-dir",
+                 str(data_dir)])
+    assert code == 2
+    assert "exceed LlamaForCausalLM's" in capsys.readouterr().err
