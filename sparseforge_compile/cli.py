@@ -88,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .evaluate import not_a_causal_lm
     from .models import load_model
 
     device = pick_device(args.device)
@@ -95,6 +96,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.model} ships no tokenizer: generation needs one")
+    problem = not_a_causal_lm(loaded.model)
+    if problem:
+        raise UsageError(f"{args.model}: {problem}, so it does not generate text")
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(f"the tokenizer of {args.model} has no chat template: drop --chat")

@@ -51,13 +51,22 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "use_cache")
 
 
-def perplexity_unsupported(model: nn.Module, seqlen: int) -> str | None:
-    """Why next-token perplexity over ``seqlen``-token windows cannot be measured on ``model``, or
-    None. A masked LM (BERT) does not predict the next token, and windows longer than the model's
-    position table fail deep inside its embedding."""
+def not_a_causal_lm(model: nn.Module) -> str | None:
+    """Why ``model`` does not predict the next token (a masked LM such as BERT), or None (a causal LM,
+    or a module that does not say)."""
     can_generate = getattr(model, "can_generate", None)
     if callable(can_generate) and not can_generate():
-        return f"{type(model).__name__} is not a causal language model (next-token perplexity does not apply)"
+        return f"{type(model).__name__} is not a causal language model"
+    return None
+
+
+def perplexity_unsupported(model: nn.Module, seqlen: int) -> str | None:
+    """Why next-token perplexity over ``seqlen``-token windows cannot be measured on ``model``, or
+    None: not a causal LM, or windows longer than the model's position table (they fail deep inside
+    its embedding)."""
+    problem = not_a_causal_lm(model)
+    if problem:
+        return f"{problem} (next-token perplexity does not apply)"
     config = getattr(model, "config", None)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(positions, int) and seqlen > positions:

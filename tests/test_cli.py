@@ -61,9 +61,10 @@ def test_a_masked_lm_prunes_with_calibration_and_skips_perplexity(tmp_path, caps
     assert "perplexity skipped: BertForMaskedLM is not a causal language model" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pruned_layers"] == 13 and "pruned_ppl" not in summary
-    assert main(["eval", "--model", "tiny-bert", "--device", "cpu", "--data-dir", str(data_dir)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a causal language model" in err[0]
+    for command in (["eval", "--data-dir", str(data_dir)], ["generate", "--prompt", "The cat"]):
+        assert main([command[0], "--model", str(out), "--device", "cpu", *command[1:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "BertForMaskedLM is not a causal language model" in err[0]
 
 
 def test_eval_windows_longer_than_the_position_table_are_refused(capsys, data_dir):
