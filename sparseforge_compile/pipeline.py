@@ -126,8 +126,12 @@ def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConf
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenizer=None, calib: torch.Tensor | None = None,
              data_dir: str | Path | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True) -> SparsifyResult:
+             progress: bool = True, example_inputs: tuple | None = None) -> SparsifyResult:
     """Prune ``model`` in place to the configured pattern; returns what was done and how long it took.
+
+    Language models are captured on token ids; any other ``nn.Module`` needs ``example_inputs`` (a tuple
+    of its forward's arguments) and prunes with ``method="magnitude"``: the calibrated and trained
+    methods run text through a language model's decoder blocks.
 
     ``calib`` (token windows) defaults to ``calib_samples`` x ``calib_seqlen`` windows of the C4 sample.
     For the trained methods ``out_dir`` receives metrics.jsonl and checkpoints (``resume`` picks up
@@ -155,9 +159,17 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError("--importance hutchinson needs a model whose attention can be set to 'eager'")
         model.set_attn_implementation("eager")
-    batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
-    example = torch.randint(0, _vocab_size(model), (batch, seqlen), device=device)
-    captured = capture(model, (example,))
+    takes_tokens = _vocab_size(model) > 2
+    if not takes_tokens and example_inputs is None:
+        raise ValueError(f"{type(model).__name__} is not a language model (no vocabulary): pass "
+                         f"example_inputs=(tensor, ...) for its forward")
+    if not takes_tokens and cfg.method != "magnitude":
+        raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
+                         f"{type(model).__name__} takes no token ids: use method='magnitude'")
+    if example_inputs is None:
+        batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
+        example_inputs = (torch.randint(0, _vocab_size(model), (batch, seqlen), device=device),)
+    captured = capture(model, tuple(example_inputs))
     report = analyze_eligibility(captured, pattern or NMPattern(1, 1), exclude=cfg.exclude,
                                  kernel_constraints=cfg.kernel_constraints if pattern is not None else None)
     layers = [info.name for info in report.layers if info.eligible]

@@ -1,0 +1,36 @@
+"""sparsify() on a plain nn.Module (no vocabulary): captured on the caller's example inputs, pruned by magnitude."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparseforge_compile
+from sparseforge_compile.masks import NMPattern, count_nm_violations
+from sparseforge_compile.pipeline import SparsifyConfig, sparsify
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+
+
+def test_a_plain_module_prunes_to_nm_and_compiles():
+    mlp, x = _mlp(), torch.randn(4, 64)
+    result = sparsify(mlp, SparsifyConfig(method="magnitude", budget_s=None), example_inputs=(x,), progress=False)
+    assert result.layers == ["0", "2"]
+    assert all(count_nm_violations(m.weight, NMPattern(2, 4)) == 0 for m in mlp if isinstance(m, nn.Linear))
+    with pytest.warns(UserWarning, match="dense matmul with the masked weight"):  # the CPU has no sparse cores
+        compiled = sparseforge_compile.compile(mlp)
+    torch.testing.assert_close(compiled(x), mlp(x))
+
+
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("magnitude", {}, "not a language model .* pass example_inputs"),
+    ("wanda", {"example_inputs": (torch.randn(2, 64),)}, "takes no token ids: use method='magnitude'"),
+])
+def test_a_plain_module_gets_clear_errors_and_stays_untouched(method, kwargs, message):
+    mlp = _mlp()
+    before = [p.clone() for p in mlp.parameters()]
+    with pytest.raises(ValueError, match=message):
+        sparsify(mlp, SparsifyConfig(method=method, budget_s=None), progress=False, **kwargs)
+    assert all(torch.equal(p, b) for p, b in zip(mlp.parameters(), before))
