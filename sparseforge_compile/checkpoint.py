@@ -442,7 +442,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _check_saveable(model: nn.Module) -> None:
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise CheckpointError(f"save needs a Hugging Face PreTrainedModel, got {type(model).__name__}; pass the "
-                              f"model itself, not a captured GraphModule or wrapper")
+                              f"model itself, not a captured GraphModule or wrapper (a plain nn.Module: save its "
+                              f"state_dict, e.g. safetensors.torch.save_model; its pruned weights hold the zeros)")
 
 
 def _save_hf(model: nn.Module, staging: Path, state: Mapping[str, torch.Tensor]) -> dict:
