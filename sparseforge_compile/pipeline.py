@@ -207,8 +207,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
 
 
 def _vocab_size(model: nn.Module) -> int:
+    """The token vocabulary the model takes (its config's, or its input embedding's); 2 when it has none."""
     config = getattr(model, "config", None)
-    return int(getattr(config, "vocab_size", 0) or 2)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(getattr(config, "vocab_size", 0) or getattr(embeddings, "num_embeddings", 0) or 2)
 
 
 def _harden_through_graph(captured, report, pattern: NMPattern, masks: dict[str, torch.Tensor]) -> None:
