@@ -112,8 +112,13 @@ def weight_of(model: nn.Module, layer: str, transposed: bool) -> torch.Tensor:
 def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConfig, time_limit: float,
                      progress: bool) -> torch.Tensor | None:
     from .distill import sample_from_teacher
+    from .evaluate import not_a_causal_lm
 
     if cfg.anneal.teacher_data_ratio <= 0 or (time_limit <= 0 and not cfg.teacher_sample_rows):
+        return None
+    problem = not_a_causal_lm(teacher)
+    if problem:  # a masked LM samples no text: train on the real text alone
+        log.warning("no teacher-sampled text: %s; training on C4 alone (teacher_data_ratio ignored)", problem)
         return None
     gen = torch.Generator().manual_seed(cfg.anneal.seed)
     rows = cfg.teacher_sample_rows or 1 << 15  # without a row count the time limit decides

@@ -34,3 +34,20 @@ def test_a_plain_module_gets_clear_errors_and_stays_untouched(method, kwargs, me
     with pytest.raises(ValueError, match=message):
         sparsify(mlp, SparsifyConfig(method=method, budget_s=None), progress=False, **kwargs)
     assert all(torch.equal(p, b) for p, b in zip(mlp.parameters(), before))
+
+
+def test_a_masked_lm_trains_on_real_text_without_sampling(caplog, data_dir):
+    """BERT generates no text: the teacher-sampled share is dropped with one warning, the rest trains."""
+    import logging
+
+    from sparseforge_compile.anneal import AnnealConfig
+    from sparseforge_compile.models import load_model
+
+    loaded = load_model("tiny-bert")
+    cfg = SparsifyConfig(method="sparseforge", budget_s=None, calib_samples=4, calib_seqlen=32, teacher_sample_rows=4,
+                         anneal=AnnealConfig(steps=3, batch_size=2, seqlen=32, warm_start="magnitude",
+                                             teacher_data_ratio=0.5))
+    with caplog.at_level(logging.WARNING, logger="sparseforge_compile.pipeline"):
+        result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+    assert "BertForMaskedLM is not a causal language model" in caplog.text
+    assert result.summary()["teacher_tokens"] == 0 and result.anneal.steps == 3
