@@ -371,6 +371,21 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
     assert all(torch.equal(p, q) for p, q in zip(annealer.params, snapshots["before"]))
 
 
+def test_a_whole_compiled_teacher_gives_the_same_run(data_dir, monkeypatch):
+    """What --teacher-graphs compiles (the teacher whole, block taps' hooks traced by Dynamo), run on the
+    CPU where GraphedForward passes calls through: the losses of the block-by-block compiled teacher."""
+    runs = {}
+    for graphs in (False, True):
+        if graphs:
+            monkeypatch.setattr(AnnealConfig, "graphs_teacher", lambda self, device: True)
+        torch.manual_seed(0)
+        annealer = _annealer(data_dir, device="cpu", steps=4, hidden_weight=3.0, compile="on", warm_start="wanda",
+                             importance_every=2)
+        runs[graphs] = [float(annealer.train_step()["loss"]) for _ in range(4)]
+    assert type(annealer.teacher).__name__ == "GraphedForward"
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5), runs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["sparsegpt+kd", "sparseforge"])
