@@ -684,7 +684,10 @@ def _hooked_stats(layers: dict[str, nn.Module], method: str, measure_error: bool
 
 
 def _check_whole_model_on(model: nn.Module, layers: list[str], device: torch.device) -> None:
-    elsewhere = sorted({str(t.device) for t in model.parameters() if t.device != device})
+    def same(a: torch.device) -> bool:  # "cuda" names the current device, "cuda:0" one of them
+        return a.type == device.type and (a.index is None or device.index is None or a.index == device.index)
+
+    elsewhere = sorted({str(t.device) for t in model.parameters() if not same(t.device)})
     if elsewhere:
         raise PruneError(f"layers {', '.join(layers)} run after the decoder blocks; calibrating them runs the whole "
                          f"model on {device}, but parts of it are on {', '.join(elsewhere)}: load the model on "
