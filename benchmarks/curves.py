@@ -1,0 +1,62 @@
+"""Summarize training curves (``metrics.jsonl`` of prune / accuracy.py runs): where each loss term stands
+at the quarters of the run and its mean over the last tenth of the logged steps.
+
+    python benchmarks/curves.py benchmarks/results/runs_h200/trained_10min_*_metrics.jsonl
+
+Prints one table; ``--out`` writes the rows (one per file and point) in the results schema. The point
+of it: whether the loss is still falling at the end, and, where the run logged losses by data source
+(``ce_real`` against ``teacher_ce_real``), whether the student fits the repeated C4 rows better than the
+dense teacher does, i.e. memorizes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from tabulate import tabulate
+
+TERMS = ("loss", "ce", "kl", "hidden", "ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"{path}: no logged steps")
+    return rows
+
+
+def summarize(path: Path, tail: float = 0.1) -> list[dict]:
+    """Rows at the first logged step, 1/4, 1/2, 3/4 and the last, then the last ``tail`` share's mean."""
+    rows = read_rows(path)
+    terms = [t for t in TERMS if t in rows[-1]]
+    n = len(rows)
+    out = []
+    for label, i in (("first", 0), ("1/4", n // 4), ("1/2", n // 2), ("3/4", 3 * n // 4), ("last", n - 1)):
+        out.append({"file": path.name, "point": label, "step": rows[i]["step"],
+                    **{t: round(rows[i][t], 4) for t in terms if t in rows[i]}})
+    last = rows[-max(1, round(n * tail)):]
+    out.append({"file": path.name, "point": f"mean of last {len(last)}", "step": last[-1]["step"],
+                **{t: round(statistics.fmean(r[t] for r in last if t in r), 4) for t in terms}})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--tail", type=float, default=0.1, help="share of the logged steps averaged at the end")
+    p.add_argument("--out", default=None, help="also write the rows (benchmarks/results schema)")
+    args = p.parse_args(argv)
+    rows = [row for path in args.files for row in summarize(path, args.tail)]
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    if args.out:
+        from common import write_results
+
+        write_results("curves", rows, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
