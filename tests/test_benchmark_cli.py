@@ -26,3 +26,17 @@ def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
     with pytest.raises(SystemExit, match=r"sparseforge\[t_start=0.01\]: need 0 < t_end"):
         accuracy.main(["--methods", "sparseforge[t_start=0.01]"])
 
+
+
+def test_curves_summarize_quarter_points_and_the_last_tenth(tmp_path):
+    import json
+
+    import curves
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": 10 * (i + 1), "loss": 10.0 - i, "ce": 5.0, "kl": float(i)}) + "\n"
+                            for i in range(20)))
+    rows = curves.summarize(path)
+    assert [r["point"] for r in rows] == ["first", "1/4", "1/2", "3/4", "last", "mean of last 2"]
+    assert rows[1]["step"] == 60 and rows[-2]["kl"] == 19.0
+    assert rows[-1]["kl"] == 18.5 and "ce_real" not in rows[-1]
