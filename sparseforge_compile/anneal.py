@@ -29,12 +29,14 @@ Weights train through the mask throughout; the loss is CE + tau^2 KL to the dens
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -717,12 +719,18 @@ class Annealer:
             every = cfg.log_every if budget_mode else max(1, min(cfg.log_every, self.total_steps // 50))
             seconds_before, loop_t0 = self.train_seconds, time.perf_counter()
 
+            recent: collections.deque[float] = collections.deque(maxlen=5)  # step seconds
+
             def more() -> bool:
                 if budget_mode:
-                    return self.train_seconds < self.train_budget_s
+                    # Start no step that a typical recent one says would end past the budget (the median:
+                    # one slow step, a recompile at a phase change, does not end the run early).
+                    typical = statistics.median(recent) if recent else 0.0
+                    return self.train_seconds + typical < self.train_budget_s
                 return self.step < self.total_steps
 
             while more():
+                step_t0 = time.perf_counter()
                 last = self.train_step()
                 if self.step % every == 0 or (not budget_mode and self.step == self.total_steps):
                     self.check_finite()
@@ -734,6 +742,7 @@ class Annealer:
                     self.check_finite()  # a checkpoint is only ever written from finite steps
                     self.save_checkpoint(self.out_dir / "checkpoint")
                 self.train_seconds = seconds_before + time.perf_counter() - loop_t0
+                recent.append(time.perf_counter() - step_t0)
             self.check_finite()
             if last and (not self.history or self.history[-1]["step"] != self.step):
                 self._log_row(last, metrics_file)  # the curves end where the run ended
