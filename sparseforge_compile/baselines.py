@@ -724,7 +724,11 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
             keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern, sparsity,
                                              config)
             layer_stats.calibration_sequences = int(calib.shape[0])
-            masks[name], stats[name] = keep.to(weight_out_in(targets[name]).device), layer_stats
+            masks[name], stats[name] = keep, layer_stats
+
+    def masks_home(names: list[str]) -> None:  # next to their weights, once a block is back on its device
+        for name in names:
+            masks[name] = masks[name].to(weight_out_in(targets[name]).device)
 
     # Layers outside the blocks that run before block 0 (an input projection) see the calibration data
     # on the way to it: pruned first, so that the blocks calibrate on their pruned outputs.
@@ -741,6 +745,7 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
     try:
         if before:
             prune(before, collected)
+            masks_home(before)
             del inputs
             inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
         del collected
@@ -757,10 +762,12 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
                     # The next block's inputs come from this block as pruned.
                     _run_block(block, inputs, spare)
                     inputs.hidden, spare = spare, inputs.hidden
+            masks_home(names)
         del inputs, spare
         if after:  # layers after the blocks: one pass of the whole model, blocks pruned
             prune(after, _whole_model_stats(model, {n: targets[n] for n in after}, calib, device, config.batch_size,
                                             method, config.measure_error))
+            masks_home(after)
     except PruneError as exc:
         done = list(stats)  # in pruning order
         if done:
