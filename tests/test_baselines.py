@@ -393,3 +393,19 @@ def test_bad_input_is_refused_before_touching_the_model():
     with pytest.raises(ValueError, match="percdamp"):
         OneShotConfig(percdamp=-1)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_cpu_model_calibrates_on_the_gpu_and_stays_home(method):
+    """Blocks visit the GPU one at a time; the model, its masks and its pruned weights end on the CPU,
+    the BERT head after the blocks included (its whole-model pass needs the model on the GPU: refused)."""
+    model = tiny_model("tiny-llama")
+    result = prune_oneshot(model, method, calib=_calib(), config=OneShotConfig(device="cuda"), progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(m.device.type == "cpu" for m in result.masks.values())
+    bert = tiny_model("tiny-bert")
+    with pytest.raises(PruneError, match="run after the decoder blocks"):
+        prune_oneshot(bert, method, calib=_calib(), config=OneShotConfig(device="cuda"), progress=False,
+                      layers=default_prune_layers(bert) + ["cls.predictions.transform.dense"])
