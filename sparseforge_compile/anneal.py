@@ -156,6 +156,10 @@ class AnnealConfig:
         return self.importance != "hutchinson" and (
             self.compile == "on" or (self.compile == "auto" and device.type == "cuda"))
 
+    def autocasts(self, device: torch.device) -> bool:
+        """Whether the loop runs under bf16 autocast on ``device``."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
+
     def outlines(self, device: torch.device) -> bool:
         """Whether the compiled masked graph has its blocks outlined into one region."""
         return self.compiles(device) and (
@@ -318,7 +322,7 @@ class Annealer:
         self.history: list[dict] = []
         self.tokens = 0
         self._weights_folded = False
-        self._autocast = (cfg.autocast == "bf16") or (cfg.autocast == "auto" and device.type == "cuda")
+        self._autocast = cfg.autocasts(device)
         # Non-finite steps: with the fused optimizer (CUDA) the check is deferred (no sync per step).
         self._deferred_check = bool(self.opt.defaults.get("fused"))
         self._first_bad_step = torch.tensor(-1, device=device)

@@ -270,8 +270,8 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
 
     t = time.perf_counter()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)  # the teacher only runs forward: bf16 halves its cost
+    if device.type == "cuda" and acfg.autocasts(device):
+        teacher = teacher.to(torch.bfloat16)  # forward only, and bf16 under autocast anyway: half the bytes
     phases["teacher"] = time.perf_counter() - t
 
     t = time.perf_counter()
