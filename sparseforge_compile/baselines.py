@@ -669,9 +669,10 @@ def _group_by_block(targets: dict[str, nn.Module], blocks_name: str, count: int)
     return grouped, outside
 
 
-def _hooked_stats(layers: dict[str, nn.Module], method: str, measure_error: bool) -> tuple[dict[str, LayerInputStats],
-                                                                                          list]:
-    """Input statistics for ``layers``, filled by forward hooks while the caller runs calibration data."""
+@contextlib.contextmanager
+def _hooked_stats(layers: dict[str, nn.Module], method: str,
+                  measure_error: bool) -> Iterator[dict[str, LayerInputStats]]:
+    """Input statistics for ``layers``, filled by forward hooks while the ``with`` body runs data."""
     want_gram = method == "sparsegpt" or measure_error
     collected = {
         name: LayerInputStats(int(weight_out_in(module).shape[1]), gram=want_gram, norms=method == "wanda",
@@ -680,7 +681,11 @@ def _hooked_stats(layers: dict[str, nn.Module], method: str, measure_error: bool
     }
     handles = [module.register_forward_hook(lambda _m, args, _out, s=collected[name]: s.add_batch(args[0]))
                for name, module in layers.items()]
-    return collected, handles
+    try:
+        yield collected
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _check_whole_model_on(model: nn.Module, layers: list[str], device: torch.device) -> None:
@@ -699,13 +704,9 @@ def _whole_model_stats(model: nn.Module, layers: dict[str, nn.Module], calib: to
                        batch_size: int, method: str, measure_error: bool) -> dict[str, LayerInputStats]:
     """Statistics of layers after the decoder blocks (a BERT MLM-head transform, OPT's project_out), from
     whole-model forwards of the calibration set through the blocks as pruned so far."""
-    collected, handles = _hooked_stats(layers, method, measure_error)
-    try:
+    with _hooked_stats(layers, method, measure_error) as collected:
         for start in range(0, calib.shape[0], batch_size):
             model(input_ids=calib[start : start + batch_size].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
     return collected
 
 
@@ -732,12 +733,8 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
 
     # Layers outside the blocks that run before block 0 (an input projection) see the calibration data
     # on the way to it: pruned first, so that the blocks calibrate on their pruned outputs.
-    collected, handles = _hooked_stats({n: targets[n] for n in outside}, method, config.measure_error)
-    try:
+    with _hooked_stats({n: targets[n] for n in outside}, method, config.measure_error) as collected:
         inputs = capture_block_inputs(model, blocks, calib, device, config.batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
     before = [n for n in outside if collected[n].ntokens]
     after = [n for n in outside if not collected[n].ntokens]
     if after:
@@ -779,12 +776,8 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
 
 def _collect_block_stats(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], method: str,
                          measure_error: bool) -> dict[str, LayerInputStats]:
-    collected, handles = _hooked_stats(layers, method, measure_error)
-    try:
+    with _hooked_stats(layers, method, measure_error) as collected:
         _run_block(block, inputs, None)
-    finally:
-        for handle in handles:
-            handle.remove()
     return collected
 
 
