@@ -50,14 +50,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
                 ce_tok.append(-log_p_s.gather(1, yc[:, None]).squeeze(1))
             else:
                 ce_tok.append(F.cross_entropy(sc, yc, reduction="none"))
-        if log_p_s is not None:
-            log_p_t = F.log_softmax(t[i : i + chunk_tokens].float() / temperature, dim=-1)
+        log_p_t = F.log_softmax(t[i : i + chunk_tokens].float() / temperature, dim=-1) if kl_weight else None
+        if log_p_t is not None:
             kl_tok.append(F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1))
-        lo = max(i, split)
-        if lo < min(i + chunk_tokens, count):
-            with torch.no_grad():
-                teacher_ce = teacher_ce + F.cross_entropy(t[lo : i + chunk_tokens].float(), y[lo : i + chunk_tokens],
-                                                          reduction="sum")
+        lo = max(i, split) - i  # the chunk's real rows start here
+        if lo < yc.shape[0]:
+            with torch.no_grad():  # at T=1 the KL's teacher log-softmax is the CE's too
+                teacher_ce = teacher_ce + (
+                    -log_p_t[lo:].gather(1, yc[lo:, None]).sum() if log_p_t is not None and temperature == 1
+                    else F.cross_entropy(t[i + lo : i + chunk_tokens].float(), yc[lo:], reduction="sum"))
     ce_all = torch.cat(ce_tok)
     kl_all = torch.cat(kl_tok) * temperature**2 if kl_tok else torch.zeros_like(ce_all)
     ce, kl = ce_all.mean(), kl_all.mean()

@@ -45,12 +45,13 @@ def test_ce_is_reported_but_not_trained_with_ce_weight_zero(temperature):
     torch.testing.assert_close(g, g_kl)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # at 1 the teacher's CE reuses the KL's log-softmax
 @pytest.mark.parametrize("chunk", [5, 8192])  # 5 tokens: a chunk straddles the sampled/real boundary
-def test_parts_by_source_match_each_sub_batch(chunk):
+def test_parts_by_source_match_each_sub_batch(chunk, temperature):
     s, t, ids = _logits(rows=5)
-    _, parts = kd_loss(s, t, ids, temperature=2.0, real_from_row=3, chunk_tokens=chunk)
-    _, sampled = kd_loss(s[:3], t[:3], ids[:3], temperature=2.0)
-    _, real = kd_loss(s[3:], t[3:], ids[3:], temperature=2.0)
+    _, parts = kd_loss(s, t, ids, temperature=temperature, real_from_row=3, chunk_tokens=chunk)
+    _, sampled = kd_loss(s[:3], t[:3], ids[:3], temperature=temperature)
+    _, real = kd_loss(s[3:], t[3:], ids[3:], temperature=temperature)
     for key in ("ce", "kl"):
         torch.testing.assert_close(parts[f"{key}_sampled"], sampled[key])
         torch.testing.assert_close(parts[f"{key}_real"], real[key])
