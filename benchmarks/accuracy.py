@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             row["wikitext2_ppl_within_train_len"] = round(ppl.ppl_between(0, args.train_seqlen - 1), 3)
             row["wikitext2_ppl_beyond_train_len"] = round(ppl.ppl_between(args.train_seqlen - 1, args.seqlen), 3)
         if method != "dense" and budget_s:
-            row["train_seqlen"] = cfg.anneal.seqlen
-        if method != "dense" and budget_s:
-            row["hidden_weight"] = cfg.anneal.hidden_weight
+            row["train_seqlen"], row["hidden_weight"] = cfg.anneal.seqlen, cfg.anneal.hidden_weight
         if args.also_valid and args.split != "valid":
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)

@@ -190,12 +190,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     windows = None
-    problem = perplexity_unsupported(model, 2048) if args.eval_windows and tok is not None else None
-    if problem:
-        print(f"WikiText-2 perplexity skipped: {problem}")
-    elif args.eval_windows and tok is not None:
-        all_windows = eval_windows(tokenize(tok, load_wikitext2("test", args.data_dir)), 2048)
-        windows = all_windows[: args.eval_windows] if args.eval_windows > 0 else all_windows
+    if args.eval_windows and tok is not None:
+        seqlen = 2048  # the evaluation protocol's window
+        problem = perplexity_unsupported(model, seqlen)
+        if problem:
+            print(f"WikiText-2 perplexity skipped: {problem}")
+        else:
+            all_windows = eval_windows(tokenize(tok, load_wikitext2("test", args.data_dir)), seqlen)
+            windows = all_windows[: args.eval_windows] if args.eval_windows > 0 else all_windows
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)

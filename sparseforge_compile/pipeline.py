@@ -164,16 +164,16 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError("--importance hutchinson needs a model whose attention can be set to 'eager'")
         model.set_attn_implementation("eager")
-    takes_tokens = _vocab_size(model) > 2
-    if not takes_tokens and example_inputs is None:
+    vocab = _vocab_size(model)
+    if not vocab and example_inputs is None:
         raise ValueError(f"{type(model).__name__} is not a language model (no vocabulary): pass "
                          f"example_inputs=(tensor, ...) for its forward")
-    if not takes_tokens and cfg.method != "magnitude":
+    if not vocab and cfg.method != "magnitude":
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
-        example_inputs = (torch.randint(0, _vocab_size(model), (batch, seqlen), device=device),)
+        example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
     captured = capture(model, tuple(example_inputs))
     report = analyze_eligibility(captured, pattern or NMPattern(1, 1), exclude=cfg.exclude,
                                  kernel_constraints=cfg.kernel_constraints if pattern is not None else None)
@@ -212,10 +212,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
 
 
 def _vocab_size(model: nn.Module) -> int:
-    """The token vocabulary the model takes (its config's, or its input embedding's); 2 when it has none."""
+    """The token vocabulary the model takes (its config's, or its input embedding's); 0 when it has none."""
     config = getattr(model, "config", None)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return int(getattr(config, "vocab_size", 0) or getattr(embeddings, "num_embeddings", 0) or 2)
+    return int(getattr(config, "vocab_size", 0) or getattr(embeddings, "num_embeddings", 0))
 
 
 def _harden_through_graph(captured, report, pattern: NMPattern, masks: dict[str, torch.Tensor]) -> None:
