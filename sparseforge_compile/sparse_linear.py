@@ -88,7 +88,7 @@ def is_exact_nm(weight: Tensor, pattern: NMPattern) -> bool:
 
 MAX_ALGS = 32  # cuSPARSELt algorithm ids timed per large bucket
 SPARSE_MIN_GAIN = 0.04  # the sparse kernel must be this much faster than dense to be dispatched
-CACHE_VERSION = 3  # bump when the dispatch rule changes, so cached decisions are re-measured
+CACHE_VERSION = 4  # bump when the dispatch rule changes, so cached decisions are re-measured
 
 
 @dataclass(frozen=True)
@@ -541,9 +541,13 @@ def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: 
     best = candidates[i]
     if sparse_ms[i] < dense_ms * (1.0 - SPARSE_MIN_GAIN):
         # The fastest of many noisy timings is biased low (up to ~40 candidates per bucket): the
-        # winner is timed again against dense alone, and that unbiased pair decides. Without it,
-        # buckets near the crossover went sparse and ran at 0.94-0.95x (kernels.json, 256 tokens).
-        dense_ms, sparse_ms[i] = graph_times_ms([variants[0], variants[i + 1]], target_ms=2.0, replays=7)
+        # winner is timed again against dense alone, twice, in both replay orders and with longer
+        # graphs, and the pair less favourable to sparse decides. One such pair (2 ms graphs, 7
+        # replays) still sent 22016x4096 at 256 tokens sparse, which kernels.py then timed at 0.95x:
+        # near the crossover a wrong "sparse" costs speed, a wrong "dense" only a missed few %.
+        pairs = [graph_times_ms([variants[0], variants[i + 1]], target_ms=4.0, replays=11),
+                 graph_times_ms([variants[i + 1], variants[0]], target_ms=4.0, replays=11)[::-1]]
+        dense_ms, sparse_ms[i] = min(pairs, key=lambda pair: pair[0] / pair[1])
     # Sparse only when it wins by a clear margin: two CUDA-graph timings of the same kernel differ by
     # a few percent, and near-ties decided by noise measured 0.93-0.97x on the H200.
     return KernelChoice(use_dense=sparse_ms[i] > dense_ms * (1.0 - SPARSE_MIN_GAIN), alg_id=best.alg_id,
