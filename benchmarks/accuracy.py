@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(method_of(m) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
         calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
     rows = []
-    stem = f"accuracy_{Path(args.model).name.replace('.', '_')}"
+    # Run dirs are named after the results file: two result files (a 10-minute run and a sweep) with
+    # one method spec must not share a run dir (the second overwrote the first's curve).
+    stem = Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}"
     run_dir = Path(args.out).parent if args.out else RESULTS_DIR
     for spec in methods:
         method = method_of(spec)

@@ -30,6 +30,7 @@ Weights train through the mask throughout; the loss is CE + tau^2 KL to the dens
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import fx, nn
@@ -704,6 +706,20 @@ class Annealer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self._weights_folded = state["weights_folded"]
 
+    def _open_metrics(self) -> TextIO:
+        """metrics.jsonl for appending: a fresh run starts it empty (a reused out dir held another run's
+        curve, and appending mixed two runs into one file); a resumed run keeps the lines up to its
+        checkpoint's step, dropping those logged after it by the interrupted run (they are re-logged)."""
+        path = self.out_dir / "metrics.jsonl"
+        kept = []
+        if self.step and path.exists():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line + "\n")
+        path.write_text("".join(kept))
+        return open(path, "a")
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self, deadline: float | None = None, resume_from: Path | None = None) -> AnnealResult:
         """Train until ``cfg.steps`` steps, or, without them, until the time budget (``deadline``) is spent."""
@@ -711,7 +727,7 @@ class Annealer:
         start = time.perf_counter()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else None  # noqa: SIM115
+        metrics_file = self._open_metrics() if self.out_dir else None
         try:
             budget_mode = not self.total_steps
             if budget_mode and not self.train_budget_s:

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -128,14 +129,16 @@ def test_the_mask_starts_exactly_at_the_warm_start(data_dir):
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     cfg = tiny_config(steps=12, checkpoint_every=6)
     full = load_model("tiny-llama")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # an earlier run's curve
     sparsify(full.model, cfg, tokenizer=full.tokenizer, data_dir=data_dir, out_dir=tmp_path / "full",
              progress=False)
-    # An interrupted run: the same configuration stopped after its step-6 checkpoint...
+    # An interrupted run: the same configuration stopped two steps after its step-6 checkpoint...
     part = load_model("tiny-llama")
     stop = copy.deepcopy(cfg)
     stop.anneal = dataclasses.replace(cfg.anneal, steps=12)
     with pytest.raises(KeyboardInterrupt):
-        _run_until(part, stop, tmp_path / "resumed", data_dir, stop_after=6)
+        _run_until(part, stop, tmp_path / "resumed", data_dir, stop_after=8)
     # ...then resumed from it, in a fresh process state.
     resumed = load_model("tiny-llama")
     result = sparsify(resumed.model, cfg, tokenizer=resumed.tokenizer, data_dir=data_dir,
@@ -143,6 +146,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert result.anneal.steps == 12
     for name, p in full.model.named_parameters():
         assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+    # One curve per run dir: the fresh run replaced the earlier file, the resumed one dropped the
+    # interrupted run's steps 7-8 and logged them again.
+    curves = {run: [json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("full", "resumed")}
+    assert curves["full"] == curves["resumed"] == list(range(1, 13)), curves
 
 
 def _run_until(loaded, cfg, out_dir, data_dir, stop_after: int):
