@@ -100,13 +100,15 @@ def test_a_compiled_outlined_prune_hardens_exactly(data_dir):
 @pytest.mark.parametrize("method", ["sparsegpt+kd", "sparseforge"])
 def test_layerwise_distillation_beats_logit_only_distillation(data_dir, method):
     """Block-output distillation (hidden_weight) at equal steps: lower held-out KL, and the model
-    leaves training with no hooks and no tap nodes."""
+    leaves training with no hooks and no tap nodes. Run with CE + KD at T=2 (the defaults before pure
+    KD at T=1), where the tiny model shows the effect clearly (> 10 %); under pure KD at T=1 its
+    logit loss alone already gets within ~4 % here, too close for a test to call."""
     teacher = sharpened_tiny_llama().model
     kls = {}
     for weight in (0.0, 3.0):
         loaded = sharpened_tiny_llama()
-        result = sparsify(loaded.model, tiny_config(method, steps=30, hidden_weight=weight), tokenizer=loaded.tokenizer,
-                          data_dir=data_dir, progress=False)
+        cfg = tiny_config(method, steps=30, hidden_weight=weight, ce_weight=1.0, kd_temperature=2.0)
+        result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
         last = result.anneal.history[-1]
         assert "hidden" in last
         # All-C4 batches (teacher_data_ratio 0): the losses by source name only the real text.
