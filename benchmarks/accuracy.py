@@ -8,6 +8,10 @@ A method may carry its own annealing settings in brackets, e.g. ``sparsegpt+kd[h
 Each method starts from a fresh copy of the dense model. Writes a table (stdout), JSON
 (``benchmarks/results/accuracy_<model>.json`` unless --out), and a bar chart PNG beside it:
 WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU memory.
+
+``--gpus N`` runs the methods at once, each in its own process on its own GPU (round robin), and
+merges their rows into one results file: a 10-minute budget is then 10 minutes of one whole GPU for
+each method, as when they run one after another, in a tenth of the wall time per pair.
 """
 
 from __future__ import annotations
@@ -15,8 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-decode", default="auto", choices=TEACHER_DECODES)
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="run the methods in parallel, one process per GPU, on this many GPUs (rows merged)")
+    p.add_argument("--run-stem", default=None, help=argparse.SUPPRESS)  # --gpus workers: the parent's run dirs
     return p.parse_args(argv)
 
 
@@ -138,7 +150,60 @@ def spec_overrides(spec: str) -> list[str]:
     return [pair.strip() for pair in inner.split(",") if pair.strip()]
 
 
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given options (``--name VALUE`` and ``--name=VALUE`` forms)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
+            out.append(arg)
+    return out
+
+
+def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], stem: str) -> list[dict]:
+    """Each group of methods in its own process, on its own GPU, all at once; their rows in the order of
+    ``methods``, each with the GPU it ran on. A failed worker stops the run with its log's tail."""
+    available = torch.cuda.device_count()
+    if available < args.gpus:
+        raise SystemExit(f"--gpus {args.gpus}: only {available} CUDA device(s) visible")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(available)]
+    n = min(args.gpus, len(methods))
+    groups = [methods[i::n] for i in range(n)]
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}_gpus_", dir=out.parent))
+    base = _without_options(argv, ("--methods", "--out", "--gpus", "--run-stem"))
+    procs = []
+    for i, group in enumerate(groups):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--methods", ",".join(group),
+               "--out", str(work / f"gpu{i}.json"), "--run-stem", stem]
+        log = open(work / f"gpu{i}.log", "w")  # noqa: SIM115 (closed below, after the worker)
+        procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ids[i]}, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+        print(f"GPU {ids[i]}: {', '.join(group)} (log {work / f'gpu{i}.log'})", flush=True)
+    failed = []
+    for i, (proc, log) in enumerate(procs):
+        if proc.wait() != 0:
+            failed.append(i)
+        log.close()
+    if failed:
+        tails = "\n".join(f"--- GPU {ids[i]} ({', '.join(groups[i])}):\n" + (work / f"gpu{i}.log").read_text()[-2000:]
+                          for i in failed)
+        raise SystemExit(f"{len(failed)} of {n} workers failed (their files are in {work}):\n{tails}")
+    by_method = {}
+    for i in range(n):
+        for row in json.loads((work / f"gpu{i}.json").read_text())["rows"]:
+            by_method[row["method"]] = {**row, "gpu": ids[i], "parallel_gpus": n}
+    shutil.rmtree(work)
+    return [by_method[spec] for spec in methods]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     methods = split_methods(args.methods)
     overrides = anneal_overrides(args.anneal)
@@ -152,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             except (TypeError, ValueError) as exc:
                 raise SystemExit(f"{spec}: {exc}") from None
     tasks = [t for t in args.tasks.split(",") if t]
+    # Run dirs are named after the results file: two result files (a 10-minute run and a sweep) with
+    # one method spec must not share a run dir (the second overwrote the first's curve).
+    stem = args.run_stem or (Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}")
+    if args.gpus > 1 and len(methods) > 1:
+        rows = run_on_gpus(args, argv, methods, stem)
+        path = write_results(stem, rows, out=args.out)
+        _bar_chart(rows, tasks, path.with_suffix(".png"))
+        print(tabulate(rows, headers="keys", tablefmt="github"))
+        return 0
     base = load_model(args.model, device=args.device)
     tok = base.tokenizer
     all_windows = eval_windows(tokenize(tok, load_wikitext2(args.split)), args.seqlen)
@@ -160,10 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(method_of(m) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
         calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
     rows = []
-    # Run dirs are named after the results file: two result files (a 10-minute run and a sweep) with
-    # one method spec must not share a run dir (the second overwrote the first's curve).
-    stem = Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}"
     run_dir = Path(args.out).parent if args.out else RESULTS_DIR
+    if args.run_stem:  # a --gpus worker writes its rows to a scratch file, its run dirs beside the parent's
+        run_dir = run_dir.parent
     for spec in methods:
         method = method_of(spec)
         model = copy.deepcopy(base.model)

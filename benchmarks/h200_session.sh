@@ -10,7 +10,8 @@
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
 # 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes;
-# STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile).
+# STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
+# sweep steps' methods in parallel, one process per GPU (accuracy.py --gpus), on a machine with N GPUs.
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 # OUT_DIR/pgid holds the job's process group (started with setsid, the script leads it): to stop the
 # job and whatever step it runs, `kill -- -$(cat OUT_DIR/pgid)`. (Not `pkill -f PATTERN`: the calling
@@ -23,17 +24,18 @@ ps -o pgid= $$ | tr -d ' ' > "$out/pgid"
 budget=${BUDGET_MIN:-8}
 trained=${TRAINED:-sparseforge,sparsegpt+kd}
 tasks=${TASKS-piqa,arc_easy}
+gpus=${GPUS:-1}
 for step in "$@"; do
   case $step in
     gputests) cmd=(bash -c "python3 benchmarks/nested_region_check.py; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
     lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
-                  --tasks "$tasks" --also-valid --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
+                  --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
     sweep) cmd=(python3 benchmarks/accuracy.py --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
                 --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
-                --split valid --tasks '' --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
+                --split valid --tasks '' --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
                     --outline "${STEP_OUTLINE:-off,on}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;

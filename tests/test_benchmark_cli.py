@@ -40,3 +40,41 @@ def test_curves_summarize_quarter_points_and_the_last_tenth(tmp_path):
     assert [r["point"] for r in rows] == ["first", "1/4", "1/2", "3/4", "last", "mean of last 2"]
     assert rows[1]["step"] == 60 and rows[-2]["kl"] == 19.0
     assert rows[-1]["kl"] == 18.5 and "ce_real" not in rows[-1]
+
+
+def test_gpu_workers_get_the_remaining_flags_without_methods_out_and_gpus():
+    argv = ["--methods", "a,b", "--gpus=2", "--out", "x.json", "--budget-minutes", "10", "--anneal", "lr=1e-3"]
+    assert accuracy._without_options(argv, ("--methods", "--out", "--gpus", "--run-stem")) == [
+        "--budget-minutes", "10", "--anneal", "lr=1e-3"]
+
+
+def test_gpus_runs_methods_in_parallel_workers_and_merges_their_rows(tmp_path, monkeypatch, data_dir):
+    """Two worker processes (on the CPU here: the parent only counts devices), rows back in the order
+    asked, each marked with its worker's device; the scratch files are gone afterwards."""
+    import json
+
+    monkeypatch.setattr(accuracy.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--model", "tiny-llama", "--device", "cpu", "--methods", "magnitude,dense,wanda",
+                          "--gpus", "2", "--seqlen", "64", "--max-windows", "2", "--calib-samples", "2",
+                          "--calib-seqlen", "64", "--train-seqlen", "32", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["magnitude", "dense", "wanda"]
+    assert [r["gpu"] for r in rows] == ["0", "1", "0"] and {r["parallel_gpus"] for r in rows} == {2}
+    assert [r["pattern"] for r in rows] == ["2:4", "dense", "2:4"] and all(r["eval_windows"] == 2 for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.json", "acc.png"]
+
+
+def test_gpus_stops_with_the_failed_workers_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match=r"(?s)2 of 2 workers failed.*GPU 0 \(dense\).*unknown model 'tiny-nope'"):
+        accuracy.main(["--model", "tiny-nope", "--device", "cpu", "--methods", "dense,magnitude", "--gpus", "2",
+                       "--out", str(tmp_path / "acc.json")])
+
+
+def test_gpus_refuses_more_gpus_than_visible(monkeypatch, tmp_path):
+    monkeypatch.setattr(accuracy.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="only 1 CUDA device"):
+        accuracy.main(["--methods", "dense,magnitude", "--gpus", "2", "--out", str(tmp_path / "a.json")])
