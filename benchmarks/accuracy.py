@@ -4,7 +4,8 @@
         --budget-minutes 5 --tasks piqa,arc_easy
 
 A method may carry its own annealing settings in brackets, e.g. ``sparsegpt+kd[hidden_weight=3]``
-(the peer with layer-wise distillation, an ablation); ``--anneal`` applies to every trained method.
+(the peer with layer-wise distillation, an ablation), and its own ``teacher_sample_share`` or
+``calib_samples``; ``--anneal`` applies to every trained method.
 Each method starts from a fresh copy of the dense model. Writes a table (stdout), JSON
 (``benchmarks/results/accuracy_<model>.json`` unless --out), and a bar chart PNG beside it:
 WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU memory.
@@ -133,11 +134,26 @@ def cold_compile_caches(cold: bool):
     torch._dynamo.reset()
 
 
+# Settings of the prune around the loop that a method's brackets may also set (budget trade-offs:
+# sampling share against training time, calibration windows against warm-start time).
+RUN_FIELDS = {"teacher_sample_share": float, "calib_samples": int}
+
+
+def run_settings(args: argparse.Namespace, spec: str) -> dict:
+    """``teacher_sample_share`` and ``calib_samples``: the flags', or the method's brackets'."""
+    out = {name: getattr(args, name) for name in RUN_FIELDS}
+    for pair in spec_overrides(spec):
+        key, _, value = pair.partition("=")
+        if key in RUN_FIELDS:
+            out[key] = RUN_FIELDS[key](value)
+    return out
+
+
 def anneal_config(args: argparse.Namespace, overrides: dict, spec: str) -> AnnealConfig:
     """The flags' batch size and seqlen, then --anneal, then the method's own brackets: later wins
     (``sparseforge[batch_size=64]`` overrides ``--batch-size``)."""
-    fields = {"batch_size": args.batch_size, "seqlen": args.train_seqlen, **overrides,
-              **anneal_overrides(spec_overrides(spec))}
+    own = [pair for pair in spec_overrides(spec) if pair.partition("=")[0] not in RUN_FIELDS]
+    fields = {"batch_size": args.batch_size, "seqlen": args.train_seqlen, **overrides, **anneal_overrides(own)}
     return AnnealConfig(**fields)
 
 
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown method {m!r}; choose from dense, {', '.join(METHODS)}")
         if m != "dense":
             try:  # every method's settings, checked before the model loads and the first method runs
-                anneal_config(args, overrides, spec)
+                SparsifyConfig(method=m, anneal=anneal_config(args, overrides, spec), **run_settings(args, spec))
             except (TypeError, ValueError) as exc:
                 raise SystemExit(f"{spec}: {exc}") from None
     tasks = [t for t in args.tasks.split(",") if t]
@@ -230,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = base.tokenizer
     all_windows = eval_windows(tokenize(tok, load_wikitext2(args.split)), args.seqlen)
     windows = all_windows[: args.max_windows] if args.max_windows else all_windows
-    calib = None
-    if any(method_of(m) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge") for m in methods):
-        calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    calib: dict[int, torch.Tensor] = {}  # by window count
+    for spec in methods:
+        if method_of(spec) in ("wanda", "sparsegpt", "sparsegpt+kd", "sparseforge"):
+            n = run_settings(args, spec)["calib_samples"]
+            if n not in calib:
+                calib[n] = calibration_windows(tok, n, args.calib_seqlen, seed=0)
     rows = []
     run_dir = Path(args.out).parent if args.out else RESULTS_DIR
     if args.run_stem:  # a --gpus worker writes its rows to a scratch file, its run dirs beside the parent's
@@ -248,17 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         budget_s = 0.0
         if method != "dense":
             acfg = anneal_config(args, overrides, spec)
+            settings = run_settings(args, spec)
             budget_s = args.budget_minutes * 60 if method in ("sparsegpt+kd", "sparseforge") else 0.0
-            cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_samples=args.calib_samples,
-                                 calib_seqlen=args.calib_seqlen, budget_s=budget_s or None,
-                                 teacher_sample_share=args.teacher_sample_share,
+            cfg = SparsifyConfig(method=method, pattern=args.pattern, calib_seqlen=args.calib_seqlen,
+                                 budget_s=budget_s or None, **settings,
                                  teacher_sample_batch=args.teacher_sample_batch,
                                  teacher_sample_rows=args.teacher_sample_rows,
                                  teacher_decode=args.teacher_decode, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
             with cold_compile_caches(not args.warm_compile_caches):
-                result = sparsify(model, cfg, tokenizer=tok, calib=calib, out_dir=out_dir, progress=not args.quiet)
+                result = sparsify(model, cfg, tokenizer=tok, calib=calib.get(cfg.calib_samples), out_dir=out_dir,
+                                  progress=not args.quiet)
             info = result.summary()
             if result.anneal and result.anneal.history:
                 speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]
@@ -282,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             row["wikitext2_ppl_beyond_train_len"] = round(ppl.ppl_between(args.train_seqlen - 1, args.seqlen), 3)
         if method != "dense" and budget_s:
             row["train_seqlen"], row["hidden_weight"] = cfg.anneal.seqlen, cfg.anneal.hidden_weight
+            row["teacher_sample_share"], row["calib_samples"] = cfg.teacher_sample_share, cfg.calib_samples
         if args.also_valid and args.split != "valid":
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)

@@ -19,12 +19,22 @@ def test_method_brackets_override_the_flags_and_anneal_options():
     assert (plain.batch_size, plain.seqlen, plain.lr) == (16, 256, 1e-3)
 
 
+def test_method_brackets_may_set_the_sampling_share_and_calibration_windows():
+    args = accuracy.parse_args(["--teacher-sample-share", "0.2", "--calib-samples", "128"])
+    spec = "sparseforge[teacher_sample_share=0.1,calib_samples=64,lr=5e-4]"
+    assert accuracy.run_settings(args, spec) == {"teacher_sample_share": 0.1, "calib_samples": 64}
+    assert accuracy.run_settings(args, "sparseforge") == {"teacher_sample_share": 0.2, "calib_samples": 128}
+    assert accuracy.anneal_config(args, {}, spec).lr == 5e-4
+
+
 def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
     monkeypatch.setattr(accuracy, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(SystemExit, match="unknown field 'batchsize'"):
         accuracy.main(["--methods", "sparseforge[batchsize=64]"])
     with pytest.raises(SystemExit, match=r"sparseforge\[t_start=0.01\]: need 0 < t_end"):
         accuracy.main(["--methods", "sparseforge[t_start=0.01]"])
+    with pytest.raises(SystemExit, match=r"teacher_sample_share 1.5 must be in \[0, 1\)"):
+        accuracy.main(["--methods", "sparseforge[teacher_sample_share=1.5]"])
 
 
 
