@@ -4,8 +4,9 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: gputests lowered trained oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
+# Steps: gputests lowered trained trained2 oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
+# TRAINED2 that of a second one (variants, say; its own results file),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
@@ -31,6 +32,8 @@ for step in "$@"; do
     lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
                   --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
+    trained2) cmd=(python3 benchmarks/accuracy.py --methods "${TRAINED2:?set TRAINED2}" --budget-minutes "$budget"
+                   --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained2.json") ;;
     oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
     sweep) cmd=(python3 benchmarks/accuracy.py --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
