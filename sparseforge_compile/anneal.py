@@ -24,7 +24,8 @@ The schedule over the run's progress ``p`` (0..1): a soft phase whose temperatur
 ``anneal_end``), a hardening phase whose ``blend`` moves the mask linearly into the exact N:M
 projection (until ``harden_end``), then training with the final hard mask, run on the plain model
 (masked weights re-zeroed after each step) since the graph's mask nodes have nothing left to do.
-Weights train through the mask throughout; the loss is CE + tau^2 KL to the dense teacher.
+Weights train through the mask throughout; the loss is tau^2 KL to the dense teacher's logits (tau 1
+by default), plus ``ce_weight`` x CE on the labels (0 by default) and the layer-wise block-output loss.
 """
 
 from __future__ import annotations
