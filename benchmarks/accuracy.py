@@ -34,6 +34,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves
 from common import RESULTS_DIR, write_results
 
 from sparseforge_compile.anneal import AnnealConfig
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         info: dict = {}
         budget_s = 0.0
+        out_dir = None
         if method != "dense":
             acfg = anneal_config(args, overrides, spec)
             settings = run_settings(args, spec)
@@ -310,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                     "first_log_step", "first_log_elapsed_s", "compiled"):
             if key in info:
                 row[key] = info[key]
+        if method != "dense" and budget_s and out_dir is not None and (out_dir / "metrics.jsonl").exists():
+            # The curve's end, by data source (curves.py): C4 rows fitted far below the fresh teacher
+            # text's KL, or a student CE under the teacher's own, mean the repeated C4 is being memorized.
+            end = curves.summarize(out_dir / "metrics.jsonl")[-1]
+            for term in ("kl_real", "kl_sampled", "ce_real", "teacher_ce_real"):
+                if term in end:
+                    row[f"train_{term}_last_tenth"] = end[term]
         for phase, seconds in info.get("phases", {}).items():  # where the budget went (flat keys)
             row[f"phase_{phase}_s"] = round(seconds, 1)
         for task in tasks:

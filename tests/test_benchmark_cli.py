@@ -88,3 +88,23 @@ def test_gpus_refuses_more_gpus_than_visible(monkeypatch, tmp_path):
     monkeypatch.setattr(accuracy.torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match="only 1 CUDA device"):
         accuracy.main(["--methods", "dense,magnitude", "--gpus", "2", "--out", str(tmp_path / "a.json")])
+
+
+def test_a_trained_row_records_its_settings_and_the_curves_end(tmp_path, monkeypatch, data_dir):
+    """A budget run through accuracy.py on the CPU (tiny model, 12 s): the bracket settings reach the
+    prune, the row says so, and it carries the end of the training curve by data source."""
+    import json
+
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    out = tmp_path / "acc.json"
+    spec = "sparseforge[teacher_sample_share=0.3,calib_samples=2,warm_start=wanda]"
+    assert accuracy.main(["--model", "tiny-llama", "--device", "cpu", "--methods", spec, "--budget-minutes", "0.2",
+                          "--seqlen", "64", "--max-windows", "2", "--calib-samples", "4", "--calib-seqlen", "64",
+                          "--train-seqlen", "32", "--batch-size", "4", "--quiet", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["teacher_sample_share"], row["calib_samples"], row["budget_s"]) == (0.3, 2, 12.0)
+    assert row["teacher_tokens"] > 0 and row["steps"] > 0
+    assert {"train_kl_real_last_tenth", "train_kl_sampled_last_tenth", "train_ce_real_last_tenth",
+            "train_teacher_ce_real_last_tenth"} <= set(row)
+    run_dir = tmp_path / "runs" / "acc_sparseforge_teacher_sample_share_0.3_calib_samples_2_warm_start_wanda_"
+    assert (run_dir / "metrics.jsonl").exists()
