@@ -85,6 +85,7 @@ class LayerPruneStats:
     dead_inputs: int = 0  # SparseGPT: input features that were zero on every calibration token
     calibration_sequences: int = 0
     calibration_tokens: int = 0
+    pruned_with: str = ""  # SparseGPT: the layers (comma-separated) with its input, pruned as one stacked weight
 
 
 @dataclass
@@ -721,11 +722,19 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
     masks: dict[str, torch.Tensor] = {}
 
     def prune(names: list[str], collected: dict[str, LayerInputStats]) -> None:
-        for name in names:
-            keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern, sparsity,
-                                             config)
-            layer_stats.calibration_sequences = int(calib.shape[0])
-            masks[name], stats[name] = keep, layer_stats
+        groups = _shared_input_groups(names, collected) if method == "sparsegpt" else [[n] for n in names]
+        for group in groups:
+            if len(group) == 1:
+                name = group[0]
+                keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern,
+                                                 sparsity, config)
+                results = {name: (keep, layer_stats)}
+            else:
+                results = _sparsegpt_prune_group({n: targets[n] for n in group}, {n: collected.pop(n) for n in group},
+                                                 pattern, sparsity, config)
+            for name, (keep, layer_stats) in results.items():
+                layer_stats.calibration_sequences = int(calib.shape[0])
+                masks[name], stats[name] = keep, layer_stats
 
     def masks_home(names: list[str]) -> None:  # next to their weights, once a block is back on its device
         for name in names:
@@ -779,6 +788,66 @@ def _collect_block_stats(block: nn.Module, inputs: BlockInputs, layers: dict[str
     with _hooked_stats(layers, method, measure_error) as collected:
         _run_block(block, inputs, None)
     return collected
+
+
+def _shared_input_groups(names: list[str], collected: dict[str, LayerInputStats]) -> list[list[str]]:
+    """``names`` grouped by identical Hessians, in order of first appearance: layers that read the same
+    input (q/k/v, gate/up) get bitwise-equal ones, since the same tokens were accumulated the same way,
+    and SparseGPT then prunes them as one stacked weight (its rows are independent given H^-1): one
+    Cholesky and one column loop instead of three."""
+    groups: list[list[str]] = []
+    for name in names:
+        stats = collected[name]
+        for group in groups:
+            first = collected[group[0]]
+            if (first.in_features == stats.in_features and first.ntokens == stats.ntokens
+                    and first.nsamples == stats.nsamples and torch.equal(first.hessian, stats.hessian)):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+@torch.no_grad()
+def _sparsegpt_prune_group(modules: dict[str, nn.Module], collected: dict[str, LayerInputStats],
+                           pattern: NMPattern | None, sparsity: float | None,
+                           config: OneShotConfig) -> dict[str, tuple[torch.Tensor, LayerPruneStats]]:
+    """SparseGPT on layers with one shared Hessian, their weights stacked row-wise: each row's result is
+    what pruning its own layer alone gives (up to the summation order of the lazy batch updates)."""
+    t0 = time.perf_counter()
+    names = list(modules)
+    weights = [weight_out_in(modules[n]) for n in names]
+    label = " + ".join(names)
+    if len({(w.dtype, w.device) for w in weights}) > 1:
+        raise PruneError(f"{label}: these layers share their input but not dtype/device "
+                         f"({', '.join(f'{w.dtype} on {w.device}' for w in weights)}); put the block on one dtype")
+    hessian = collected[names[0]].take_hessian()
+    gram = hessian.clone() if config.measure_error else None
+    dense = [w.float().clone() for w in weights] if config.measure_error else None
+    result = sparsegpt_prune_weight(torch.cat([w.detach() for w in weights]), hessian, pattern=pattern,
+                                    sparsity=sparsity, blocksize=config.blocksize, percdamp=config.percdamp,
+                                    max_damp_retries=config.max_damp_retries, damp_growth=config.damp_growth,
+                                    layer=label)
+    del hessian
+    seconds = time.perf_counter() - t0
+    total_rows, row = sum(w.shape[0] for w in weights), 0
+    out = {}
+    for i, (name, weight) in enumerate(zip(names, weights)):
+        rows = slice(row, row + weight.shape[0])
+        row += weight.shape[0]
+        weight.copy_(result.weight[rows])
+        keep = result.keep[rows].clone()
+        extra: dict[str, object] = {
+            "calibration_tokens": collected[name].ntokens, "damping": result.damping, "percdamp": result.percdamp,
+            "damping_retries": result.damping_retries, "dead_inputs": result.dead_inputs,
+            "pruned_with": ",".join(n for n in names if n != name)}
+        if gram is not None:
+            extra["reconstruction_error"] = reconstruction_error(dense[i], weight, gram)
+        collected[name].free()
+        # The group's time, shared out by rows.
+        out[name] = (keep, _layer_stats(name, keep, seconds * weight.shape[0] / total_rows, **extra))
+    return out
 
 
 def _prune_layer(method: str, name: str, module: nn.Module, collected: LayerInputStats, pattern: NMPattern | None,

@@ -301,6 +301,42 @@ def test_methods_on_tiny_models(name, method):
     assert result.sparsity == 0.5 and result.seconds > 0
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_sparsegpt_prunes_layers_with_one_input_as_one_stacked_weight(name, monkeypatch):
+    """q/k/v (and gate/up) read one input, so their Hessians are equal and SparseGPT runs once on the
+    stacked rows: the same masks and weights as pruning each layer alone (rows are independent)."""
+    import sparseforge_compile.baselines as bl
+
+    calib, config = _calib(), OneShotConfig(batch_size=3)
+    grouped_model, alone_model = tiny_model(name), tiny_model(name)
+    grouped = prune_oneshot(grouped_model, "sparsegpt", calib=calib, config=config, progress=False)
+    monkeypatch.setattr(bl, "_shared_input_groups", lambda names, collected: [[n] for n in names])
+    alone = prune_oneshot(alone_model, "sparsegpt", calib=calib, config=config, progress=False)
+    block0 = {n.rsplit(".", 1)[-1]: s.pruned_with for n, s in grouped.layers.items() if ".0." in n}
+    if name == "tiny-llama":
+        assert block0["q_proj"] == "model.layers.0.self_attn.k_proj,model.layers.0.self_attn.v_proj"
+        assert block0["up_proj"] == "model.layers.0.mlp.gate_proj" and block0["down_proj"] == ""
+    else:
+        assert block0["q_proj"].count(",") == 1 and block0["fc1"] == block0["fc2"] == ""
+    assert all(s.pruned_with == "" for s in alone.layers.values())
+    weights = dict(alone_model.named_modules())
+    for layer, module in grouped_model.named_modules():
+        if layer in grouped.masks:
+            assert torch.equal(grouped.masks[layer], alone.masks[layer]), layer
+            torch.testing.assert_close(weight_out_in(module), weight_out_in(weights[layer]), rtol=1e-5, atol=1e-6)
+            assert grouped.layers[layer].reconstruction_error == pytest.approx(
+                alone.layers[layer].reconstruction_error, rel=1e-4)
+
+
+def test_shared_input_groups_need_bitwise_equal_hessians():
+    from sparseforge_compile.baselines import _shared_input_groups
+
+    x = torch.randn(2, 8, 16)
+    same_a, same_b, other = _stats_of(x[0]), _stats_of(x[0]), _stats_of(x[0] + 1e-6)
+    groups = _shared_input_groups(["a", "o", "b"], {"a": same_a, "o": other, "b": same_b})
+    assert groups == [["a", "b"], ["o"]]
+
+
 def test_sparsegpt_beats_magnitude_on_a_tiny_model():
     # Block 0's first layer sees the dense model's inputs, so its errors compare like with like.
     calib, first = _calib(n=8, seqlen=32), "transformer.h.0.attn.c_attn"
