@@ -207,16 +207,21 @@ def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], s
         if proc.wait() != 0:
             failed.append(i)
         log.close()
-    if failed:
-        tails = "\n".join(f"--- GPU {ids[i]} ({', '.join(groups[i])}):\n" + (work / f"gpu{i}.log").read_text()[-2000:]
-                          for i in failed)
-        raise SystemExit(f"{len(failed)} of {n} workers failed (their files are in {work}):\n{tails}")
     by_method = {}
     for i in range(n):
-        for row in json.loads((work / f"gpu{i}.json").read_text())["rows"]:
+        path = work / f"gpu{i}.json"  # a failed worker may still have finished some of its methods
+        for row in json.loads(path.read_text())["rows"] if path.exists() else []:
             by_method[row["method"]] = {**row, "gpu": ids[i], "parallel_gpus": n}
+    rows = [by_method[spec] for spec in methods if spec in by_method]
+    if failed:
+        if rows:  # keep what finished: a GPU lease is too dear to lose a finished 10-minute run
+            write_results(stem, rows, out=args.out, extra={"partial": True})
+        tails = "\n".join(f"--- GPU {ids[i]} ({', '.join(groups[i])}):\n" + (work / f"gpu{i}.log").read_text()[-2000:]
+                          for i in failed)
+        raise SystemExit(f"{len(failed)} of {n} workers failed (their files are in {work}; the {len(rows)} finished "
+                         f"rows are in {out}):\n{tails}")
     shutil.rmtree(work)
-    return [by_method[spec] for spec in methods]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,21 @@ def test_gpus_stops_with_the_failed_workers_log(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"(?s)2 of 2 workers failed.*GPU 0 \(dense\).*unknown model 'tiny-nope'"):
         accuracy.main(["--model", "tiny-nope", "--device", "cpu", "--methods", "dense,magnitude", "--gpus", "2",
                        "--out", str(tmp_path / "acc.json")])
+    assert not (tmp_path / "acc.json").exists()  # nothing finished, nothing written
+
+
+def test_gpus_keeps_the_rows_that_finished_when_a_worker_fails(tmp_path, monkeypatch, data_dir):
+    import json
+
+    monkeypatch.setattr(accuracy.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    out = tmp_path / "acc.json"
+    # The second worker's method fails on the model (a 3:7 pattern divides none of its layers).
+    with pytest.raises(SystemExit, match=r"1 of 2 workers failed.*the 1 finished rows"):
+        accuracy.main(["--model", "tiny-llama", "--device", "cpu", "--methods", "dense,magnitude", "--pattern", "3:7",
+                       "--gpus", "2", "--seqlen", "64", "--max-windows", "1", "--quiet", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["partial"] and [r["method"] for r in saved["rows"]] == ["dense"]
 
 
 def test_gpus_refuses_more_gpus_than_visible(monkeypatch, tmp_path):
