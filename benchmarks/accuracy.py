@@ -194,12 +194,15 @@ def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], s
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.stem}_gpus_", dir=out.parent))
     base = _without_options(argv, ("--methods", "--out", "--gpus", "--run-stem"))
+    # Each worker compiles with its share of the host's cores, as on a machine of its own per GPU (the
+    # 1-GPU H200 machines have 16 cores, the 2-GPU ones 32), not with all of them at once.
+    env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or n) // n)), **os.environ}
     procs = []
     for i, group in enumerate(groups):
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--methods", ",".join(group),
                "--out", str(work / f"gpu{i}.json"), "--run-stem", stem]
         log = open(work / f"gpu{i}.log", "w")  # noqa: SIM115 (closed below, after the worker)
-        procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ids[i]}, stdout=log,
+        procs.append((subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ids[i]}, stdout=log,
                                        stderr=subprocess.STDOUT), log))
         print(f"GPU {ids[i]}: {', '.join(group)} (log {work / f'gpu{i}.log'})", flush=True)
     failed = []
