@@ -200,15 +200,17 @@ def test_calibrate_measures_each_bucket_once_across_processes(tmp_path, monkeypa
     assert calls == [16, 32, 64, 128] and table2 == table
 
 
-@pytest.mark.parametrize("confirm_ms, dense", [
-    (((1.0, 0.9), (0.92, 1.0)), False),  # both orders: sparse >= 4 % faster
-    (((1.0, 0.99), (0.9, 1.0)), True),  # dense first: a near tie
-    (((1.0, 0.9), (0.99, 1.0)), True),  # sparse first (results come back in replay order): a near tie
+@pytest.mark.parametrize("bucket, confirm_ms, dense", [
+    (1024, ((1.0, 0.9), (0.92, 1.0)), False),  # both orders: sparse >= 4 % faster
+    (1024, ((1.0, 0.99), (0.9, 1.0)), True),  # dense first: a near tie
+    (1024, ((1.0, 0.9), (0.99, 1.0)), True),  # sparse first (results come back in replay order): a near tie
+    (256, ((1.0, 0.9), (0.92, 1.0)), True),  # below 1024 tokens 8 % is not enough
+    (256, ((1.0, 0.85), (0.88, 1.0)), False),  # >= 10 % in both orders
 ])
-def test_dispatch_retimes_the_fastest_sparse_config_against_dense(monkeypatch, confirm_ms, dense):
+def test_dispatch_retimes_the_fastest_sparse_config_against_dense(monkeypatch, bucket, confirm_ms, dense):
     """The best of many noisy timings is biased low: the winner is timed again, head to head with
     dense, in both replay orders, and the pair less favourable to sparse decides (here the first
-    pass says 0.8 ms against dense's 1.0 ms)."""
+    pass says 0.8 ms against dense's 1.0 ms); below 1024 tokens it must win by 10 %, not 4 %."""
     import sparseforge_compile.sparse_linear as sl
 
     timed = []
@@ -223,7 +225,7 @@ def test_dispatch_retimes_the_fastest_sparse_config_against_dense(monkeypatch, c
     monkeypatch.setattr(sl, "_runs", lambda fn: True)
     monkeypatch.setattr(sl, "graph_times_ms", fake_times)
     w = torch.zeros(32, 64)
-    choice = sl.measure_bucket(w, w, None, 256)
+    choice = sl.measure_bucket(w, w, None, bucket)
     assert timed == [4, 2, 2]  # dense + three candidates, then dense + the winner in each order
     assert choice.alg_id == 5 and choice.use_dense is dense
     pairs = [confirm_ms[0], confirm_ms[1][::-1]]  # as (dense, sparse)
