@@ -724,14 +724,8 @@ def _prune_sequential(model: nn.Module, method: str, targets: dict[str, nn.Modul
     def prune(names: list[str], collected: dict[str, LayerInputStats]) -> None:
         groups = _shared_input_groups(names, collected) if method == "sparsegpt" else [[n] for n in names]
         for group in groups:
-            if len(group) == 1:
-                name = group[0]
-                keep, layer_stats = _prune_layer(method, name, targets[name], collected.pop(name), pattern,
-                                                 sparsity, config)
-                results = {name: (keep, layer_stats)}
-            else:
-                results = _sparsegpt_prune_group({n: targets[n] for n in group}, {n: collected.pop(n) for n in group},
-                                                 pattern, sparsity, config)
+            results = _prune_group(method, {n: targets[n] for n in group}, {n: collected.pop(n) for n in group},
+                                   pattern, sparsity, config)
             for name, (keep, layer_stats) in results.items():
                 layer_stats.calibration_sequences = int(calib.shape[0])
                 masks[name], stats[name] = keep, layer_stats
@@ -810,69 +804,51 @@ def _shared_input_groups(names: list[str], collected: dict[str, LayerInputStats]
 
 
 @torch.no_grad()
-def _sparsegpt_prune_group(modules: dict[str, nn.Module], collected: dict[str, LayerInputStats],
-                           pattern: NMPattern | None, sparsity: float | None,
-                           config: OneShotConfig) -> dict[str, tuple[torch.Tensor, LayerPruneStats]]:
-    """SparseGPT on layers with one shared Hessian, their weights stacked row-wise: each row's result is
-    what pruning its own layer alone gives (up to the summation order of the lazy batch updates)."""
+def _prune_group(method: str, modules: dict[str, nn.Module], collected: dict[str, LayerInputStats],
+                 pattern: NMPattern | None, sparsity: float | None,
+                 config: OneShotConfig) -> dict[str, tuple[torch.Tensor, LayerPruneStats]]:
+    """Wanda on one layer, or SparseGPT on layers with one shared Hessian (one layer, or several that
+    read the same input), their weights stacked row-wise: each row's result is what pruning its own
+    layer alone gives (up to the summation order of the lazy batch updates)."""
     t0 = time.perf_counter()
     names = list(modules)
     weights = [weight_out_in(modules[n]) for n in names]
     label = " + ".join(names)
-    if len({(w.dtype, w.device) for w in weights}) > 1:
-        raise PruneError(f"{label}: these layers share their input but not dtype/device "
-                         f"({', '.join(f'{w.dtype} on {w.device}' for w in weights)}); put the block on one dtype")
-    hessian = collected[names[0]].take_hessian()
-    gram = hessian.clone() if config.measure_error else None
     dense = [w.float().clone() for w in weights] if config.measure_error else None
-    result = sparsegpt_prune_weight(torch.cat([w.detach() for w in weights]), hessian, pattern=pattern,
-                                    sparsity=sparsity, blocksize=config.blocksize, percdamp=config.percdamp,
-                                    max_damp_retries=config.max_damp_retries, damp_growth=config.damp_growth,
-                                    layer=label)
-    del hessian
-    seconds = time.perf_counter() - t0
-    total_rows, row = sum(w.shape[0] for w in weights), 0
-    out = {}
-    for i, (name, weight) in enumerate(zip(names, weights)):
-        rows = slice(row, row + weight.shape[0])
-        row += weight.shape[0]
-        weight.copy_(result.weight[rows])
-        keep = result.keep[rows].clone()
-        extra: dict[str, object] = {
-            "calibration_tokens": collected[name].ntokens, "damping": result.damping, "percdamp": result.percdamp,
-            "damping_retries": result.damping_retries, "dead_inputs": result.dead_inputs,
-            "pruned_with": ",".join(n for n in names if n != name)}
-        if gram is not None:
-            extra["reconstruction_error"] = reconstruction_error(dense[i], weight, gram)
-        collected[name].free()
-        # The group's time, shared out by rows.
-        out[name] = (keep, _layer_stats(name, keep, seconds * weight.shape[0] / total_rows, **extra))
-    return out
-
-
-def _prune_layer(method: str, name: str, module: nn.Module, collected: LayerInputStats, pattern: NMPattern | None,
-                 sparsity: float | None, config: OneShotConfig) -> tuple[torch.Tensor, LayerPruneStats]:
-    t0 = time.perf_counter()
-    weight = weight_out_in(module)
-    extra: dict[str, object] = {"calibration_tokens": collected.ntokens}
-    dense = weight.float().clone() if config.measure_error else None
+    extra: dict[str, object] = {}
     if method == "wanda":
-        keep = wanda_keep_mask(weight, collected.feature_norms(), pattern, sparsity)
-        weight.mul_(keep)
-        gram = collected.hessian if config.measure_error else None
+        (weight,) = weights
+        keeps = [wanda_keep_mask(weight, collected[names[0]].feature_norms(), pattern, sparsity)]
+        weight.mul_(keeps[0])
+        gram = collected[names[0]].hessian if config.measure_error else None
     else:
-        hessian = collected.take_hessian()
+        if len({(w.dtype, w.device) for w in weights}) > 1:
+            raise PruneError(f"{label}: these layers share their input but not dtype/device "
+                             f"({', '.join(f'{w.dtype} on {w.device}' for w in weights)}); put the block on one dtype")
+        hessian = collected[names[0]].take_hessian()
         gram = hessian.clone() if config.measure_error else None
-        result = sparsegpt_prune_weight(weight, hessian, pattern=pattern, sparsity=sparsity,
+        stacked = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        result = sparsegpt_prune_weight(stacked, hessian, pattern=pattern, sparsity=sparsity,
                                         blocksize=config.blocksize, percdamp=config.percdamp,
                                         max_damp_retries=config.max_damp_retries, damp_growth=config.damp_growth,
-                                        layer=name)
+                                        layer=label)
         del hessian
-        weight.copy_(result.weight)
-        keep = result.keep
+        keeps, row = [], 0
+        for weight in weights:
+            rows = slice(row, row + weight.shape[0])
+            row += weight.shape[0]
+            weight.copy_(result.weight[rows])
+            keeps.append(result.keep[rows].clone())  # its own storage: a saved view would save the group's
         extra.update(damping=result.damping, percdamp=result.percdamp, damping_retries=result.damping_retries,
                      dead_inputs=result.dead_inputs)
-    if gram is not None:
-        extra["reconstruction_error"] = reconstruction_error(dense, weight, gram)
-    collected.free()
-    return keep, _layer_stats(name, keep, time.perf_counter() - t0, **extra)
+    seconds, total_rows = time.perf_counter() - t0, sum(w.shape[0] for w in weights)
+    out = {}
+    for i, (name, weight, keep) in enumerate(zip(names, weights, keeps)):
+        layer_extra = {**extra, "calibration_tokens": collected[name].ntokens,
+                       "pruned_with": ",".join(n for n in names if n != name)}
+        if gram is not None:
+            layer_extra["reconstruction_error"] = reconstruction_error(dense[i], weight, gram)
+        collected[name].free()
+        # A group's time, shared out by rows.
+        out[name] = (keep, _layer_stats(name, keep, seconds * weight.shape[0] / total_rows, **layer_extra))
+    return out
