@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--gpus", type=int, default=1,
                    help="run the methods in parallel, one process per GPU, on this many GPUs (rows merged)")
-    p.add_argument("--run-stem", default=None, help=argparse.SUPPRESS)  # --gpus workers: the parent's run dirs
+    p.add_argument("--runs-prefix", default=None, help=argparse.SUPPRESS)  # --gpus workers: the parent's run dirs
     return p.parse_args(argv)
 
 
@@ -180,7 +180,8 @@ def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], stem: str) -> list[dict]:
+def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], stem: str,
+                runs_prefix: str) -> list[dict]:
     """Each group of methods in its own process, on its own GPU, all at once; their rows in the order of
     ``methods``, each with the GPU it ran on. A failed worker stops the run with its log's tail."""
     available = torch.cuda.device_count()
@@ -193,14 +194,14 @@ def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], s
     out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.stem}_gpus_", dir=out.parent))
-    base = _without_options(argv, ("--methods", "--out", "--gpus", "--run-stem"))
+    base = _without_options(argv, ("--methods", "--out", "--gpus", "--runs-prefix"))
     # Each worker compiles with its share of the host's cores, as on a machine of its own per GPU (the
     # 1-GPU H200 machines have 16 cores, the 2-GPU ones 32), not with all of them at once.
     env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or n) // n)), **os.environ}
     procs = []
     for i, group in enumerate(groups):
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--methods", ",".join(group),
-               "--out", str(work / f"gpu{i}.json"), "--run-stem", stem]
+               "--out", str(work / f"gpu{i}.json"), "--runs-prefix", runs_prefix]
         log = open(work / f"gpu{i}.log", "w")  # noqa: SIM115 (closed below, after the worker)
         procs.append((subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ids[i]}, stdout=log,
                                        stderr=subprocess.STDOUT), log))
@@ -244,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     # Run dirs are named after the results file: two result files (a 10-minute run and a sweep) with
     # one method spec must not share a run dir (the second overwrote the first's curve).
-    stem = args.run_stem or (Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}")
+    stem = Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}"
+    runs_prefix = args.runs_prefix or str((Path(args.out).parent if args.out else RESULTS_DIR) / "runs" / stem)
     if args.gpus > 1 and len(methods) > 1:
-        rows = run_on_gpus(args, argv, methods, stem)
+        rows = run_on_gpus(args, argv, methods, stem, runs_prefix)
         path = write_results(stem, rows, out=args.out)
         _bar_chart(rows, tasks, path.with_suffix(".png"))
         print(tabulate(rows, headers="keys", tablefmt="github"))
@@ -262,9 +264,6 @@ def main(argv: list[str] | None = None) -> int:
             if n not in calib:
                 calib[n] = calibration_windows(tok, n, args.calib_seqlen, seed=0)
     rows = []
-    run_dir = Path(args.out).parent if args.out else RESULTS_DIR
-    if args.run_stem:  # a --gpus worker writes its rows to a scratch file, its run dirs beside the parent's
-        run_dir = run_dir.parent
     for spec in methods:
         method = method_of(spec)
         model = copy.deepcopy(base.model)
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                                  teacher_sample_rows=args.teacher_sample_rows,
                                  teacher_decode=args.teacher_decode, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
-            out_dir = run_dir / "runs" / f"{stem}_{run_name}" if budget_s else None
+            out_dir = Path(f"{runs_prefix}_{run_name}") if budget_s else None
             with cold_compile_caches(not args.warm_compile_caches):
                 result = sparsify(model, cfg, tokenizer=tok, calib=calib.get(cfg.calib_samples), out_dir=out_dir,
                                   progress=not args.quiet)
