@@ -10,9 +10,11 @@ Each method starts from a fresh copy of the dense model. Writes a table (stdout)
 (``benchmarks/results/accuracy_<model>.json`` unless --out), and a bar chart PNG beside it:
 WikiText-2 perplexity, PIQA / ARC-Easy acc and acc_norm, wall time, peak GPU memory.
 
-``--gpus N`` runs the methods at once, each in its own process on its own GPU (round robin), and
-merges their rows into one results file: a 10-minute budget is then 10 minutes of one whole GPU for
-each method, as when they run one after another, in a tenth of the wall time per pair.
+``--gpus N`` runs the methods N at a time, each in its own process on a GPU of its own, and merges
+their rows into one results file: a 10-minute budget is then 10 minutes of one whole GPU for each
+method, as when they run one after another. On one GPU, two or more trained methods also run each in
+a fresh process, one after another (``--isolate``, the default there): a method run after another in the
+same process inherited its allocator and compile state (its teacher sampling took 43 % longer).
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--gpus", type=int, default=1,
-                   help="run the methods in parallel, one process per GPU, on this many GPUs (rows merged)")
+                   help="run the methods in parallel, one process each, at most one per GPU, on this many GPUs")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each method in a fresh process, one after another (default: on a GPU when two or "
+                        "more trained methods share the run, so none inherits another's state)")
     p.add_argument("--runs-prefix", default=None, help=argparse.SUPPRESS)  # --gpus workers: the parent's run dirs
     return p.parse_args(argv)
 
@@ -180,50 +185,73 @@ def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def run_on_gpus(args: argparse.Namespace, argv: list[str], methods: list[str], stem: str,
-                runs_prefix: str) -> list[dict]:
-    """Each group of methods in its own process, on its own GPU, all at once; their rows in the order of
-    ``methods``, each with the GPU it ran on. A failed worker stops the run with its log's tail."""
-    available = torch.cuda.device_count()
-    if available < args.gpus:
-        raise SystemExit(f"--gpus {args.gpus}: only {available} CUDA device(s) visible")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(available)]
-    n = min(args.gpus, len(methods))
-    groups = [methods[i::n] for i in range(n)]
+TRAINED = ("sparsegpt+kd", "sparseforge")
+
+
+def isolates(args: argparse.Namespace, methods: list[str]) -> bool:
+    """Whether each method runs in a process of its own. Auto: on a GPU, when two or more trained methods
+    share a run: in one process the second inherited the first's allocator and compile state, and its
+    teacher sampling took 157 s against 110 s for the same rows (H200, accuracy_*_trained_10min_kd_recipe.json),
+    47 s of a 600 s budget that the side-by-side then charged to one method only."""
+    if args.isolate is not None:
+        return args.isolate
+    trained = [spec for spec in methods if method_of(spec) in TRAINED]
+    return args.device.startswith("cuda") and len(trained) > 1
+
+
+def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[str], stem: str,
+                     runs_prefix: str) -> list[dict]:
+    """Each method in a process of its own, at most ``--gpus`` at once, each on a GPU no other running
+    worker holds; rows in the order of ``methods``, each with its GPU. A failed worker stops the run with
+    its log's tail (after the others finish: a GPU lease is too dear to lose a finished 10-minute run)."""
+    on_gpus = args.device.startswith("cuda") or args.gpus > 1
+    if on_gpus:
+        available = torch.cuda.device_count()
+        if available < args.gpus:
+            raise SystemExit(f"--gpus {args.gpus}: only {available} CUDA device(s) visible")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = (visible.split(",") if visible else [str(i) for i in range(available)])[: max(1, args.gpus)]
+    else:  # --isolate on the CPU: one worker at a time
+        ids = ["cpu"]
+    slots = min(len(ids), len(methods))
     out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}_gpus_", dir=out.parent))
-    base = _without_options(argv, ("--methods", "--out", "--gpus", "--runs-prefix"))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}_workers_", dir=out.parent))
+    base = [a for a in _without_options(argv, ("--methods", "--out", "--gpus", "--runs-prefix"))
+            if a not in ("--isolate", "--no-isolate")]
     # Each worker compiles with its share of the host's cores, as on a machine of its own per GPU (the
     # 1-GPU H200 machines have 16 cores, the 2-GPU ones 32), not with all of them at once.
-    env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or n) // n)), **os.environ}
-    procs = []
-    for i, group in enumerate(groups):
-        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--methods", ",".join(group),
-               "--out", str(work / f"gpu{i}.json"), "--runs-prefix", runs_prefix]
-        log = open(work / f"gpu{i}.log", "w")  # noqa: SIM115 (closed below, after the worker)
-        procs.append((subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ids[i]}, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-        print(f"GPU {ids[i]}: {', '.join(group)} (log {work / f'gpu{i}.log'})", flush=True)
-    failed = []
-    for i, (proc, log) in enumerate(procs):
-        if proc.wait() != 0:
-            failed.append(i)
-        log.close()
-    by_method = {}
-    for i in range(n):
-        path = work / f"gpu{i}.json"  # a failed worker may still have finished some of its methods
-        for row in json.loads(path.read_text())["rows"] if path.exists() else []:
-            by_method[row["method"]] = {**row, "gpu": ids[i], "parallel_gpus": n}
-    rows = [by_method[spec] for spec in methods if spec in by_method]
+    env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or slots) // slots)), **os.environ}
+    pending, running, finished, failed = list(enumerate(methods)), {}, {}, []
+    while pending or running:
+        while pending and len(running) < slots:
+            gpu = next(g for g in ids if g not in running.values())
+            i, spec = pending.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--no-isolate", "--methods", spec,
+                   "--out", str(work / f"m{i}.json"), "--runs-prefix", runs_prefix]
+            log = open(work / f"m{i}.log", "w")  # noqa: SIM115 (closed when the worker ends)
+            proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": gpu} if on_gpus else env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running[(i, spec, proc, log)] = gpu
+            print(f"GPU {gpu}: {spec} (log {work / f'm{i}.log'})", flush=True)
+        time.sleep(0.2)
+        for key in [k for k in running if k[2].poll() is not None]:
+            i, spec, proc, log = key
+            log.close()
+            gpu = running.pop(key)
+            path = work / f"m{i}.json"
+            if proc.returncode != 0 or not path.exists():
+                failed.append((i, spec, gpu))
+                continue
+            finished[i] = {**json.loads(path.read_text())["rows"][0], "gpu": gpu, "parallel_gpus": slots}
+    rows = [finished[i] for i in sorted(finished)]
     if failed:
-        if rows:  # keep what finished: a GPU lease is too dear to lose a finished 10-minute run
+        if rows:
             write_results(stem, rows, out=args.out, extra={"partial": True})
-        tails = "\n".join(f"--- GPU {ids[i]} ({', '.join(groups[i])}):\n" + (work / f"gpu{i}.log").read_text()[-2000:]
-                          for i in failed)
-        raise SystemExit(f"{len(failed)} of {n} workers failed (their files are in {work}; the {len(rows)} finished "
-                         f"rows are in {out}):\n{tails}")
+        tails = "\n".join(f"--- GPU {gpu} ({spec}):\n" + (work / f"m{i}.log").read_text()[-2000:]
+                          for i, spec, gpu in sorted(failed))
+        raise SystemExit(f"{len(failed)} of {len(methods)} workers failed (their files are in {work}; the "
+                         f"{len(rows)} finished rows are in {out}):\n{tails}")
     shutil.rmtree(work)
     return rows
 
@@ -247,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     # one method spec must not share a run dir (the second overwrote the first's curve).
     stem = Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}"
     runs_prefix = args.runs_prefix or str((Path(args.out).parent if args.out else RESULTS_DIR) / "runs" / stem)
-    if args.gpus > 1 and len(methods) > 1:
-        rows = run_on_gpus(args, argv, methods, stem, runs_prefix)
+    if len(methods) > 1 and (args.gpus > 1 or isolates(args, methods)):
+        rows = run_in_processes(args, argv, methods, stem, runs_prefix)
         path = write_results(stem, rows, out=args.out)
         _bar_chart(rows, tasks, path.with_suffix(".png"))
         print(tabulate(rows, headers="keys", tablefmt="github"))

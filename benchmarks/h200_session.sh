@@ -12,7 +12,7 @@
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
 # 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
-# sweep steps' methods in parallel, one process per GPU (accuracy.py --gpus), on a machine with N GPUs.
+# sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 # OUT_DIR/pgid holds the job's process group (started with setsid, the script leads it): to stop the
 # job and whatever step it runs, `kill -- -$(cat OUT_DIR/pgid)`. (Not `pkill -f PATTERN`: the calling
