@@ -8,7 +8,8 @@ Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks
 ``D`` is the OBD saliency of each weight, computed with its latent value whether the mask keeps it
 or not: what the loss would lose without it. (The optional first-order term is the mask gradient
 ``dL/dm = g * w``, an EMA kept by a hook; measured on tiny models it made flips worse, so it is off
-by default.) The Hessian diagonal is estimated every ``importance_every`` steps either by the
+by default.) ``evidence="regrow"`` scores each weight instead by ``1/2 H w*^2``, ``w*`` its best value
+given the others, and starts a revived weight there (``Annealer._regrow_evidence``). The Hessian diagonal is estimated every ``importance_every`` steps either by the
 Fisher information of the student's own predictions (labels *sampled from the student*, so the
 batch-mean gradient has mean zero and tokens x its square estimates the per-token Fisher, which is
 the Hessian of the KL at the teacher; the plain "empirical Fisher" of the training gradient is not:
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 SOURCE_METRICS = ("ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")  # see distill.kd_loss
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
+EVIDENCE = ("obd", "regrow")
 
 
 @dataclass
@@ -100,6 +102,12 @@ class AnnealConfig:
     importance_every: int = 8
     importance_beta: float = 0.9
     first_order: float = 0.0  # weight of the first-order term -E[dL/dm] in the evidence (0: pure OBD)
+    # obd: every weight scored by 1/2 H w^2 with its latent value (a pruned one: its dense value).
+    # regrow: every weight by 1/2 H w*^2, w* its best value given the others (w_eff - g/H): for a kept
+    # weight what removing it costs, for a pruned one what reviving it gains, and a revived weight
+    # starts at that value, -g/H, not at its dense value, which the warm start's compensation of the
+    # kept weights (SparseGPT) already accounts for.
+    evidence: str = "obd"
     t_start: float = 0.3
     t_end: float = 0.02
     anneal_end: float = 0.5
@@ -135,6 +143,8 @@ class AnnealConfig:
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE_ESTIMATORS:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(IMPORTANCE_ESTIMATORS)}")
+        if self.evidence not in EVIDENCE:
+            raise ValueError(f"evidence {self.evidence!r}: choose one of {', '.join(EVIDENCE)}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}")
         if not 0 <= self.anneal_end <= self.harden_end <= 1:
@@ -396,18 +406,47 @@ class Annealer:
         for name, ms in self.masks.items():
             def present(name: str = name, ms: MaskState = ms) -> torch.Tensor:  # only some terms need it
                 return (ms.hard_mask() if self.step else self.warm.get(name, ms.hard_mask())).float()
-            # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
-            # not having the weight. The first-order term (optional) adds the sign-aware gain of
-            # bringing a pruned weight back / of removing a kept one at the current point.
-            evidence = self._curvature(name, ms)
-            if self.cfg.first_order:
-                evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present() - 1)
+            if self.cfg.evidence == "regrow":
+                evidence, before = self._regrow_evidence(name, ms, present()), present()
+            else:
+                # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
+                # not having the weight. The first-order term (optional) adds the sign-aware gain of
+                # bringing a pruned weight back / of removing a kept one at the current point.
+                evidence, before = self._curvature(name, ms), None
+                if self.cfg.first_order:
+                    evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present() - 1)
             score = evidence / evidence.abs().mean().clamp_min(1e-30) * self._evidence_weight(ms)
             if name in self.warm:
                 score += margin * (2 * self.warm[name].float() - 1)
             elif not self.step:
                 score += margin * (2 * present() - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
+            if before is not None:
+                self._start_revived(name, ms, before)
+
+    def _regrow_evidence(self, name: str, ms: MaskState, present: torch.Tensor) -> torch.Tensor:
+        """Loss units, the larger the more the weight should be kept: 1/2 H w*^2, what the loss loses
+        without the weight at its best value w* = w_eff - g/H, all other weights as they are (a kept
+        weight: what its removal costs; a pruned one, w_eff = 0: what reviving it gains).
+
+        From the two EMAs the loop keeps per weight, with the latent value w as the probe direction
+        (it cancels): c = 1/2 H w^2 (the curvature term) and e = E[dL/dm] = g w, so that
+        1/2 H w*^2 = (2 c m - e)^2 / 4c with m the present mask (1 kept, 0 pruned)."""
+        curvature, grad = self._curvature(name, ms), ms.corrected("grad_ema")
+        return (2 * curvature * present - grad).square() / (4 * curvature).clamp_min(1e-30)
+
+    @torch.no_grad()
+    def _start_revived(self, name: str, ms: MaskState, before: torch.Tensor) -> None:
+        """Weights this refresh brought back start at their Newton value -g/H = -e w / 2c, bounded by
+        their latent (dense) magnitude: noisy curvature must not launch one far out."""
+        revived = (ms.hard_mask() & ~before.bool()) if self.step else None
+        if revived is None or not bool(revived.any()):
+            return
+        weight = self.weight_views[name]()
+        w = weight.detach().float()
+        newton = -ms.corrected("grad_ema") * w / (2 * self._curvature(name, ms)).clamp_min(1e-30)
+        newton = torch.maximum(torch.minimum(newton, w.abs()), -w.abs())
+        weight.copy_(torch.where(revived, newton, w).to(weight.dtype))
 
     def _hutchinson(self, ids: torch.Tensor) -> None:
         """E[(Hv) * v] per weight, one Rademacher probe, by double backward (needs eager attention)."""
@@ -559,7 +598,7 @@ class Annealer:
         probe = point.soft_phase and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
         # The mask gradient feeds the Fisher probe and the (optional) first-order evidence only; other
         # steps skip its weight-sized backward and EMA update in every layer.
-        collect = probe or (point.soft_phase and cfg.first_order != 0)
+        collect = probe or (point.soft_phase and (cfg.first_order != 0 or cfg.evidence == "regrow"))
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
             ms.collecting = collect

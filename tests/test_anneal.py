@@ -128,6 +128,37 @@ def test_the_mask_starts_exactly_at_the_warm_start(data_dir):
     assert annealer.flips() == 0
 
 
+def test_regrow_evidence_is_the_exact_gap_of_a_quadratic_and_revives_at_its_optimum(data_dir):
+    """Along one weight, L(v) = 1/2 H (v - a)^2 with the others fixed: the evidence of a weight, kept
+    (v = w) or pruned (v = 0), must be L(0) - L(a) = 1/2 H a^2, from the loop's two EMAs alone
+    (c = 1/2 H w^2, e = dL/dm = g w), and a weight brought back must start at a, within |w|."""
+    annealer = _annealer(data_dir, evidence="regrow")
+    name, ms = next(iter(annealer.masks.items()))
+    w = annealer.weight_views[name]().detach().float().clone()
+    gen = torch.Generator().manual_seed(0)
+    hess = torch.rand(w.shape, generator=gen) + 0.5
+    best = w * (torch.rand(w.shape, generator=gen) * 1.6 - 0.8)  # inside |w|: the bound does not bite
+    present = ms.hard_mask().float()
+    grad_eff = hess * (w * present - best)  # dL/dv at the weight's effective value
+    ms.importance.copy_(0.5 * hess * w.square())
+    ms.grad_ema.copy_(grad_eff * w)
+    ms._updates = [10_000, 10_000]  # bias correction ~1
+    evidence = annealer._regrow_evidence(name, ms, present)
+    torch.testing.assert_close(evidence, 0.5 * hess * best.square(), rtol=1e-4, atol=1e-6)
+
+    annealer.step = 1
+    before = ms.hard_mask().clone()
+    kept = before.nonzero()[0].tolist()
+    before[tuple(kept)] = False  # as if the refresh had just brought this weight back: its evidence
+    ms.grad_ema.copy_(hess * (w * before.float() - best) * w)  # was taken at an effective value of 0
+    annealer._start_revived(name, ms, before)
+    after = annealer.weight_views[name]().detach().float()
+    assert math.isclose(float(after[tuple(kept)]), float(best[tuple(kept)]), rel_tol=1e-4, abs_tol=1e-6)
+    untouched = torch.ones_like(before)
+    untouched[tuple(kept)] = False
+    assert torch.equal(after[untouched], w[untouched])
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     cfg = tiny_config(steps=12, checkpoint_every=6)
     full = load_model("tiny-llama")
