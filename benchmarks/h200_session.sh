@@ -4,13 +4,14 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: gputests lowered trained trained2 oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
+# Steps: gputests lowered trained trained2 trained_best oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
 # TRAINED2 that of a second one (variants, say; its own results file),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
-# 2048-token training rows need fewer, their KV cache is 4x larger). STEP_BATCHES: step_time's batch sizes;
+# 2048-token training rows need fewer, their KV cache is 4x larger). trained_best runs the sweep's best
+# method (lowest valid ppl) at the full budget, with BEST_AGAINST (a method list, optional) beside it. STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
@@ -42,6 +43,11 @@ for step in "$@"; do
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
                     --outline "${STEP_OUTLINE:-off,on}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
+    trained_best)  # the sweep's best row on valid, then at the full budget beside BEST_AGAINST (if set)
+      best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; print(min(r, key=lambda x: x['wikitext2_ppl'])['method'])" \
+             "$out/accuracy_smollm2-135m_sweep.json") || { echo "== trained_best: no sweep results" >> "$out/session.log"; continue; }
+      cmd=(python3 benchmarks/accuracy.py --methods "$best${BEST_AGAINST:+,$BEST_AGAINST}" --budget-minutes "$budget"
+           --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained_best.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;
