@@ -244,6 +244,8 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
                 failed.append((i, spec, gpu))
                 continue
             finished[i] = {**json.loads(path.read_text())["rows"][0], "gpu": gpu, "parallel_gpus": slots}
+            if pending or running:  # a run cut off (a lease ending) keeps what it finished
+                write_results(stem, [finished[k] for k in sorted(finished)], out=args.out, extra={"partial": True})
     rows = [finished[i] for i in sorted(finished)]
     if failed:
         if rows:

@@ -102,6 +102,7 @@ def test_isolate_runs_each_method_in_a_fresh_process_one_after_another(tmp_path,
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["wanda", "dense"]
     assert [(r["gpu"], r["parallel_gpus"]) for r in rows] == [("cpu", 1), ("cpu", 1)]
+    assert "partial" not in json.loads(out.read_text())  # written partial after the first, whole at the end
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.json", "acc.png"]
 
 
