@@ -9,7 +9,8 @@ Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks
 or not: what the loss would lose without it. (The optional first-order term is the mask gradient
 ``dL/dm = g * w``, an EMA kept by a hook; measured on tiny models it made flips worse, so it is off
 by default.) ``evidence="regrow"`` scores each weight instead by ``1/2 H w*^2``, ``w*`` its best value
-given the others, and starts a revived weight there (``Annealer._regrow_evidence``). The Hessian diagonal is estimated every ``importance_every`` steps either by the
+given the others, and starts a revived weight there (``Annealer._regrow_evidence``; experimental).
+The Hessian diagonal is estimated every ``importance_every`` steps either by the
 Fisher information of the student's own predictions (labels *sampled from the student*, so the
 batch-mean gradient has mean zero and tokens x its square estimates the per-token Fisher, which is
 the Hessian of the KL at the teacher; the plain "empirical Fisher" of the training gradient is not:
@@ -113,7 +114,10 @@ class AnnealConfig:
     anneal_end: float = 0.5
     harden_end: float = 0.7
     warm_start: str = "sparsegpt"
-    prior_margin: float = 6.0  # held-out KL on the tiny model: 6 <= 3, 4.5, 10 at both seeds (benchmarks/results/anneal_tiny.json)
+    # Held-out KL on the tiny model (benchmarks/results/anneal_tiny.json) and SmolLM2's first 4 blocks
+    # (results/anneal_proxy_*): the larger the margin, the fewer flips and the closer to the fixed-mask
+    # peer; 6 was chosen under the earlier CE + T=2 recipe, 12 is in the next GPU sweep.
+    prior_margin: float = 6.0
     prior_floor: float = 0.5
     # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
     # one probe is noise, and on SmolLM2 a single-probe refresh flipped 190k weights at step 8.
@@ -407,7 +411,8 @@ class Annealer:
             def present(name: str = name, ms: MaskState = ms) -> torch.Tensor:  # only some terms need it
                 return (ms.hard_mask() if self.step else self.warm.get(name, ms.hard_mask())).float()
             if self.cfg.evidence == "regrow":
-                evidence, before = self._regrow_evidence(name, ms, present()), present()
+                before = present()
+                evidence = self._regrow_evidence(name, ms, before)
             else:
                 # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
                 # not having the weight. The first-order term (optional) adds the sign-aware gain of
@@ -439,8 +444,10 @@ class Annealer:
     def _start_revived(self, name: str, ms: MaskState, before: torch.Tensor) -> None:
         """Weights this refresh brought back start at their Newton value -g/H = -e w / 2c, bounded by
         their latent (dense) magnitude: noisy curvature must not launch one far out."""
-        revived = (ms.hard_mask() & ~before.bool()) if self.step else None
-        if revived is None or not bool(revived.any()):
+        if not self.step:  # the first refresh only sets the warm start
+            return
+        revived = ms.hard_mask() & ~before.bool()
+        if not bool(revived.any()):
             return
         weight = self.weight_views[name]()
         w = weight.detach().float()
