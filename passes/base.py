@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,28 @@ def as_graph_module(gm_or_captured: Any) -> fx.GraphModule:
 def module_paths(node: fx.Node) -> list[str]:
     """The qualified names of the modules whose code produced ``node`` (export's nn_module_stack)."""
     return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+SYM_SIZE = torch.ops.aten.sym_size.int
+
+
+def depends_on_input_values(node: fx.Node) -> bool:
+    """True if some input placeholder reaches ``node`` other than through its size: False for what
+    the graph computes from the inputs' shapes, parameters, buffers and constants alone (a causal
+    mask, position ids, rotary frequencies)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return True
+        if current.op == "call_function" and current.target is SYM_SIZE:
+            continue  # the sizes of the inputs are fine: positions depend on the sequence length
+        stack.extend(current.all_input_nodes)
+    return False
 
 
 def _jsonable(value: Any) -> Any:

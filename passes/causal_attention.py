@@ -24,33 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, depends_on_input_values
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-SYM_SIZE = torch.ops.aten.sym_size.int
 EXAMPLE_LENGTHS = (7, 12)
 
 
 def _mask_arg(node: fx.Node) -> fx.Node | None:
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     return mask if isinstance(mask, fx.Node) else None
-
-
-def _depends_on_input_values(mask: fx.Node) -> bool:
-    """True if some input placeholder reaches ``mask`` other than through its size."""
-    seen: set[fx.Node] = set()
-    stack = [mask]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder":
-            return True
-        if node.op == "call_function" and node.target is SYM_SIZE:
-            continue  # sizes of the inputs are fine: the mask may depend on the sequence length
-        stack.extend(node.all_input_nodes)
-    return False
 
 
 def _is_causal_pattern(mask: torch.Tensor) -> bool:
@@ -110,7 +92,7 @@ class UseCausalAttention(GraphPass):
             mask = _mask_arg(node)
             if mask is None:
                 continue
-            if _depends_on_input_values(mask):
+            if depends_on_input_values(mask):
                 kept[node.name] = "the mask depends on input values (padding or an attention_mask input)"
                 continue
             candidates[node] = mask

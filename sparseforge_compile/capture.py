@@ -13,6 +13,8 @@ weights trains or edits the model.
   capture falls back to static shapes and says so in ``CapturedGraph.notes``.
 * The graph is captured in eval mode (dropout off, as annealing wants); ``train()``/``eval()`` on
   the graph module only flip flags, they do not re-trace.
+* Position math (rotary frequencies) stays in fp32 when the graph runs under autocast, as the
+  model's source has it (``passes/float32_positions.py``: export drops the autocast-off region).
 * An untraceable construct raises :class:`CaptureError` naming the module and source line that
   failed, and the ways around it.
 """
@@ -289,7 +291,23 @@ def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> 
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     strip_metadata_asserts(gm)
+    _drop_input_guards(gm)
+    from .passes.float32_positions import KeepPositionMathInFloat32  # passes import capture: lazily
+
+    KeepPositionMathInFloat32()(gm)
     return gm, _bounded_dims(ep)
+
+
+def _drop_input_guards(gm: fx.GraphModule) -> None:
+    """Remove the call of export's input-guard module. It checks the inputs' dims against the
+    exported ranges (``CapturedGraph.notes`` states those), and under CPU autocast the call itself
+    failed (torch 2.13: "'NoneType' object has no attribute 'size'"), which ruled out bf16 training
+    on the CPU."""
+    nodes = list(gm.graph.find_nodes(op="call_module", target="_guards_fn"))
+    for node in nodes:
+        gm.graph.erase_node(node)
+    if nodes:
+        gm.recompile()
 
 
 def _bounded_dims(ep: torch.export.ExportedProgram) -> list[str]:

@@ -1,0 +1,86 @@
+"""Position math stays fp32 in the captured graph under autocast (passes/float32_positions.py).
+
+The bug it guards against: transformers 5.1x computes the rotary angles as a matmul inside an
+autocast-off region that export drops, so the graph ran that matmul in bf16 under the training
+loop's autocast (0.19 nats of KL to fp32 on SmolLM2 beyond position 128, benchmarks/graph_numerics.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from graph_numerics import autocast_off_if_on, old_rotary_forward  # transformers 5.1x's rotary code
+
+from sparseforge_compile.capture import capture
+from sparseforge_compile.evaluate import logits_of
+from sparseforge_compile.models import tiny_model
+from sparseforge_compile.passes.float32_positions import KeepPositionMathInFloat32, float32_matmul
+
+
+class RotaryToy(nn.Module):
+    """Embedding, rotary angles from a position matmul, a Linear: the smallest model with the bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.proj = nn.Linear(32, 32)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32)), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, None, :].float()
+        with autocast_off_if_on(ids.device.type):
+            angles = (self.inv_freq[None, :, None] @ positions).transpose(1, 2)
+        rot = torch.cat((angles, angles), dim=-1).cos()
+        return self.proj(x * rot) + (x @ x.transpose(1, 2)).mean(-1, keepdim=True)  # an activation matmul too
+
+
+def _bf16(fn, *args):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*args).float()
+
+
+def test_position_matmul_is_pinned_and_activation_matmul_is_not():
+    model = RotaryToy().eval()
+    ids = torch.randint(0, 64, (2, 300))
+    exported = torch.export.export(model, (ids,), strict=False).module()
+    raw = KeepPositionMathInFloat32()  # on a plain export, to see both the bug and the fix
+    eager, before = _bf16(model, ids), _bf16(exported, ids)
+    # The bug, reproduced: the position matmul in bf16 puts late positions' angles off.
+    assert (before - eager)[:, 256:].abs().max() > 0.05
+    result = raw(exported)
+    assert len(result.stats["pinned"]) == 1
+    pinned = [n for n in exported.graph.nodes if n.target is float32_matmul]
+    assert len(pinned) == 1  # x @ x^T reads the input's values: left to autocast
+    torch.testing.assert_close(_bf16(exported, ids), eager, rtol=0, atol=0)
+    with torch.no_grad():  # fp32 unchanged
+        torch.testing.assert_close(exported(ids), model(ids), rtol=0, atol=0)
+
+
+def test_capture_keeps_hf_rotary_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)
+    model = tiny_model("tiny-llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 600))
+    captured = capture(model, ids[:, :16])
+    assert [n for n in captured.gm.graph.nodes if n.target is float32_matmul]
+    torch.testing.assert_close(_bf16(captured.gm, ids), _bf16(lambda x: logits_of(model, x), ids), rtol=0, atol=0)
+
+
+def test_pinned_matmul_stays_fp32_when_the_graph_is_compiled():
+    """The loop compiles the graph on a GPU: Dynamo must keep the autocast-off region (aot_eager: the
+    same tracing as Inductor, without code generation)."""
+    torch._dynamo.reset()
+    model = RotaryToy().eval()
+    ids = torch.randint(0, 64, (2, 300))
+    gm = capture(model, ids).gm
+    compiled = torch.compile(gm, backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(_bf16(compiled, ids), _bf16(model, ids), rtol=0, atol=0)
