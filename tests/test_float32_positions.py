@@ -84,3 +84,20 @@ def test_pinned_matmul_stays_fp32_when_the_graph_is_compiled():
     gm = capture(model, ids).gm
     compiled = torch.compile(gm, backend="aot_eager", dynamic=False)
     torch.testing.assert_close(_bf16(compiled, ids), _bf16(model, ids), rtol=0, atol=0)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-opt"])
+def test_the_graph_computes_what_the_model_computes_under_autocast(name: str, device: str):
+    """SparseForge trains the captured graph under bf16 autocast and the peer the model itself: the two
+    must be one function there too, with this machine's transformers (fp32 equality is test_capture's)."""
+    model = tiny_model(name).to(device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), device=device)
+    captured = capture(model, ids[:, :16])
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        graph, plain = captured.gm(ids).float(), logits_of(model, ids).float()
+    torch.testing.assert_close(graph, plain, rtol=0, atol=0)
