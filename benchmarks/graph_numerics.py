@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the forwards' precision: bf16 autocast (what the loop trains with on a GPU) or fp32")
     p.add_argument("--rotary", default="installed", choices=("installed", "matmul-5.1x"),
                    help="the installed transformers' rotary code, or 5.1x's (matmul in an autocast-off region)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if a graph the loop trains differs from the plain model (a GPU session's gate)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.rotary == "matmul-5.1x":
@@ -143,7 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
     write_results("graph_numerics", rows, out=args.out)
     print(tabulate(rows, headers="keys", tablefmt="github"))
-    return 0
+    return 1 if args.check and _mismatches(rows) else 0
+
+
+def _mismatches(rows: list[dict]) -> list[str]:
+    """The paths the loop trains (all but the deliberately unpinned one) whose KL to fp32 is not the
+    plain model's (10 % + 1e-4 nats of slack for kernel choice), each with a message."""
+    plain = rows[0]["kl_to_fp32"]
+    bad = [f"{r['path']}: KL {r['kl_to_fp32']} against the plain model's {plain}" for r in rows
+           if "not pinned" not in r["path"] and abs(r["kl_to_fp32"] - plain) > 0.1 * plain + 1e-4]
+    for line in bad:
+        print(f"MISMATCH {line}", file=sys.stderr)
+    return bad
 
 
 if __name__ == "__main__":

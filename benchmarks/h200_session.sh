@@ -4,7 +4,7 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: gputests lowered trained trained2 trained_best oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
+# Steps: numerics gputests lowered trained trained2 trained_best oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
 # TRAINED2 that of a second one (variants, say; its own results file),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
@@ -14,6 +14,8 @@
 # method (lowest valid ppl) at the full budget, with BEST_AGAINST (a method list, optional) beside it. STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
+# numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
+# the session stops there (its trained runs would train a wrong function).
 # OUT_DIR/session.log says which step ran, for how long, and its exit status.
 # OUT_DIR/pgid holds the job's process group (started with setsid, the script leads it): to stop the
 # job and whatever step it runs, `kill -- -$(cat OUT_DIR/pgid)`. (Not `pkill -f PATTERN`: the calling
@@ -29,6 +31,7 @@ tasks=${TASKS-piqa,arc_easy}
 gpus=${GPUS:-1}
 for step in "$@"; do
   case $step in
+    numerics) cmd=(python3 benchmarks/graph_numerics.py --batch 4 --seqlen 512 --check --out "$out/graph_numerics.json") ;;
     gputests) cmd=(bash -c "python3 benchmarks/nested_region_check.py; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
     lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
@@ -57,5 +60,9 @@ for step in "$@"; do
   "${cmd[@]}" > "$out/$step.log" 2>&1
   rc=$?
   echo "== $(date -u +%H:%M:%S) $step rc=$rc in $(( $(date +%s) - start ))s" >> "$out/session.log"
+  if [ "$step" = numerics ] && [ "$rc" != 0 ]; then  # the trained runs would train a wrong graph
+    echo "== numerics failed: the captured graph is not the model under autocast; stopping" >> "$out/session.log"
+    break
+  fi
 done
 echo "== done" >> "$out/session.log"

@@ -152,3 +152,13 @@ def test_a_trained_row_records_its_settings_and_the_curves_end(tmp_path, monkeyp
             "train_teacher_ce_real_last_tenth"} <= set(row)
     run_dir = tmp_path / "runs" / "acc_sparseforge_teacher_sample_share_0.3_calib_samples_2_warm_start_wanda_"
     assert (run_dir / "metrics.jsonl").exists()
+
+
+def test_graph_numerics_check_flags_a_trained_path_that_is_not_the_model():
+    import graph_numerics
+
+    rows = [{"path": "plain model", "kl_to_fp32": 0.0009}, {"path": "captured graph", "kl_to_fp32": 0.00091},
+            {"path": "captured graph, position math not pinned", "kl_to_fp32": 0.19}]
+    assert graph_numerics._mismatches(rows) == []  # the unpinned path is there to show the bug
+    rows.append({"path": "+ masks (SparseForge's graph)", "kl_to_fp32": 0.145})
+    assert graph_numerics._mismatches(rows) == ["+ masks (SparseForge's graph): KL 0.145 against the plain model's 0.0009"]
