@@ -458,9 +458,10 @@ def test_teacher_cuda_graph_gives_the_same_run(data_dir, method):
     assert runs["on"][0] == pytest.approx(runs["off"][0], rel=1e-2), runs
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rotary", ["installed", "matmul-5.1x"])
 @pytest.mark.parametrize("autocast", ["off", "bf16"])
-def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, monkeypatch, autocast, rotary):
+def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, monkeypatch, autocast, rotary, device):
     """With a margin no evidence can overcome, SparseForge's masked graph must follow the peer's plain
     model step for step: same loss terms on the same batches. Under bf16 autocast with transformers
     5.1x's rotary code (the GPU machine's), the graph once ran the rotary angles in bf16 and trained a
@@ -478,8 +479,8 @@ def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, monkeyp
     runs = {}
     for method, extra in (("sparsegpt+kd", {}), ("sparseforge", {"prior_margin": 1e6})):
         torch.manual_seed(0)
-        annealer = _annealer(data_dir, method=method, steps=6, seqlen=256, hidden_weight=3.0, autocast=autocast,
-                             warm_start="sparsegpt",
+        annealer = _annealer(data_dir, method=method, device=device, steps=6, seqlen=256, hidden_weight=3.0,
+                             autocast=autocast, warm_start="sparsegpt", compile="off",
                              **extra)
         runs[method] = [{k: float(v) for k, v in annealer.train_step().items() if k in ("kl", "hidden")}
                         for _ in range(6)]
