@@ -11,7 +11,8 @@
 # a fixed step count on fixed teacher data, scored on WikiText-2 valid (tuning, not reporting):
 # SWEEP its method list, SWEEP_STEPS the steps (default 800), SWEEP_ROWS the teacher rows (default 4096;
 # 2048-token training rows need fewer, their KV cache is 4x larger). trained_best runs the sweep's best
-# method (lowest valid ppl) at the full budget, with BEST_AGAINST (a method list, optional) beside it. STEP_BATCHES: step_time's batch sizes;
+# SparseForge method and best peer method (lowest valid ppl) side by side at the full budget, with BEST_AGAINST
+# (a method list, optional) beside them. STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
@@ -46,9 +47,14 @@ for step in "$@"; do
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
                     --outline "${STEP_OUTLINE:-off,on}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
-    trained_best)  # the sweep's best row on valid, then at the full budget beside BEST_AGAINST (if set)
-      best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; print(min(r, key=lambda x: x['wikitext2_ppl'])['method'])" \
-             "$out/accuracy_smollm2-135m_sweep.json") || { echo "== trained_best: no sweep results" >> "$out/session.log"; continue; }
+    trained_best)  # the sweep's best SparseForge row and best peer row (valid), side by side at the full budget
+      best=$(python3 -c "
+import json, sys
+rows = json.load(open(sys.argv[1]))['rows']
+picks = [min(group, key=lambda r: r['wikitext2_ppl'])['method'] for group in
+         ([r for r in rows if r['method'].startswith(p)] for p in ('sparseforge', 'sparsegpt+kd')) if group]
+print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best" ] \
+        || { echo "== trained_best: no sweep results" >> "$out/session.log"; continue; }
       cmd=(python3 benchmarks/accuracy.py --methods "$best${BEST_AGAINST:+,$BEST_AGAINST}" --budget-minutes "$budget"
            --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained_best.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
