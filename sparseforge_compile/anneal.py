@@ -626,7 +626,9 @@ class Annealer:
         loss.backward()
         for ms in self.masks.values():
             ms.last_mask = None
-        bad = self._clip_and_check(loss.detach())
+        if plain:
+            self._mask_gradients()
+        bad, grad_norm = self._clip_and_check(loss.detach())
         if self._deferred_check:
             # No host sync: the fused optimizer skips the update on the device when the step is
             # non-finite, and the loop raises at its next check (log step, checkpoint, end).
@@ -641,14 +643,31 @@ class Annealer:
             self._refresh_scores(point.margin)
         self.step += 1
         self.tokens += ids.numel()
-        return {"loss": loss.detach(), **parts, "temperature": point.temperature, "blend": point.blend,
+        return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
+                "blend": point.blend,
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
 
     @torch.no_grad()
-    def _clip_and_check(self, loss: torch.Tensor) -> torch.Tensor:
+    def _mask_gradients(self) -> None:
+        """Zero the pruned weights' gradients on the plain model, as the masked graph's are: the
+        update would be undone anyway (the weights are re-zeroed), and counted in the clipping norm
+        they made the peer clip harder than SparseForge on the same loss."""
+        grads, masks = [], []
+        for name, ms in self.masks.items():
+            view = self.weight_views[name]()
+            base = view if view._base is None else view._base
+            if base.grad is not None:  # GPT-2's Conv1D: the view is the parameter transposed
+                grads.append(base.grad if view._base is None else base.grad.t())
+                masks.append(ms._hard_float())
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    @torch.no_grad()
+    def _clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip the gradients to ``grad_clip`` and return whether this step is non-finite (a device
-        bool: a non-finite loss gives non-finite gradients too, and the norm catches both). The first
-        bad step and the parameter whose gradient went non-finite are kept on the device."""
+        bool: a non-finite loss gives non-finite gradients too, and the norm catches both) and the
+        gradient norm before clipping. The first bad step and the parameter whose gradient went
+        non-finite are kept on the device."""
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         per_param = torch.stack(torch._foreach_norm(grads))
@@ -663,7 +682,7 @@ class Annealer:
         self._first_bad_step = torch.where(bad & first, self.step, self._first_bad_step)
         self._bad_loss = torch.where(bad & first, loss.float(), self._bad_loss)
         self._grad_params = params
-        return bad
+        return bad, norm
 
     def check_finite(self) -> None:
         """Raise :class:`AnnealError` if a step since the start went non-finite (one host sync)."""
@@ -833,6 +852,7 @@ class Annealer:
         now = time.perf_counter()
         row = {"step": self.step, "loss": float(last["loss"]), "ce": float(last["ce"]),
                "kl": float(last["kl"]), "hidden": float(last.get("hidden", 0.0)),
+               "grad_norm": float(last["grad_norm"]),
                "temperature": last["temperature"], "blend": last["blend"],
                "lr": last["lr"], "undecided": self.undecided(), "flips": self.flips() if self.warm else 0,
                "tokens_per_s": (self.tokens - self._tok_last) / max(now - self._t_last, 1e-9),

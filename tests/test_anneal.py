@@ -487,6 +487,32 @@ def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, monkeyp
     assert annealer.flips() == 0
     # Step 0, the same weights: equal to float rounding (the rotary bug moved the tiny model's KL by 1e-3).
     assert runs["sparseforge"][0] == pytest.approx(runs["sparsegpt+kd"][0], rel=1e-4), runs
-    # Then the same training (clipping and kernel order leave ~1e-3 apart).
+    # Then the same training: equal in fp32; bf16 kernels round in other orders. (Before the peer's pruned
+    # gradients were zeroed, they inflated its clipping norm and the runs drifted ~1e-3 apart.)
     for peer, ours in zip(runs["sparsegpt+kd"], runs["sparseforge"]):
-        assert ours == pytest.approx(peer, rel=5e-3), runs
+        assert ours == pytest.approx(peer, rel=2e-3 if autocast == "bf16" else 1e-5), runs
+
+
+@pytest.mark.parametrize("method", ["sparsegpt+kd", "sparseforge"])
+def test_trained_methods_on_gpt2_conv1d_weights(data_dir, method, monkeypatch):
+    """GPT-2 stores its Linears transposed (Conv1D): the masks, the peer's gradient masking and the
+    hardening must all read them that way, and the result is exact 2:4 along the input dim."""
+    from sparseforge_compile.anneal import Annealer
+
+    loaded = load_model("tiny-gpt2")
+    seen = []
+    real = Annealer._mask_gradients
+
+    def checked(self):  # the plain model's pruned gradients are zero once masked
+        real(self)
+        for name, ms in self.masks.items():
+            grad = self.weight_views[name]()._base.grad.t()
+            seen.append(bool((grad[~ms.hard_mask()] == 0).all()))
+
+    monkeypatch.setattr(Annealer, "_mask_gradients", checked)
+    result = sparsify(loaded.model, tiny_config(method, steps=6), tokenizer=loaded.tokenizer, data_dir=data_dir,
+                      progress=False)
+    assert result.layers and result.anneal.steps == 6
+    for name in result.layers:
+        assert count_nm_violations(loaded.model.get_submodule(name).weight.t(), PATTERN) == 0, name
+    assert seen and all(seen)  # SparseForge's eager hard phase trains the plain model too
