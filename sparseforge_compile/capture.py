@@ -173,6 +173,18 @@ def _hf_positional(inputs: dict[str, Any]) -> tuple:
 
 
 def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    args, kwargs = _example_args(model, example_inputs)
+    # A view as the example (ids[:, :16]) makes export guard on its base's size, and the graph then
+    # rejects every input that is not such a view ("'NoneType' object has no attribute 'size'"):
+    # export from copies.
+    return (tuple(_own_storage(a) for a in args), {k: _own_storage(v) for k, v in kwargs.items()})
+
+
+def _own_storage(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value._base is not None else value
+
+
+def _example_args(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     if example_inputs is None:
         return default_example_inputs(model)
     if isinstance(example_inputs, Mapping) and is_hf_model(model):
@@ -291,23 +303,10 @@ def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> 
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     strip_metadata_asserts(gm)
-    _drop_input_guards(gm)
     from .passes.float32_positions import KeepPositionMathInFloat32  # passes import capture: lazily
 
     KeepPositionMathInFloat32()(gm)
     return gm, _bounded_dims(ep)
-
-
-def _drop_input_guards(gm: fx.GraphModule) -> None:
-    """Remove the call of export's input-guard module. It checks the inputs' dims against the
-    exported ranges (``CapturedGraph.notes`` states those), and under CPU autocast the call itself
-    failed (torch 2.13: "'NoneType' object has no attribute 'size'"), which ruled out bf16 training
-    on the CPU."""
-    nodes = list(gm.graph.find_nodes(op="call_module", target="_guards_fn"))
-    for node in nodes:
-        gm.graph.erase_node(node)
-    if nodes:
-        gm.recompile()
 
 
 def _bounded_dims(ep: torch.export.ExportedProgram) -> list[str]:

@@ -109,3 +109,16 @@ def test_bad_example_inputs():
         capture(tiny_model("tiny-llama"), {"pixel_values": torch.zeros(1)})
     with pytest.raises(CaptureError, match="example_inputs"):
         capture(nn.Sequential(nn.ReLU()))
+
+
+def test_a_view_as_the_example_input_captures_a_graph_for_any_input():
+    """ids[:, :16] as the example once made export guard on the view's base, and the graph then refused
+    every plain tensor ("'NoneType' object has no attribute 'size'"); export's own guards still hold."""
+    model = tiny_model("tiny-llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    captured = capture(model, ids[:, :16])
+    with torch.no_grad():
+        assert torch.equal(captured.gm(ids.clone()), eager_logits(model, ids))
+    bert = capture(tiny_model("tiny-bert").eval())
+    with pytest.raises(AssertionError, match=r"input_ids.size\(\)\[1\] <= 512"):
+        bert.gm(torch.zeros(1, 600, dtype=torch.long))
