@@ -27,6 +27,9 @@ TRAINED = ("sparseforge", "sparsegpt+kd")
 METHODS = ONE_SHOT + TRAINED
 HARDEN_SLACK_S = 5.0  # budget kept back for hardening and the invariant check
 DEFAULT_HIDDEN_WEIGHT = 3.0  # layer-wise distillation in SparseForge (benchmarks/results: accuracy_*)
+# Largest mean per-token KL between the captured graph and the model, under the loop's autocast, on a
+# training batch: kernel choices differ by ~1e-4; the bf16 rotary bug (passes/float32_positions.py) was 0.145.
+GRAPH_KL_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -310,6 +313,8 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     if causal.stats["kept"]:
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
+    if not acfg.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
+        verify_graph(captured.gm, model, batches.batch(0)[-2:].to(device), autocast=acfg.autocasts(device))
     masks = InsertMasks(pattern)(captured.gm, report).masks
 
     def plain_forward(ids: torch.Tensor) -> torch.Tensor:
@@ -332,6 +337,36 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                         compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.fixed_mask
                         else None)
     return TrainingSetup(annealer, teacher_rows, taps)
+
+
+@torch.no_grad()
+def verify_graph(gm, model: nn.Module, ids: torch.Tensor, autocast: bool) -> float:
+    """KL (nats per token) from the model's logits to the captured graph's on ``ids``, run as the
+    loop runs them (bf16 autocast or not); raises :class:`CaptureError` above ``GRAPH_KL_TOLERANCE``
+    (NaN, without checking, where the model's own logits are not finite).
+
+    Export can drop what a model does at run time only (an autocast-off region, say): training such
+    a graph trains another function, which no loss curve shows (it cost every SparseForge GPU run
+    until session 8). Two forwards of two rows are cheap insurance."""
+    from .capture import CaptureError
+    from .distill import kd_loss
+    from .evaluate import logits_of
+
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        graph = gm(ids)
+        plain = logits_of(model, ids)
+    graph = graph if isinstance(graph, torch.Tensor) else graph[0]
+    if not bool(torch.isfinite(plain).all()):
+        return float("nan")  # the model itself overflows: the loop's non-finite check names the layer
+    kl = float(kd_loss(graph.float(), plain.float(), ids, temperature=1.0, ce_weight=0.0)[0])
+    if not kl <= GRAPH_KL_TOLERANCE:  # NaN fails too
+        where = "under bf16 autocast" if autocast else "in fp32"
+        raise CaptureError(
+            f"the captured graph does not compute what {type(model).__name__} computes {where}: KL {kl:.4g} "
+            f"nats per token on a {tuple(ids.shape)} training batch (tolerance {GRAPH_KL_TOLERANCE}); training "
+            f"it would train another function. Run benchmarks/graph_numerics.py to see where it diverges "
+            f"(by position: rotary; everywhere: an op export changed); --autocast off trains in fp32 meanwhile")
+    return kl
 
 
 def _outlined(model: nn.Module, gm):

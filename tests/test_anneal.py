@@ -516,3 +516,27 @@ def test_trained_methods_on_gpt2_conv1d_weights(data_dir, method, monkeypatch):
     for name in result.layers:
         assert count_nm_violations(loaded.model.get_submodule(name).weight.t(), PATTERN) == 0, name
     assert seen and all(seen)  # SparseForge's eager hard phase trains the plain model too
+
+
+def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypatch):
+    """SparseForge checks the captured graph against the model on a training batch, in the loop's
+    precision, before it trains: with the float32 pass undone and 5.1x's rotary code, bf16 autocast makes
+    them differ, and the run stops with the measured KL instead of training another function."""
+    import sys
+    from pathlib import Path
+
+    from transformers.models.llama import modeling_llama
+
+    from sparseforge_compile.capture import CaptureError
+    from sparseforge_compile.passes.base import PassResult
+    from sparseforge_compile.passes.float32_positions import KeepPositionMathInFloat32
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from graph_numerics import old_rotary_forward
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)
+    monkeypatch.setattr("sparseforge_compile.pipeline.GRAPH_KL_TOLERANCE", 1e-5)  # the tiny model's error is small
+    _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")  # the pass on: passes
+    monkeypatch.setattr(KeepPositionMathInFloat32, "run", lambda self, gm: PassResult(gm=gm))
+    with pytest.raises(CaptureError, match=r"does not compute what LlamaForCausalLM computes under bf16 autocast"):
+        _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")
