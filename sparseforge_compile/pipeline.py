@@ -340,7 +340,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
 
 
 @torch.no_grad()
-def verify_graph(gm, model: nn.Module, ids: torch.Tensor, autocast: bool) -> float:
+def verify_graph(gm: torch.fx.GraphModule, model: nn.Module, ids: torch.Tensor, autocast: bool) -> float:
     """KL (nats per token) from the model's logits to the captured graph's on ``ids``, run as the
     loop runs them (bf16 autocast or not); raises :class:`CaptureError` above ``GRAPH_KL_TOLERANCE``
     (NaN, without checking, where the model's own logits are not finite).
