@@ -116,7 +116,8 @@ class AnnealConfig:
     warm_start: str = "sparsegpt"
     # Held-out KL on the tiny model (benchmarks/results/anneal_tiny.json) and SmolLM2's first 4 blocks
     # (results/anneal_proxy_*): the larger the margin, the fewer flips and the closer to the fixed-mask
-    # peer; 6 was chosen under the earlier CE + T=2 recipe, 12 is in the next GPU sweep.
+    # peer; 6 was chosen under the earlier CE + T=2 recipe. The GPU sweeps of 6 vs 12 so far ran on the
+    # faulty graph (README caveat): re-measure before changing it.
     prior_margin: float = 6.0
     prior_floor: float = 0.5
     # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
@@ -348,6 +349,9 @@ class Annealer:
         self._bad_param = torch.tensor(-1, device=device)
         self._bad_loss = torch.tensor(0.0, device=device)
         self._grad_params: list[nn.Parameter] = []
+        # Each masked layer's parameter, and whether its (out, in) weight view is the parameter
+        # transposed (GPT-2's Conv1D): for gradients and names, which live on the parameter.
+        self._layer_params = {n: _parameter_of(self.weight_views[n]()) for n in masks}
         self._eager = (self.forward, self.plain_forward, self.teacher)
         self._loss_terms = _loss_terms
         self.regions = list(regions)
@@ -461,7 +465,7 @@ class Annealer:
 
         views = {n: self.weight_views[n]() for n in self.masks}
         # Differentiate with respect to the parameters themselves (GPT-2's Conv1D views are transposes).
-        bases = {n: v._base if v._base is not None else v for n, v in views.items()}
+        bases = {n: param for n, (param, _) in self._layer_params.items()}
         loss = self._loss(ids, plain=False, eager=True)[0]
         for ms in self.masks.values():
             ms.hook_enabled = False
@@ -654,10 +658,9 @@ class Annealer:
         they made the peer clip harder than SparseForge on the same loss."""
         grads, masks = [], []
         for name, ms in self.masks.items():
-            view = self.weight_views[name]()
-            base = view if view._base is None else view._base
-            if base.grad is not None:  # GPT-2's Conv1D: the view is the parameter transposed
-                grads.append(base.grad if view._base is None else base.grad.t())
+            param, transposed = self._layer_params[name]
+            if param.grad is not None:
+                grads.append(param.grad.t() if transposed else param.grad)
                 masks.append(ms._hard_float())
         if grads:
             torch._foreach_mul_(grads, masks)
@@ -705,7 +708,7 @@ class Annealer:
         return self._param_names().get(id(p), f"a parameter of shape {tuple(p.shape)}")
 
     def _param_names(self) -> dict[int, str]:
-        return {id(v._base if v._base is not None else v): n for n in self.masks for v in [self.weight_views[n]()]}
+        return {id(param): n for n, (param, _) in self._layer_params.items()}
 
     def _kept_note(self) -> str:
         return (f"the last good checkpoint is in {self.out_dir / 'checkpoint'}"
@@ -897,6 +900,12 @@ class Annealer:
         log.info("one step takes %.3fs (probe took %.1fs): %.0fs of training, ~%d steps", per_step,
                  time.perf_counter() - t0, remaining, remaining / per_step)
         return remaining
+
+
+def _parameter_of(view: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The parameter a layer's (out, in) weight view reads, and whether the view is a view of it
+    (GPT-2's Conv1D: the parameter transposed) rather than the parameter itself."""
+    return (view, False) if view._base is None else (view._base, True)
 
 
 def _inlined_masks(forward: Callable, copy: bool = True) -> Callable:
