@@ -461,21 +461,13 @@ def test_teacher_cuda_graph_gives_the_same_run(data_dir, method):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rotary", ["installed", "matmul-5.1x"])
 @pytest.mark.parametrize("autocast", ["off", "bf16"])
-def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, monkeypatch, autocast, rotary, device):
+def test_sparseforge_without_flips_trains_what_the_peer_trains(data_dir, request, autocast, rotary, device):
     """With a margin no evidence can overcome, SparseForge's masked graph must follow the peer's plain
     model step for step: same loss terms on the same batches. Under bf16 autocast with transformers
     5.1x's rotary code (the GPU machine's), the graph once ran the rotary angles in bf16 and trained a
     different function (passes/float32_positions.py)."""
     if rotary == "matmul-5.1x":
-        import sys
-        from pathlib import Path
-
-        from transformers.models.llama import modeling_llama
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        from graph_numerics import old_rotary_forward
-
-        monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)
+        request.getfixturevalue("rotary_51x")
     runs = {}
     for method, extra in (("sparsegpt+kd", {}), ("sparseforge", {"prior_margin": 1e6})):
         torch.manual_seed(0)
@@ -518,23 +510,14 @@ def test_trained_methods_on_gpt2_conv1d_weights(data_dir, method, monkeypatch):
     assert seen and all(seen)  # SparseForge's eager hard phase trains the plain model too
 
 
-def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypatch):
+def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypatch, rotary_51x):
     """SparseForge checks the captured graph against the model on a training batch, in the loop's
     precision, before it trains: with the float32 pass undone and 5.1x's rotary code, bf16 autocast makes
     them differ, and the run stops with the measured KL instead of training another function."""
-    import sys
-    from pathlib import Path
-
-    from transformers.models.llama import modeling_llama
-
     from sparseforge_compile.capture import CaptureError
     from sparseforge_compile.passes.base import PassResult
     from sparseforge_compile.passes.float32_positions import KeepPositionMathInFloat32
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from graph_numerics import old_rotary_forward
-
-    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)
     monkeypatch.setattr("sparseforge_compile.pipeline.GRAPH_KL_TOLERANCE", 1e-5)  # the tiny model's error is small
     _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")  # the pass on: passes
     monkeypatch.setattr(KeepPositionMathInFloat32, "run", lambda self, gm: PassResult(gm=gm))

@@ -16,7 +16,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from graph_numerics import autocast_off_if_on, old_rotary_forward  # transformers 5.1x's rotary code
+from graph_numerics import autocast_off_if_on  # what transformers' maybe_autocast(enabled=False) does
 
 from sparseforge_compile.capture import capture
 from sparseforge_compile.evaluate import logits_of
@@ -64,10 +64,7 @@ def test_position_matmul_is_pinned_and_activation_matmul_is_not():
         torch.testing.assert_close(exported(ids), model(ids), rtol=0, atol=0)
 
 
-def test_capture_keeps_hf_rotary_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch):
-    from transformers.models.llama import modeling_llama
-
-    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)
+def test_capture_keeps_hf_rotary_in_fp32_under_autocast(rotary_51x):
     model = tiny_model("tiny-llama").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 600))
     captured = capture(model, ids[:, :16])
