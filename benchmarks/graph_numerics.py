@@ -50,8 +50,9 @@ def autocast_off_if_on(device_type: str):
     return contextlib.nullcontext()
 
 
+@torch.no_grad()  # 5.1x has it too, and export turns it into a region with its own subgraph
 def old_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LlamaRotaryEmbedding.forward as transformers 5.1x wrote it."""
+    """LlamaRotaryEmbedding.forward as transformers 5.1x wrote it (5.17, checked against its source)."""
     inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
     with autocast_off_if_on(x.device.type):
         freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
@@ -64,10 +65,11 @@ def _unpinned(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The graph as capture made it before KeepPositionMathInFloat32: its pinned matmuls back to the
     plain aten ops (autocast applies to them again)."""
     plain_ops = {pinned: op for op, pinned in PINNED.items()}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in plain_ops:
-            node.target = plain_ops[node.target]
-    gm.recompile()
+    for sub in [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]:  # regions' subgraphs too
+        for node in sub.graph.nodes:
+            if node.op == "call_function" and node.target in plain_ops:
+                node.target = plain_ops[node.target]
+        sub.recompile()
     return gm
 
 

@@ -63,10 +63,11 @@ def module_paths(node: fx.Node) -> list[str]:
 SYM_SIZE = torch.ops.aten.sym_size.int
 
 
-def depends_on_input_values(node: fx.Node) -> bool:
+def depends_on_input_values(node: fx.Node, value_inputs: set[fx.Node] | None = None) -> bool:
     """True if some input placeholder reaches ``node`` other than through its size: False for what
     the graph computes from the inputs' shapes, parameters, buffers and constants alone (a causal
-    mask, position ids, rotary frequencies)."""
+    mask, position ids, rotary frequencies). ``value_inputs``: the placeholders that count as inputs
+    (in a region's subgraph, those fed by input values outside; None: all of them)."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
@@ -75,7 +76,9 @@ def depends_on_input_values(node: fx.Node) -> bool:
             continue
         seen.add(current)
         if current.op == "placeholder":
-            return True
+            if value_inputs is None or current in value_inputs:
+                return True
+            continue
         if current.op == "call_function" and current.target is SYM_SIZE:
             continue  # the sizes of the inputs are fine: positions depend on the sequence length
         stack.extend(current.all_input_nodes)

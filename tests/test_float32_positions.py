@@ -42,6 +42,27 @@ class RotaryToy(nn.Module):
         return self.proj(x * rot) + (x @ x.transpose(1, 2)).mean(-1, keepdim=True)  # an activation matmul too
 
 
+def _pinned_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The autocast-off matmuls of ``gm`` and of its regions' subgraphs."""
+    return [n for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)
+            for n in sub.graph.nodes if n.target is float32_matmul]
+
+
+class NoGradRotaryToy(RotaryToy):
+    """The angles in a ``torch.no_grad`` function, as transformers 5.1x's rotary ``forward`` is: export
+    puts them in a ``wrap_with_set_grad_enabled`` region, a subgraph of their own."""
+
+    @torch.no_grad()
+    def angles(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with autocast_off_if_on(positions.device.type):
+            return torch.cat(((self.inv_freq[None, :, None] @ positions).transpose(1, 2),) * 2, dim=-1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, None, :].float()
+        return self.proj(x * self.angles(x, positions).cos()) + (x @ x.transpose(1, 2)).mean(-1, keepdim=True)
+
+
 def _bf16(fn, *args):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return fn(*args).float()
@@ -64,11 +85,40 @@ def test_position_matmul_is_pinned_and_activation_matmul_is_not():
         torch.testing.assert_close(exported(ids), model(ids), rtol=0, atol=0)
 
 
+def test_position_matmul_in_a_no_grad_region_is_pinned():
+    """The GPU machine's bug as it really was: the matmul inside export's no_grad region."""
+    model = NoGradRotaryToy().eval()
+    ids = torch.randint(0, 64, (2, 300))
+    exported = torch.export.export(model, (ids,), strict=False).module()
+    regions = [n for n in exported.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
+    assert regions, "export no longer makes a region of a no_grad function: this test checks nothing"
+    assert (_bf16(exported, ids) - _bf16(model, ids))[:, 256:].abs().max() > 0.05  # the bug
+    result = KeepPositionMathInFloat32()(exported)
+    assert len(result.stats["pinned"]) == 1 and "/" in result.stats["pinned"][0]
+    assert len(_pinned_nodes(exported)) == 1  # x @ x^T, in the top graph, still left to autocast
+    torch.testing.assert_close(_bf16(exported, ids), _bf16(model, ids), rtol=0, atol=0)
+
+
+def test_matmul_on_input_values_inside_a_region_is_left_to_autocast():
+    """A region's placeholder fed by the inputs' values counts as input: its matmuls are not pinned."""
+
+    class ValuesInRegion(nn.Module):
+        @torch.no_grad()
+        def gram(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ x.transpose(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gram(x).sum(-1)
+
+    exported = torch.export.export(ValuesInRegion(), (torch.randn(2, 8, 4),), strict=False).module()
+    assert not KeepPositionMathInFloat32()(exported).stats["pinned"]
+
+
 def test_capture_keeps_hf_rotary_in_fp32_under_autocast(rotary_51x):
     model = tiny_model("tiny-llama").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 600))
     captured = capture(model, ids[:, :16])
-    assert [n for n in captured.gm.graph.nodes if n.target is float32_matmul]
+    assert _pinned_nodes(captured.gm)
     torch.testing.assert_close(_bf16(captured.gm, ids), _bf16(lambda x: logits_of(model, x), ids), rtol=0, atol=0)
 
 
