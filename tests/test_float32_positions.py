@@ -122,11 +122,12 @@ def test_capture_keeps_hf_rotary_in_fp32_under_autocast(rotary_51x):
     torch.testing.assert_close(_bf16(captured.gm, ids), _bf16(lambda x: logits_of(model, x), ids), rtol=0, atol=0)
 
 
-def test_pinned_matmul_stays_fp32_when_the_graph_is_compiled():
+@pytest.mark.parametrize("toy", [RotaryToy, NoGradRotaryToy])
+def test_pinned_matmul_stays_fp32_when_the_graph_is_compiled(toy):
     """The loop compiles the graph on a GPU: Dynamo must keep the autocast-off region (aot_eager: the
     same tracing as Inductor, without code generation)."""
     torch._dynamo.reset()
-    model = RotaryToy().eval()
+    model = toy().eval()
     ids = torch.randint(0, 64, (2, 300))
     gm = capture(model, ids).gm
     compiled = torch.compile(gm, backend="aot_eager", dynamic=False)
