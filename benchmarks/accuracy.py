@@ -140,6 +140,24 @@ def cold_compile_caches(cold: bool):
     torch._dynamo.reset()
 
 
+# Where compilation spent its time (torch._dynamo.utils.compile_times' phases, seconds summed over every
+# compiled frame): tracing, AOTAutograd, Inductor's lowering and codegen, and the wait for the kernel
+# compile workers (Triton on a GPU). A trained method's first steps are mostly this.
+COMPILE_PHASES = {"compile_dynamo_s": "_compile.compile_inner", "compile_aot_s": "create_aot_dispatcher_function",
+                  "compile_inductor_s": "compile_fx_inner", "compile_kernels_wait_s": "async_compile.wait"}
+
+
+def compile_seconds(reset: bool = False) -> dict[str, float]:
+    """COMPILE_PHASES' totals since the last reset (``reset=True`` clears them and returns {})."""
+    from torch._dynamo import utils as dynamo_utils
+
+    metrics = dynamo_utils.compilation_time_metrics
+    if reset:
+        metrics.clear()
+        return {}
+    return {key: round(sum(metrics.get(phase, [])), 1) for key, phase in COMPILE_PHASES.items()}
+
+
 # Settings of the prune around the loop that a method's brackets may also set (budget trade-offs:
 # sampling share against training time, calibration windows against warm-start time).
 RUN_FIELDS = {"teacher_sample_share": float, "calib_samples": int}
@@ -315,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                                  teacher_decode=args.teacher_decode, anneal=acfg)
             run_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
             out_dir = Path(f"{runs_prefix}_{run_name}") if budget_s else None
+            compile_seconds(reset=True)
             with cold_compile_caches(not args.warm_compile_caches):
                 result = sparsify(model, cfg, tokenizer=tok, calib=calib.get(cfg.calib_samples), out_dir=out_dir,
                                   progress=not args.quiet)
-            info = result.summary()
+            info = {**result.summary(), **compile_seconds()}
             if result.anneal and result.anneal.history:
                 speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]
                 info["tokens_per_s_median"] = statistics.median(speeds)
@@ -345,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.also_valid and args.split != "valid":
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
-        for key in ("steps", "train_tokens", "teacher_tokens", "flips_vs_warm_start", "tokens_per_s_median",
-                    "first_log_step", "first_log_elapsed_s", "compiled"):
+        for key in ("steps", "train_tokens", "teacher_tokens", "teacher_sample_batch", "flips_vs_warm_start",
+                    "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", *COMPILE_PHASES):
             if key in info:
                 row[key] = info[key]
+        sampling_s = info.get("phases", {}).get("teacher_sampling", 0.0)
+        if info.get("teacher_tokens") and sampling_s > 0:
+            row["teacher_tokens_per_s"] = round(info["teacher_tokens"] / sampling_s)
         if method != "dense" and budget_s and out_dir is not None and (out_dir / "metrics.jsonl").exists():
             # The curve's end, by data source (curves.py): C4 rows fitted far below the fresh teacher
             # text's KL, or a student CE under the teacher's own, mean the repeated C4 is being memorized.

@@ -116,8 +116,15 @@ class BlockOutputHooks:
         self._handles = []
 
 
-MAX_SAMPLE_BATCH = 4096
+# H200, SmolLM2, 512-token rows, whole 10-minute runs: every run that sampled in batches of 4096 rows drew
+# ~110 k tokens/s, every one at 3932 ~148 k (benchmarks/results/accuracy_smollm2-135m_trained_10min*.json,
+# teacher_tokens / phase_teacher_sampling_s; the cause is not known, a 48-step probe at 4096 ran fast).
+# Hence a cap below 3932, until a run with sample-rate rows (accuracy.py: teacher_tokens_per_s) says otherwise.
+MAX_SAMPLE_BATCH = 3840
 SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-sized buffers
+# Batches are rounded down to this many rows: two runs whose free memory differs by a few hundred MB (the
+# allocator's cache, say) then sample the same rows at the same speed, as a side-by-side comparison needs.
+SAMPLE_BATCH_STEP = 256
 
 
 GRAPH_BUCKET = 64  # positions per captured decode graph (GraphedDecoder)
@@ -127,7 +134,8 @@ TEACHER_DECODES = ("auto", "forward", "static", "graphs")  # sample_from_teacher
 def sample_batch_size(teacher: nn.Module, length: int) -> int:
     """Rows to sample at once: decode of a small model is launch-bound (SmolLM2 on an H200: ~25 ms
     a step at 512 and at 2048 rows alike), so tokens/s grow with the batch until memory runs out.
-    On a GPU, as many rows as fit in 40% of the free memory (at most 4096); on the CPU 16."""
+    On a GPU, as many rows as fit in 40% of the free memory (at most MAX_SAMPLE_BATCH, in steps of
+    SAMPLE_BATCH_STEP); on the CPU 16."""
     device = next(teacher.parameters()).device
     if device.type != "cuda":
         return 16
@@ -146,7 +154,15 @@ def sample_batch_size(teacher: nn.Module, length: int) -> int:
     graphs = -(-length // GRAPH_BUCKET)
     per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + (4 + graphs) * vocab * 4
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(MAX_SAMPLE_BATCH, SAMPLE_MEMORY_SHARE * free // per_row)))
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cache is free
+    return rows_for_memory(free, per_row)
+
+
+def rows_for_memory(free_bytes: int, per_row_bytes: int) -> int:
+    """Sampling rows for ``free_bytes`` of device memory at ``per_row_bytes`` each: SAMPLE_MEMORY_SHARE of
+    it, at most MAX_SAMPLE_BATCH, rounded down to SAMPLE_BATCH_STEP rows (below one step: exact, >= 1)."""
+    rows = int(min(MAX_SAMPLE_BATCH, SAMPLE_MEMORY_SHARE * free_bytes // per_row_bytes))
+    return rows // SAMPLE_BATCH_STEP * SAMPLE_BATCH_STEP if rows >= SAMPLE_BATCH_STEP else max(1, rows)
 
 
 class StaticKVDecoder:

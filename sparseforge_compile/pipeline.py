@@ -90,11 +90,13 @@ class SparsifyResult:
     anneal: AnnealResult | None = None
     teacher_tokens: int = 0
     oneshot: object | None = None
+    teacher_sample_batch: int = 0  # rows sampled at once (0: none sampled here)
 
     def summary(self) -> dict:
         out = {"method": self.method, "pattern": self.pattern, "pruned_layers": len(self.layers),
                "dense_layers": len(self.skipped), "seconds": round(self.seconds, 2),
-               "phases": {k: round(v, 2) for k, v in self.phases.items()}, "teacher_tokens": self.teacher_tokens}
+               "phases": {k: round(v, 2) for k, v in self.phases.items()}, "teacher_tokens": self.teacher_tokens,
+               "teacher_sample_batch": self.teacher_sample_batch}
         if self.anneal:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
@@ -113,23 +115,25 @@ def weight_of(model: nn.Module, layer: str, transposed: bool) -> torch.Tensor:
 
 
 def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConfig, time_limit: float,
-                     progress: bool) -> torch.Tensor | None:
-    from .distill import sample_from_teacher
+                     progress: bool) -> tuple[torch.Tensor | None, int]:
+    """Teacher-sampled rows (None: none) and the rows sampled at once."""
+    from .distill import sample_batch_size, sample_from_teacher
     from .evaluate import not_a_causal_lm
 
     if cfg.anneal.teacher_data_ratio <= 0 or (time_limit <= 0 and not cfg.teacher_sample_rows):
-        return None
+        return None, 0
     problem = not_a_causal_lm(teacher)
     if problem:  # a masked LM samples no text: train on the real text alone
         log.warning("no teacher-sampled text: %s; training on C4 alone (teacher_data_ratio ignored)", problem)
-        return None
+        return None, 0
     gen = torch.Generator().manual_seed(cfg.anneal.seed)
     rows = cfg.teacher_sample_rows or 1 << 15  # without a row count the time limit decides
     starts = torch.randint(0, stream.numel() - cfg.teacher_prompt_tokens, (rows,), generator=gen)
     prompts = torch.stack([stream[s : s + cfg.teacher_prompt_tokens] for s in starts.tolist()])
-    return sample_from_teacher(teacher, prompts, cfg.anneal.seqlen, batch_size=cfg.teacher_sample_batch,
-                               seed=cfg.anneal.seed, time_limit_s=None if cfg.teacher_sample_rows else time_limit,
-                               progress=progress, decode=cfg.teacher_decode)
+    batch = cfg.teacher_sample_batch or sample_batch_size(teacher, cfg.anneal.seqlen)
+    return sample_from_teacher(teacher, prompts, cfg.anneal.seqlen, batch_size=batch, seed=cfg.anneal.seed,
+                               time_limit_s=None if cfg.teacher_sample_rows else time_limit,
+                               progress=progress, decode=cfg.teacher_decode), batch
 
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenizer=None, calib: torch.Tensor | None = None,
@@ -254,6 +258,7 @@ class TrainingSetup:
     annealer: Annealer
     teacher_rows: torch.Tensor | None
     taps: LayerTaps | None = None
+    teacher_sample_batch: int = 0
 
 
 def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
@@ -298,11 +303,12 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     t = time.perf_counter()
     stream = token_stream(tokenizer, data_dir)
     rows_file = out / "teacher_samples.safetensors" if out is not None else None
+    sample_batch = 0
     if resume and rows_file is not None and rows_file.exists():
         teacher_rows = _load_rows(rows_file)
     else:
         share = cfg.teacher_sample_share * (cfg.budget_s or 0)
-        teacher_rows = _teacher_samples(teacher, stream, cfg, share, progress)
+        teacher_rows, sample_batch = _teacher_samples(teacher, stream, cfg, share, progress)
         if rows_file is not None and teacher_rows is not None and acfg.checkpoint_every:
             _save_rows(rows_file, teacher_rows)  # a resumed run trains on the same text
     phases["teacher_sampling"] = time.perf_counter() - t
@@ -336,7 +342,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                         progress=progress, regions=(teacher, model),
                         compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.fixed_mask
                         else None)
-    return TrainingSetup(annealer, teacher_rows, taps)
+    return TrainingSetup(annealer, teacher_rows, taps, sample_batch)
 
 
 @torch.no_grad()
@@ -422,7 +428,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     phases["harden"] = time.perf_counter() - t
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
-                          anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0)
+                          anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,
+                          teacher_sample_batch=setup.teacher_sample_batch)
 
 
 def _remove_taps(taps: LayerTaps, gm) -> None:

@@ -162,3 +162,16 @@ def test_graph_numerics_check_flags_a_trained_path_that_is_not_the_model():
     assert graph_numerics._mismatches(rows) == []  # the unpinned path is there to show the bug
     rows.append({"path": "+ masks (SparseForge's graph)", "kl_to_fp32": 0.145})
     assert graph_numerics._mismatches(rows) == ["+ masks (SparseForge's graph): KL 0.145 against the plain model's 0.0009"]
+
+
+def test_compile_seconds_counts_compilation_since_the_reset():
+    import torch
+
+    assert accuracy.compile_seconds(reset=True) == {}
+    assert set(accuracy.compile_seconds().values()) == {0.0}
+    torch._dynamo.reset()
+    torch.compile(lambda x: (x.sin() * 2).sum(), backend="aot_eager")(torch.randn(8))
+    seconds = accuracy.compile_seconds()
+    assert set(seconds) == set(accuracy.COMPILE_PHASES)
+    assert seconds["compile_dynamo_s"] >= seconds["compile_aot_s"] >= 0
+    assert torch._dynamo.utils.compilation_time_metrics["_compile.compile_inner"]  # a frame was timed

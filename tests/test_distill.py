@@ -43,6 +43,19 @@ def test_sample_batch_is_small_on_the_cpu():
     assert sample_batch_size(load_model("tiny-llama").model, 512) == 16
 
 
+def test_sample_batch_does_not_follow_small_memory_differences():
+    """Two runs side by side whose free memory differs by the allocator's cache sample the same rows
+    (the H200 case: 143 GB free gave 3932 rows, 149 GB 4096, and the two sampled at different speeds)."""
+    from sparseforge_compile.distill import MAX_SAMPLE_BATCH, SAMPLE_BATCH_STEP, rows_for_memory
+
+    per_row = 14_550_000  # SmolLM2, 512 positions, bf16 KV cache + decode logits
+    assert rows_for_memory(143_000_000_000, per_row) == rows_for_memory(149_000_000_000, per_row) == MAX_SAMPLE_BATCH
+    assert rows_for_memory(100_000_000_000, per_row) == rows_for_memory(100_300_000_000, per_row)
+    assert rows_for_memory(100_000_000_000, per_row) % SAMPLE_BATCH_STEP == 0
+    assert rows_for_memory(3 * per_row, per_row) == 1  # tiny memory: exact, never 0
+    assert rows_for_memory(0, per_row) == 1
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_static_cache_decoder_gives_the_models_logits_and_samples(name):
     """Step-by-step decode over the preallocated cache (grouped-query heads, Qwen2's q/k/v biases)
