@@ -5,8 +5,9 @@
 Each call samples one batch of ``--length``-token rows from 8-token C4 prompts, as the prune does
 (``pipeline._teacher_samples``: bf16 teacher on a GPU, ``decode="auto"``), timed whole (graph capture
 included, as in a run); the batch sizes take turns, ``--repeats`` rounds, and the rows report the median.
-Why: on the H200, 10-minute runs that sampled 4096 rows at once drew ~110 k tokens/s and those at 3932
-~148 k (``distill.MAX_SAMPLE_BATCH``), while ``step_time.py``'s 48-step probe at 4096 ran fast.
+Why: on the H200, 10-minute runs that sampled 4096 rows at once spent ~40 s more in their sampling phase
+than those at 3932; measured here in isolation (results/sample_rate.json) the two sample at the same speed,
+so the batch size is not the cause (``distill.MAX_SAMPLE_BATCH``).
 """
 
 from __future__ import annotations

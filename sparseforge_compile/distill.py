@@ -116,11 +116,11 @@ class BlockOutputHooks:
         self._handles = []
 
 
-# H200, SmolLM2, 512-token rows, whole 10-minute runs: every run that sampled in batches of 4096 rows drew
-# ~110 k tokens/s, every one at 3932 ~148 k (benchmarks/results/accuracy_smollm2-135m_trained_10min*.json,
-# teacher_tokens / phase_teacher_sampling_s; the cause is not known, a 48-step probe at 4096 ran fast).
-# Hence a cap below 3932, until a run with sample-rate rows (accuracy.py: teacher_tokens_per_s) says otherwise.
-MAX_SAMPLE_BATCH = 3840
+# Not lowered for speed: 4096 whole 512-token rows sample at 149 k tokens/s on the H200, 3932 at 148 k, 3840
+# at 135 k (benchmarks/results/sample_rate.json). (Two 10-minute runs that drew 4096-row batches spent ~40 s
+# more in their sampling phase than the 3932-row ones; not the batch size, then: accuracy.py's
+# teacher_tokens_per_s and teacher_sample_batch columns are there to find out what.)
+MAX_SAMPLE_BATCH = 4096
 SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-sized buffers
 # Batches are rounded down to this many rows: two runs whose free memory differs by a few hundred MB (the
 # allocator's cache, say) then sample the same rows at the same speed, as a side-by-side comparison needs.

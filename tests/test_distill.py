@@ -45,7 +45,7 @@ def test_sample_batch_is_small_on_the_cpu():
 
 def test_sample_batch_does_not_follow_small_memory_differences():
     """Two runs side by side whose free memory differs by the allocator's cache sample the same rows
-    (the H200 case: 143 GB free gave 3932 rows, 149 GB 4096, and the two sampled at different speeds)."""
+    (the H200 case: 143 GB free gave 3932 rows, 149 GB 4096: different rows for the two methods)."""
     from sparseforge_compile.distill import MAX_SAMPLE_BATCH, SAMPLE_BATCH_STEP, rows_for_memory
 
     per_row = 14_550_000  # SmolLM2, 512 positions, bf16 KV cache + decode logits
