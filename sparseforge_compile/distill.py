@@ -121,9 +121,12 @@ class BlockOutputHooks:
 # more in their sampling phase than the 3932-row ones; not the batch size, then: accuracy.py's
 # teacher_tokens_per_s and teacher_sample_batch columns are there to find out what.)
 MAX_SAMPLE_BATCH = 4096
-SAMPLE_MEMORY_SHARE = 0.4  # of the free GPU memory, for the KV cache and vocab-sized buffers
-# Batches are rounded down to this many rows: two runs whose free memory differs by a few hundred MB (the
-# allocator's cache, say) then sample the same rows at the same speed, as a side-by-side comparison needs.
+# Of the GPU memory not held by tensors, for the KV cache and vocab-sized buffers. 0.45, not 0.4: at 0.4 an
+# H200 with SmolLM2 came to 4099 rows, 3 over the cap, so a few hundred MB more tensors in one method's
+# process would have given it 3840 rows; at 0.45 it is ~500 rows (7 GB) clear of the cap.
+SAMPLE_MEMORY_SHARE = 0.45
+# Batches are rounded down to this many rows: two runs whose tensors differ by a few hundred MB then
+# sample the same rows, as a side-by-side comparison needs.
 SAMPLE_BATCH_STEP = 256
 
 
@@ -134,8 +137,8 @@ TEACHER_DECODES = ("auto", "forward", "static", "graphs")  # sample_from_teacher
 def sample_batch_size(teacher: nn.Module, length: int) -> int:
     """Rows to sample at once: decode of a small model is launch-bound (SmolLM2 on an H200: ~25 ms
     a step at 512 and at 2048 rows alike), so tokens/s grow with the batch until memory runs out.
-    On a GPU, as many rows as fit in 40% of the free memory (at most MAX_SAMPLE_BATCH, in steps of
-    SAMPLE_BATCH_STEP); on the CPU 16."""
+    On a GPU, as many rows as fit in 45% of the device's memory not held by tensors (at most
+    MAX_SAMPLE_BATCH, in steps of SAMPLE_BATCH_STEP); on the CPU 16."""
     device = next(teacher.parameters()).device
     if device.type != "cuda":
         return 16
@@ -153,9 +156,12 @@ def sample_batch_size(teacher: nn.Module, length: int) -> int:
     # copy), fp32 logits/probs/noise, and the logits each captured decode graph keeps (GraphedDecoder).
     graphs = -(-length // GRAPH_BUCKET)
     per_row = (layers + 1) * 2 * kv_heads * head_dim * length * elem + (4 + graphs) * vocab * 4
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cache is free
-    return rows_for_memory(free, per_row)
+    # The device's memory less what this process's tensors hold, not mem_get_info's free memory: that also
+    # moves with the allocator's cache and with what the CUDA libraries reserved, and on the H200 it read
+    # 143 GB in one 10-minute run and 149 GB in the other beside it (3932 rows against 4096: different text
+    # for the two methods). The share leaves the headroom for a device shared with others.
+    usable = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+    return rows_for_memory(usable, per_row)
 
 
 def rows_for_memory(free_bytes: int, per_row_bytes: int) -> int:
