@@ -13,7 +13,7 @@
 # 2048-token training rows need fewer, their KV cache is 4x larger). trained_best runs the sweep's best
 # SparseForge method and best peer method (lowest valid ppl) side by side at the full budget, with BEST_AGAINST
 # (a method list, optional) beside them. STEP_BATCHES: step_time's batch sizes;
-# STEP_OUTLINE=on skips its flat-graph extra (a ~90 s compile). GPUS=N (default 1) runs the trained and
+# STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (default on,regional; add off for the flat graph, a ~90 s compile). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
 # the session stops there (its trained runs would train a wrong function).
@@ -45,7 +45,7 @@ for step in "$@"; do
                 --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
                 --split valid --tasks '' --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
     step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
-                    --outline "${STEP_OUTLINE:-off,on}"
+                    --outline "${STEP_OUTLINE:-on,regional}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     trained_best)  # the sweep's best SparseForge row and best peer row (valid), side by side at the full budget
       best=$(python3 -c "

@@ -114,16 +114,18 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     fwd_bwd_ms = median_ms(fwd_bwd, args.repeats, warmup=2)
     kd_model = kd = None  # free before building the next pair
     extra_cols: dict = {}
-    # The soft loop is timed as users get it (outline_blocks="auto": outlined where the loop compiles on
-    # CUDA), and, with --outline listing the other setting, that way too.
-    default_outlined = AnnealConfig(compile=compile, outline_blocks="auto").outlines(torch.device(device))
-    other = "off" if default_outlined else "on"
-    if compile == "on" and other in args.outline.split(","):
+    # The soft loop is timed as users get it (outline_blocks="auto": regional where the loop compiles on
+    # CUDA, flat on the CPU), and each other setting --outline lists that way too.
+    auto_cfg = AnnealConfig(compile=compile, outline_blocks="auto")
+    auto = ("regional" if auto_cfg.compiles_blocks_alone(torch.device(device))
+            else "on" if auto_cfg.outlines(torch.device(device)) else "off")
+    labels = {"off": "flat", "on": "outlined", "regional": "regional"}
+    for other in [o for o in args.outline.split(",") if o and o != auto] if compile == "on" else []:
         _, alt = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline=other)
         alt_first_s, alt_ms = first_and_median(alt, args.repeats)
-        label = "outlined" if other == "on" else "flat"
-        extra_cols = {f"anneal_soft_{label}_ms": round(alt_ms, 2), f"anneal_{label}_first_step_s": round(alt_first_s, 1)}
+        extra_cols.update({f"anneal_soft_{labels[other]}_ms": round(alt_ms, 2),
+                           f"anneal_{labels[other]}_first_step_s": round(alt_first_s, 1)})
         alt = None
     if device == "cuda" and "on" in args.teacher_graphs.split(","):
         # the same two loops with the teacher's forward replayed as one CUDA graph (--teacher-graphs on)
@@ -139,6 +141,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
                   outline="auto")
     sf_first_s, soft_ms = first_and_median(sf, args.repeats)
     extra_cols["soft_outlined"] = sf._compile_forward is not None  # False also where the outlined compile failed
+    extra_cols["soft_auto_is"] = labels[auto]
     if args.profile:
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
             sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
@@ -173,10 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
-    p.add_argument("--outline", default="off,on",
-                   help="the soft loop is timed as users get it (outline_blocks auto: outlined where it compiles on "
-                        "CUDA); list the other setting too to time it that way as well (first-step seconds and "
-                        "step time)")
+    p.add_argument("--outline", default="off,on,regional",
+                   help="the soft loop is timed as users get it (outline_blocks auto: regional where it compiles "
+                        "on CUDA); the other settings listed are timed too (first-step seconds and step time)")
     p.add_argument("--teacher-graphs", default="on",
                    help="on: also time both loops with the teacher replayed as one CUDA graph (GPU only; the "
                         "soft loop outlined when compiled)")

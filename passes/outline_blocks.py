@@ -59,6 +59,12 @@ class SharedBlock(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         return self._region(*args)
 
+    def compile_body(self) -> None:
+        """Compile the block's body on its own, once, and call that for every block ("regional"
+        compilation, as ``nn.Module.compile`` per decoder block does for the plain model): the graph
+        around it then runs eagerly, and no nested region is involved."""
+        self._region = torch.compile(self.body, dynamic=False)
+
 
 @dataclass
 class OutlineRepeatedBlocks(GraphPass):

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from .distill import GraphedForward, hidden_state_loss, kd_loss
 from .masks import MaskState, add_importances, make_masks
 from .passes.inline_masks import InlineMaskOps
+from .passes.outline_blocks import SharedBlock
 from .passes.tap_blocks import BlockOutputRecorder
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,18 @@ class AnnealConfig:
     # torch.compile the teacher, the student's graph and the loss: auto = on CUDA only (on the CPU the
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
-    # Compile the masked graph with its identical decoder blocks outlined into one shared region
-    # (passes/outline_blocks.py). Measured both ways (benchmarks/results/step_time*.json): H200,
-    # SmolLM2 b32x512, first (compiling) step 91.7 -> 66.5 s and soft steps 157 -> 127 ms; CPU 61 -> 29 s,
-    # soft steps about equal. auto = on where the loop compiles on CUDA; the CPU compiles off by default.
-    # Inductor reused a buffer of a region's first call in later calls (wrong gradients on CPU and
-    # CUDA, benchmarks/nested_region_check.py), so the outlined graph compiles with allow_buffer_reuse
-    # off; if it fails to compile, the flat graph is compiled instead.
-    outline_blocks: str = "auto"  # off | on | auto
+    # Compile the masked graph with its identical decoder blocks outlined into one shared block
+    # (passes/outline_blocks.py). on: the whole graph compiled, the block a nested compile region.
+    # Measured (benchmarks/results/step_time*.json): H200, SmolLM2 b32x512, first (compiling) step 91.7
+    # flat -> 66.5 s and soft steps 157 -> 127 ms; CPU 61 -> 29 s. Inductor reused a buffer of a region's
+    # first call in later calls (wrong gradients, benchmarks/nested_region_check.py), so that compile runs
+    # with allow_buffer_reuse off. regional: only the block's body is compiled, called for every block,
+    # the graph around it eager, as the peer compiles the plain model (one decoder block at a time). The
+    # 10-minute H200 run spent 65 s to its 10th step outlined against the peer's 15 s; on the CPU
+    # (SmolLM2 2x128, hidden weight 3) the first step took 57 s outlined and 20 s regional. auto = regional
+    # where the loop compiles on CUDA (the CPU compiles off by default). If the outlined graph fails to
+    # compile, the flat graph is compiled instead.
+    outline_blocks: str = "auto"  # off | on | regional | auto
     # Replay the teacher's forward as one CUDA graph (distill.GraphedForward): the steps are host-bound
     # on a GPU; the teacher is then compiled whole (Annealer._compile). auto = on CUDA; off until
     # benchmarks/step_time.py has measured it there (its first GPU run found the capture bug now fixed).
@@ -167,9 +172,11 @@ class AnnealConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast {self.autocast!r}: use auto, bf16 or off")
-        for name in ("compile", "outline_blocks", "teacher_graphs"):
+        for name in ("compile", "teacher_graphs"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} {getattr(self, name)!r}: use auto, on or off")
+        if self.outline_blocks not in ("auto", "on", "regional", "off"):
+            raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, on, regional or off")
 
     def compiles(self, device: torch.device) -> bool:
         """Whether the loop runs compiled on ``device`` (Hutchinson's double backward cannot)."""
@@ -181,9 +188,13 @@ class AnnealConfig:
         return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
 
     def outlines(self, device: torch.device) -> bool:
-        """Whether the compiled masked graph has its blocks outlined into one region."""
+        """Whether the compiled masked graph has its blocks outlined into one shared block."""
         return self.compiles(device) and (
-            self.outline_blocks == "on" or (self.outline_blocks == "auto" and device.type == "cuda"))
+            self.outline_blocks in ("on", "regional") or (self.outline_blocks == "auto" and device.type == "cuda"))
+
+    def compiles_blocks_alone(self, device: torch.device) -> bool:
+        """Whether the outlined graph's shared block is compiled on its own (regional), not the graph."""
+        return self.outlines(device) and self.outline_blocks in ("regional", "auto")
 
     def graphs_teacher(self, device: torch.device) -> bool:
         """Whether the loop replays the teacher as a CUDA graph (CUDA only)."""
@@ -558,7 +569,12 @@ class Annealer:
 
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:
-            if self._compile_forward is not None:  # see AnnealConfig.outline_blocks
+            if self._compile_forward is not None and self.cfg.compiles_blocks_alone(self.device):
+                self.forward = _inlined_masks(self._compile_forward, copy=False)  # eager around the blocks
+                for module in self.forward.modules():
+                    if isinstance(module, SharedBlock):
+                        module.compile_body()
+            elif self._compile_forward is not None:  # see AnnealConfig.outline_blocks
                 self.forward = compiled(_inlined_masks(self._compile_forward, copy=False),
                                         options={"allow_buffer_reuse": False})
             else:

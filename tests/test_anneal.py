@@ -85,11 +85,12 @@ def test_annealing_gives_exact_nm_and_beats_one_shot_magnitude(data_dir):
     assert heldout_kl(trained.model, teacher, data_dir) < 0.5 * heldout_kl(oneshot.model, teacher, data_dir)
 
 
-def test_a_compiled_outlined_prune_hardens_exactly(data_dir):
+@pytest.mark.parametrize("outline", ["on", "regional"])
+def test_a_compiled_outlined_prune_hardens_exactly(data_dir, outline):
     """The loop trains a compiled copy of the masked graph (outlined, masks inlined); hardening reads
     the original graph: its apply_mask nodes must still be there, and the result exact N:M."""
     loaded = sharpened_tiny_llama()
-    cfg = tiny_config(steps=6, compile="on", outline_blocks="on", hidden_weight=3.0)
+    cfg = tiny_config(steps=6, compile="on", outline_blocks=outline, hidden_weight=3.0)
     result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
     assert result.anneal.steps == 6 and result.anneal.compiled and len(result.layers) == 14
     for name in result.layers:
