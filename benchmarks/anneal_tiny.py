@@ -23,6 +23,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,6 +74,33 @@ PROXIES = {
 }
 
 
+@dataclass
+class Proxy:
+    """A proxy model with its data: the dense teacher, SparseGPT's calibration windows and the held-out
+    windows with the teacher's logits on them."""
+
+    name: str
+    base: object  # LoadedModel
+    teacher: torch.nn.Module
+    train: dict  # AnnealConfig fields of the proxy's training
+    calib: torch.Tensor
+    heldout: torch.Tensor
+    t_logits: torch.Tensor
+
+
+def load_proxy(model: str, layers: int | None) -> Proxy:
+    train, (calib_n, calib_len), (held_n, held_len) = PROXIES[model]
+    base = sharpened_tiny_llama() if model == "tiny-llama-x8" else load_model(model)
+    if layers:
+        base = first_layers(base, layers)
+    teacher = base.model.eval()
+    heldout = calibration_windows(base.tokenizer, held_n, held_len, seed=99)
+    calib = calibration_windows(base.tokenizer, calib_n, calib_len, seed=0)
+    with torch.no_grad():
+        t_logits = logits_of(teacher, heldout)
+    return Proxy(model + (f" first {layers} layers" if layers else ""), base, teacher, train, calib, heldout, t_logits)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-llama-x8", choices=sorted(PROXIES))
@@ -83,16 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="method specs, AnnealConfig fields in brackets: sparseforge[prior_margin=3]")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    train, (calib_n, calib_len), (held_n, held_len) = PROXIES[args.model]
-    base = sharpened_tiny_llama() if args.model == "tiny-llama-x8" else load_model(args.model)
-    if args.layers:
-        base = first_layers(base, args.layers)
-    teacher = base.model.eval()
-    name = args.model + (f" first {args.layers} layers" if args.layers else "")
-    heldout = calibration_windows(base.tokenizer, held_n, held_len, seed=99)
-    calib = calibration_windows(base.tokenizer, calib_n, calib_len, seed=0)
-    with torch.no_grad():
-        t_logits = logits_of(teacher, heldout)
+    proxy = load_proxy(args.model, args.layers)
+    base, teacher, name, train = proxy.base, proxy.teacher, proxy.name, proxy.train
+    heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
+    calib_n, calib_len = calib.shape
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for spec in split_methods(args.methods):

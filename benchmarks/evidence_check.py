@@ -28,16 +28,14 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_tiny import PROXIES, first_layers, sharpened_tiny_llama
+from anneal_tiny import PROXIES, load_proxy
 from common import write_results
 
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.capture import capture
-from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.distill import kd_loss
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.hessian import SUPPORTS_2_OF_4, group_support_costs
-from sparseforge_compile.models import load_model
 from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training, weight_of
 
@@ -140,15 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the loop's layer-wise loss weight (its curvature is not in the Fisher probes)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    train, (calib_n, calib_len), (held_n, held_len) = PROXIES[args.model]
-    base = sharpened_tiny_llama() if args.model == "tiny-llama-x8" else load_model(args.model)
-    if args.layers:
-        base = first_layers(base, args.layers)
-    teacher = base.model.eval()
-    heldout = calibration_windows(base.tokenizer, held_n, held_len, seed=99)
-    calib = calibration_windows(base.tokenizer, calib_n, calib_len, seed=0)
-    with torch.no_grad():
-        t_logits = logits_of(teacher, heldout)
+    proxy = load_proxy(args.model, args.layers)
+    base, teacher, train = proxy.base, proxy.teacher, proxy.train
+    heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
+    calib_n, calib_len = calib.shape
     student = copy.deepcopy(teacher)
     acfg = AnnealConfig(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt", seed=args.seed,
                         evidence="group_obs", prior_margin=1e6, **{"hidden_weight": args.hidden_weight, **train})
@@ -184,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _, name, r, g, new in chosen:
                     weight_of(flipped, name, transposed[name])[r, 4 * g : 4 * g + 4] = new
             after = heldout_kl(flipped, heldout, t_logits)
-            rows.append({"model": args.model + (f" first {args.layers} layers" if args.layers else ""),
+            rows.append({"model": proxy.name,
                          "steps": args.steps, "hidden_weight": args.hidden_weight, "criterion": criterion, "flips": top,
                          "predicted_change": round(sum(c[0] for c in chosen), 6) if criterion != "random" else None,
                          "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
