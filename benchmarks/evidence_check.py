@@ -79,10 +79,11 @@ def clean_mask_gradients(annealer, pruned, teacher, transposed, batches: int, fi
     return out
 
 
-def candidates(annealer, criterion: str, gen: torch.Generator,
-               clean: dict | None = None) -> list[tuple[float, str, int, int, torch.Tensor]]:
-    """(predicted loss change, layer, row, group, new 4 effective weights) for every group whose best
-    alternative support the criterion predicts to lower the loss (random: one random flip per group)."""
+def candidates(annealer, criterion: str, gen: torch.Generator, clean: dict | None = None,
+               limit: int = 1000) -> list[tuple[float, str, int, int, torch.Tensor]]:
+    """(predicted loss change, layer, row, group, new 4 effective weights) for the ``limit`` groups of each
+    layer whose best alternative support the criterion predicts to lower the loss most (random: random
+    groups, each to a random other support), best first."""
     out = []
     index = torch.tensor(SUPPORTS_2_OF_4)
     for name, ms in annealer.masks.items():
@@ -111,8 +112,11 @@ def candidates(annealer, criterion: str, gen: torch.Generator,
             masked.scatter_(-1, present[..., None], float("inf"))
             best, choice = masked.min(-1)
             gain = best - current  # predicted change of the loss (negative: better)
-        flat = (gain < 0).nonzero().tolist()
-        for r, g in flat:
+        order = torch.argsort(gain.reshape(-1))[:limit]  # only the best ``limit`` of a layer can be picked
+        for flat in order.tolist():
+            r, g = divmod(flat, gain.shape[1])
+            if gain[r, g] >= 0:
+                break
             keep = index[choice[r, g]]
             new = torch.zeros(4)
             if criterion.startswith("group_obs"):
@@ -164,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             weight_of(pruned, name, transposed[name]).mul_(ms.hard_mask())
     before = heldout_kl(pruned, heldout, t_logits)
     gen = torch.Generator().manual_seed(args.seed)
-    clean = clean_mask_gradients(annealer, pruned, teacher, transposed, args.grad_batches)
+    clean = (clean_mask_gradients(annealer, pruned, teacher, transposed, args.grad_batches)
+             if any(c.endswith("_clean") for c in args.criteria.split(",")) else None)
     rows = []
     for criterion in args.criteria.split(","):
-        ranked = candidates(annealer, criterion, gen, clean)
+        ranked = candidates(annealer, criterion, gen, clean, limit=max(int(t) for t in args.top.split(",")))
         for top in [int(t) for t in args.top.split(",")]:
             chosen = ranked[:top]
             if len(chosen) < top:
