@@ -9,10 +9,12 @@ mask stays SparseGPT's), then, for each criterion, takes the ``--top`` groups it
 flipping (predicted gain > 0), applies those flips to the student at once and measures the held-out
 KL to the dense teacher before and after (no training in between: what the local criteria model).
 
-Criteria: ``obd`` (the default evidence: a pruned weight revived at its latent value, the dropped one's
+Criteria: ``obd`` (the loop's evidence: a pruned weight revived at its latent value, the dropped one's
 cost ``1/2 H w^2``, diagonal curvature from the Fisher probes), ``group_obs`` (every support costed with
-the group re-fitted, off-diagonals from the input correlation, the new support at its Newton values;
-``hessian.group_support_costs``) and ``random`` (as many random flips, each group to a random other
+the group re-fitted, off-diagonals from the input correlation, the loop's mask-gradient EMA, the new
+support at its Newton values; ``hessian.group_support_costs``; not offered by the loop: measured
+harmful, see results/evidence_check_*.json), ``_rows`` variants (the curvature K-FAC-smoothed to one
+output factor per row), ``_clean`` (the gradient of ``--grad-batches`` fresh batches) and ``random`` (as many random flips, each group to a random other
 support, revived weights at their latent values), the floor any criterion has to beat.
 Rows: criterion, flips, predicted and measured change of the held-out KL (negative: better).
 """
@@ -35,7 +37,7 @@ from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.capture import capture
 from sparseforge_compile.distill import kd_loss
 from sparseforge_compile.evaluate import logits_of
-from sparseforge_compile.hessian import SUPPORTS_2_OF_4, group_support_costs
+from sparseforge_compile.hessian import SUPPORTS_2_OF_4, group_input_correlation, group_support_costs
 from sparseforge_compile.passes.eligibility import analyze_eligibility
 from sparseforge_compile.pipeline import SparsifyConfig, prepare_training, weight_of
 
@@ -45,11 +47,33 @@ def heldout_kl(model, windows, t_logits) -> float:
         return float(kd_loss(logits_of(model.eval(), windows), t_logits, windows, ce_weight=0.0)[0])
 
 
-def row_curvature(annealer, name: str, ms) -> torch.Tensor:
+@torch.no_grad()
+def input_correlations(annealer, teacher, batches: int = 4) -> dict[str, torch.Tensor]:
+    """Each masked layer's group input correlations (hessian.group_input_correlation) on the dense
+    teacher's inputs over the first training batches."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module, args) -> None:
+            blocks = group_input_correlation(args[0])
+            sums[name] = blocks if name not in sums else sums[name] + blocks
+        return record
+
+    handles = [teacher.get_submodule(n).register_forward_pre_hook(hook(n)) for n in annealer.masks]
+    try:
+        for i in range(batches):
+            logits_of(teacher, annealer.batches.batch(i))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def row_curvature(annealer, name: str, ms, correlation: torch.Tensor) -> torch.Tensor:
     """1/2 H_ii w_i^2 with H_ii = G_r A_ii (K-FAC: the row's output factor times the input's second moment),
     G_r the row median of the probes' H_ii / A_ii: one noisy number per weight becomes one per row."""
     w = annealer.weight_views[name]().detach().float()
-    a = annealer._input_correlation[name].diagonal(dim1=-2, dim2=-1).reshape(-1)  # (in,)
+    a = correlation.diagonal(dim1=-2, dim2=-1).reshape(-1)  # (in,)
     h = 2 * annealer._curvature(name, ms) / w.square().clamp_min(1e-30)
     g_row = (h / a.clamp_min(1e-30)).median(dim=1, keepdim=True).values
     return 0.5 * g_row * a * w.square()
@@ -79,7 +103,7 @@ def clean_mask_gradients(annealer, pruned, teacher, transposed, batches: int, fi
     return out
 
 
-def candidates(annealer, criterion: str, gen: torch.Generator, clean: dict | None = None,
+def candidates(annealer, criterion: str, gen: torch.Generator, correlations: dict, clean: dict | None = None,
                limit: int = 1000) -> list[tuple[float, str, int, int, torch.Tensor]]:
     """(predicted loss change, layer, row, group, new 4 effective weights) for the ``limit`` groups of each
     layer whose best alternative support the criterion predicts to lower the loss most (random: random
@@ -95,10 +119,11 @@ def candidates(annealer, criterion: str, gen: torch.Generator, clean: dict | Non
         present = (grouped[..., index[:, 0]] & grouped[..., index[:, 1]]).float().argmax(-1)
         rowwise = "_rows" in criterion
         grad = clean[name] if criterion.endswith("_clean") else ms.corrected("grad_ema")
-        curvature = row_curvature(annealer, name, ms) if rowwise else annealer._curvature(name, ms)
+        curvature = (row_curvature(annealer, name, ms, correlations[name]) if rowwise
+                     else annealer._curvature(name, ms))
         if criterion.startswith("group_obs"):
             costs, steps = group_support_costs(mask, grad, curvature,
-                                               torch.sign(w), annealer._input_correlation[name], refits=True)
+                                               torch.sign(w), correlations[name], refits=True)
         else:  # obd: keeping T loses the saliency 1/2 H w^2 of what it drops, regains what it revives
             curv = curvature.reshape(rows, cols // 4, 4)
             costs = -(curv[..., index[:, 0]] + curv[..., index[:, 1]])  # E_T - E_S = sum_S D - sum_T D
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_n, calib_len = calib.shape
     student = copy.deepcopy(teacher)
     acfg = AnnealConfig(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt", seed=args.seed,
-                        evidence="group_obs", prior_margin=1e6, **{"hidden_weight": args.hidden_weight, **train})
+                        prior_margin=1e6, **{"hidden_weight": args.hidden_weight, **train})
     cfg = SparsifyConfig(method="sparseforge", kernel_constraints=None, calib_samples=calib_n,
                          calib_seqlen=calib_len, budget_s=None, anneal=acfg)
     captured = capture(student, (calib[:2, :32],))
@@ -168,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             weight_of(pruned, name, transposed[name]).mul_(ms.hard_mask())
     before = heldout_kl(pruned, heldout, t_logits)
     gen = torch.Generator().manual_seed(args.seed)
+    correlations = input_correlations(annealer, teacher)
     clean = (clean_mask_gradients(annealer, pruned, teacher, transposed, args.grad_batches)
              if any(c.endswith("_clean") for c in args.criteria.split(",")) else None)
     rows = []
     for criterion in args.criteria.split(","):
-        ranked = candidates(annealer, criterion, gen, clean, limit=max(int(t) for t in args.top.split(",")))
+        ranked = candidates(annealer, criterion, gen, correlations, clean, limit=max(int(t) for t in args.top.split(",")))
         for top in [int(t) for t in args.top.split(",")]:
             chosen = ranked[:top]
             if len(chosen) < top:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 SOURCE_METRICS = ("ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")  # see distill.kd_loss
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
-EVIDENCE = ("obd", "regrow", "group_obs")
+EVIDENCE = ("obd", "regrow")
 
 
 @dataclass
@@ -109,10 +109,6 @@ class AnnealConfig:
     # weight what removing it costs, for a pruned one what reviving it gains, and a revived weight
     # starts at that value, -g/H, not at its dense value, which the warm start's compensation of the
     # kept weights (SparseGPT) already accounts for.
-    # group_obs (2:4 only): every support of every group costed with the group's weights re-fitted, the
-    # curvature's off-diagonals from the input correlation of the group's features (hessian.py,
-    # group_support_costs): a pruned weight whose input moves with a kept one's brings back little, which
-    # the diagonal OBD score counts in full; a flip starts the new support at its Newton values.
     evidence: str = "obd"
     t_start: float = 0.3
     t_end: float = 0.02
@@ -370,9 +366,6 @@ class Annealer:
         self._eager = (self.forward, self.plain_forward, self.teacher)
         self._loss_terms = _loss_terms
         self.regions = list(regions)
-        self._input_correlation: dict[str, torch.Tensor] = {}
-        if cfg.evidence == "group_obs" and not cfg.fixed_mask:
-            self._input_correlation = self._measure_input_correlation()
         self._compile_forward = compile_forward
         self._compiled_blocks: list[nn.Module] = []
         self.compiled = cfg.compiles(device)
@@ -435,9 +428,6 @@ class Annealer:
             if self.cfg.evidence == "regrow":
                 before = present()
                 evidence = self._regrow_evidence(name, ms, before)
-            elif self.cfg.evidence == "group_obs":
-                before = present()
-                evidence = self._group_obs(name, ms, before)[0]
             else:
                 # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
                 # not having the weight. The first-order term (optional) adds the sign-aware gain of
@@ -451,84 +441,8 @@ class Annealer:
             elif not self.step:
                 score += margin * (2 * present() - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
-            if before is not None and self.cfg.evidence == "group_obs":
-                self._refit_flipped_groups(name, ms, before)
-            elif before is not None:
+            if before is not None:
                 self._start_revived(name, ms, before)
-
-    @torch.no_grad()
-    def _measure_input_correlation(self, batches: int = 4) -> dict[str, torch.Tensor]:
-        """Each masked layer's group input correlations (hessian.group_input_correlation) on the dense
-        teacher's inputs over the first training batches, before anything is compiled."""
-        from .hessian import group_input_correlation
-
-        teacher = self.regions[0] if self.regions else None
-        bad = [n for n, ms in self.masks.items() if (ms.pattern.n, ms.pattern.m) != (2, 4)]
-        if bad:
-            raise AnnealError(f"evidence=group_obs costs the six supports of a 2:4 group; {bad[0]} is "
-                              f"{self.masks[bad[0]].pattern}: use --evidence obd for other patterns")
-        if teacher is None:
-            raise AnnealError("evidence=group_obs reads the dense model's layer inputs: pass it in regions")
-        sums: dict[str, torch.Tensor] = {}
-
-        def hook(name: str):
-            def record(module: nn.Module, args: tuple) -> None:
-                blocks = group_input_correlation(args[0])
-                sums[name] = blocks if name not in sums else sums[name] + blocks
-            return record
-
-        handles = [teacher.get_submodule(n).register_forward_pre_hook(hook(n)) for n in self.masks]
-        try:
-            for i in range(batches):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                    self.teacher(self.batches.batch(i).to(self.device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [n for n in self.masks if n not in sums]
-        if missing:
-            raise AnnealError(f"evidence=group_obs: no inputs recorded for {missing[0]} (not a module the "
-                              f"teacher calls); use --evidence obd")
-        return sums
-
-    def _group_obs(self, name: str, ms: MaskState, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-weight evidence (loss units) and every support's Newton step, for ``present`` (0/1)."""
-        from .hessian import group_obs_evidence, group_support_costs
-
-        weight = self.weight_views[name]().detach()
-        costs, steps = group_support_costs(present, ms.corrected("grad_ema"), self._curvature(name, ms),
-                                           torch.sign(weight), self._input_correlation[name], refits=True)
-        return group_obs_evidence(costs, present), steps
-
-    @torch.no_grad()
-    def _refit_flipped_groups(self, name: str, ms: MaskState, before: torch.Tensor) -> None:
-        """Groups whose support this refresh changed get the new support's Newton values (group-local
-        OBS): a revived weight ``w * d``, the kept one ``w * (1 + d)``, bounded as in
-        :meth:`_start_revived` (a revived weight within its latent magnitude, a kept one within [0, 2]x)."""
-        from .hessian import SUPPORTS_2_OF_4
-
-        if not self.step:
-            return
-        after = ms.hard_mask()
-        rows, cols = after.shape
-        changed = (after != before.bool()).reshape(rows, cols // 4, 4).any(-1)
-        if not bool(changed.any()):
-            return
-        steps = self._group_obs(name, ms, before)[1]  # (rows, groups, 6, 2), from the old support
-        index = torch.tensor(SUPPORTS_2_OF_4, device=after.device)
-        grouped = after.reshape(rows, cols // 4, 4)
-        support = (grouped[..., index[:, 0]] & grouped[..., index[:, 1]]).float().argmax(-1)  # (rows, groups)
-        d = steps.gather(2, support[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)  # (rows, groups, 2)
-        old = before.reshape(rows, cols // 4, 4).float()
-        positions = index[support]  # (rows, groups, 2): the new support's two positions
-        factor = old.gather(-1, positions) + d
-        revived = old.gather(-1, positions) == 0
-        factor = torch.where(revived, factor.clamp(-1.0, 1.0), factor.clamp(0.0, 2.0))
-        scale = torch.ones(rows, cols // 4, 4, device=after.device)
-        scale.scatter_(-1, positions, factor)
-        scale = torch.where(changed[..., None], scale, torch.ones_like(scale)).reshape(rows, cols)
-        weight = self.weight_views[name]()
-        weight.copy_((weight.detach().float() * scale).to(weight.dtype))
 
     def _regrow_evidence(self, name: str, ms: MaskState, present: torch.Tensor) -> torch.Tensor:
         """Loss units, the larger the more the weight should be kept: 1/2 H w*^2, what the loss loses

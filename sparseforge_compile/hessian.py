@@ -3,6 +3,9 @@
 ``LayerInputStats``: running statistics of the inputs one linear layer sees over calibration
 tokens: the Gram matrix ``H = 2 X X^T`` that SparseGPT uses as the Hessian of the layer-wise
 squared error, and the per-feature input norms ``||X_j||_2`` that Wanda weighs |W| by.
+
+``group_support_costs``: the loss change of each 2:4 support of a group with the group re-fitted
+(group-local OBS), the model ``benchmarks/evidence_check.py`` tests flip criteria against.
 """
 
 from __future__ import annotations
@@ -190,19 +193,3 @@ def group_support_costs(mask: torch.Tensor, grad: torch.Tensor, curvature: torch
     step = -torch.stack([dd * b[..., 0] - c * b[..., 1], a * b[..., 1] - c * b[..., 0]], dim=-1) / det[..., None]
     return costs, step
 
-
-def group_obs_evidence(costs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per weight, in loss units: how much better the best support that keeps it is than the present
-    support (>= 0 for a kept weight; for a pruned one, positive only where a support with it beats
-    the present one). The two weights of a group's best support share its top value, so the group's
-    top 2 by this evidence is its best support. ``costs`` from :func:`group_support_costs`."""
-    rows, groups, _ = costs.shape
-    m = mask.reshape(rows, groups, 4).bool()
-    index = torch.tensor(SUPPORTS_2_OF_4, device=costs.device)
-    present = (m[..., index[:, 0]] & m[..., index[:, 1]]).float().argmax(-1, keepdim=True)  # (r, g, 1)
-    current = costs.gather(-1, present)
-    best_with = torch.full((rows, groups, 4), float("inf"), device=costs.device)
-    for s, (i, j) in enumerate(SUPPORTS_2_OF_4):
-        best_with[..., i] = torch.minimum(best_with[..., i], costs[..., s])
-        best_with[..., j] = torch.minimum(best_with[..., j], costs[..., s])
-    return (current - best_with).reshape(rows, groups * 4)

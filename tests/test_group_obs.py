@@ -1,14 +1,12 @@
-"""Group-local OBS costs of 2:4 supports (hessian.group_support_costs) and the evidence built on them."""
+"""Group-local OBS costs of 2:4 supports (hessian.group_support_costs), what evidence_check.py tests."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sparseforge_compile.hessian import (
     SUPPORTS_2_OF_4,
     group_input_correlation,
-    group_obs_evidence,
     group_support_costs,
 )
 
@@ -60,36 +58,3 @@ def test_uncorrelated_inputs_without_gradient_cost_what_obd_says():
         kept_dropped = (mask.reshape(-1, 2, 4) & dropped).float()
         expected = (kept_dropped * curvature.reshape(-1, 2, 4)).sum(-1)
         torch.testing.assert_close(costs[..., s], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_the_top_two_of_the_evidence_is_the_cheapest_support():
-    mask, grad, curvature, sign, corr = _problem(2, rows=16, cols=32)
-    costs = group_support_costs(mask, grad, curvature, sign, corr)
-    evidence = group_obs_evidence(costs, mask)
-    assert (evidence[mask] >= -1e-6).all()  # a kept weight's best support is at least the present one
-    best = costs.argmin(-1)
-    for r in range(16):
-        for g in range(8):
-            top = set(torch.topk(evidence[r, 4 * g : 4 * g + 4], 2).indices.tolist())
-            assert top == set(SUPPORTS_2_OF_4[best[r, g]])
-
-
-@pytest.mark.parametrize("pattern_ok", [True, False])
-def test_group_obs_prune_hardens_exactly_or_refuses_other_patterns(data_dir, pattern_ok):
-    from test_anneal import PATTERN, sharpened_tiny_llama, tiny_config
-
-    from sparseforge_compile.anneal import AnnealError
-    from sparseforge_compile.masks import count_nm_violations
-    from sparseforge_compile.pipeline import sparsify
-
-    loaded = sharpened_tiny_llama()
-    cfg = tiny_config(steps=12, evidence="group_obs", prior_margin=0.5, importance_every=2, evidence_probes=1)
-    if not pattern_ok:
-        cfg.pattern = "1:4"
-        with pytest.raises(AnnealError, match="group_obs .* 1:4"):
-            sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
-        return
-    result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
-    assert result.anneal.flips_vs_warm_start > 0  # a low margin: the evidence moved some groups
-    for name in result.layers:
-        assert count_nm_violations(loaded.model.get_submodule(name).weight, PATTERN) == 0
