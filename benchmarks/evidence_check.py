@@ -85,7 +85,6 @@ def clean_mask_gradients(annealer, pruned, teacher, transposed, batches: int, fi
     """dL/dm of the KL to the teacher, averaged over ``batches`` fresh training batches at this point:
     the loop's EMA of a few batch gradients, with far less noise (``_clean`` criteria)."""
     model = copy.deepcopy(pruned).train()
-    weights = {n: weight_of(model, n, transposed[n]) for n in annealer.masks}
     for p in model.parameters():
         p.requires_grad_(False)
     params = {n: model.get_submodule(n).weight for n in annealer.masks}
@@ -101,7 +100,6 @@ def clean_mask_gradients(annealer, pruned, teacher, transposed, batches: int, fi
         g = params[name].grad
         g = g.t() if transposed[name] else g
         out[name] = annealer.weight_views[name]().detach().float() * g  # dL/dm = w * dL/du
-    del weights
     return out
 
 

@@ -2,7 +2,7 @@
 
 ``torch.export`` inlines every decoder block, so a 30-layer model is one flat graph and
 ``torch.compile`` traces, lowers and code-generates all 30 copies of the same block (SmolLM2 on the CPU:
-SparseForge's first, compiling step 61.4 s flat, 29.4 s outlined; benchmarks/results/step_time_cpu_compile.json).
+SparseForge's first, compiling step 75.5 s flat, 33.1 s outlined; benchmarks/results/step_time_cpu_compile.json).
 This pass checks that the blocks' subgraphs are the
 same computation (same ops in the same order, same constants; only the parameters and masks they
 read differ) and returns a new graph in which each block is a call of one function taking the
@@ -10,8 +10,10 @@ block's activations, parameters and masks as inputs, marked ``torch.compiler.nes
 so that the compiler builds it once and reuses it for every block. In eager mode the region is a
 plain call: the outlined graph computes exactly what the flat one does (tested). Caveat: with
 torch 2.13, Inductor on the CPU returns wrong gradients for the first call of a region
-(``benchmarks/nested_region_check.py`` shows it without this code), so the training loop uses this
-only with ``--outline-blocks``.
+(``benchmarks/nested_region_check.py`` shows it without this code), so the loop compiles the whole
+outlined graph (``--outline-blocks on``) with Inductor's buffer reuse off; its GPU default
+(``regional``) instead compiles the block's body alone (:meth:`SharedBlock.compile_body`), no nested
+region involved.
 
 The input graph is left as it is (hardening, lowering and the report keep working on it); the
 outlined one shares its parameters, mask modules and taps. Inputs of a block: ``get_attr`` and

@@ -134,12 +134,13 @@ class AnnealConfig:
     # Compile the masked graph with its identical decoder blocks outlined into one shared block
     # (passes/outline_blocks.py). on: the whole graph compiled, the block a nested compile region.
     # Measured (benchmarks/results/step_time*.json): H200, SmolLM2 b32x512, first (compiling) step 91.7
-    # flat -> 66.5 s and soft steps 157 -> 127 ms; CPU 61 -> 29 s. Inductor reused a buffer of a region's
+    # flat -> 66.5 s and soft steps 157 -> 127 ms. Inductor reused a buffer of a region's
     # first call in later calls (wrong gradients, benchmarks/nested_region_check.py), so that compile runs
     # with allow_buffer_reuse off. regional: only the block's body is compiled, called for every block,
     # the graph around it eager, as the peer compiles the plain model (one decoder block at a time). The
     # 10-minute H200 run spent 65 s to its 10th step outlined against the peer's 15 s; on the CPU
-    # (SmolLM2 2x128, hidden weight 3) the first step took 57 s outlined and 20 s regional. auto = regional
+    # (SmolLM2 1x64, step_time_cpu_compile.json) the first step took 75.5 s flat, 33.1 s outlined and
+    # 14.2 s regional (plain KD 39.7 s). auto = regional
     # where the loop compiles on CUDA (the CPU compiles off by default). If the outlined graph fails to
     # compile, the flat graph is compiled instead.
     outline_blocks: str = "auto"  # off | on | regional | auto
