@@ -52,7 +52,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .distill import GraphedForward, hidden_state_loss, kd_loss
-from .masks import MaskState, add_importances, make_masks
+from .masks import MaskState, add_importances, best_group_swaps, make_masks
 from .passes.inline_masks import InlineMaskOps
 from .passes.outline_blocks import SharedBlock
 from .passes.tap_blocks import BlockOutputRecorder
@@ -63,6 +63,7 @@ IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 SOURCE_METRICS = ("ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")  # see distill.kd_loss
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
 EVIDENCE = ("obd", "regrow")
+HELD_ASIDE_BATCHES = 1 << 30  # batch indices of the measured-flip rounds' text: beyond any run's steps
 
 
 @dataclass
@@ -124,6 +125,16 @@ class AnnealConfig:
     # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
     # one probe is noise, and on SmolLM2 a single-probe refresh flipped 190k weights at step 8.
     evidence_probes: int = 8
+    # Measured flips (Annealer._confirm_flips): ``confirm_rounds`` times over the soft phase, the
+    # ``confirm_pool`` groups whose best support the OBD evidence rates most above their present one
+    # are each tried alone, hard mask, on held-aside training text; of those that lower the KL there,
+    # the best (at most ``confirm_keep``, as many as lower it most together) join the anchor mask.
+    # Why: estimated evidence picks harmful flips beyond its first ~10 on SmolLM2, measured ones
+    # helped (benchmarks/results/evidence_check_smollm2_4layers_confirmed.json). 0: off.
+    confirm_rounds: int = 0
+    confirm_pool: int = 256
+    confirm_keep: int = 32
+    confirm_rows: int | None = None  # rows of held-aside text each trial runs on; None: batch_size
     fixed_mask: bool = False  # the peer: KD fine-tuning with the warm-start mask held fixed
     teacher_data_ratio: float = 0.7
     seed: int = 0
@@ -166,7 +177,15 @@ class AnnealConfig:
             raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        for name in ("batch_size", "seqlen", "importance_every", "evidence_probes"):
+        if self.confirm_rounds and self.warm_start == "none":
+            raise ValueError("confirm_rounds > 0 commits flips to the warm-start mask: pick a warm_start "
+                             "(sparsegpt, wanda or magnitude) or set confirm_rounds 0")
+        for name in ("confirm_rounds", "confirm_keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.confirm_rows is not None and self.confirm_rows < 1:
+            raise ValueError(f"confirm_rows must be >= 1, got {self.confirm_rows}")
+        for name in ("batch_size", "seqlen", "importance_every", "evidence_probes", "confirm_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
@@ -308,6 +327,7 @@ class AnnealResult:
     metrics_path: str | None
     history: list[dict] = field(default_factory=list)
     compiled: bool = False  # the run ended compiled (False: eager by choice or after a compile failure)
+    confirm_log: list[dict] = field(default_factory=list)  # the measured-flip rounds (Annealer._confirm_flips)
 
 
 class Annealer:
@@ -337,6 +357,10 @@ class Annealer:
         self.weight_views, self.teacher, self.batches, self.cfg = weight_views, teacher, batches, cfg
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
+        # The mask the score's prior pulls toward: the warm start plus the flips measured to help.
+        self.anchor = {k: v.clone() for k, v in self.warm.items()}
+        self.confirm_round = 0
+        self.confirm_log: list[dict] = []  # one row per measured-flip round
         self.hutchinson_curv: dict[str, torch.Tensor] = {}
         self.hutchinson_probes = 0
         for name, ms in masks.items():
@@ -437,8 +461,8 @@ class Annealer:
                 if self.cfg.first_order:
                     evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present() - 1)
             score = evidence / evidence.abs().mean().clamp_min(1e-30) * self._evidence_weight(ms)
-            if name in self.warm:
-                score += margin * (2 * self.warm[name].float() - 1)
+            if name in self.anchor:
+                score += margin * (2 * self.anchor[name].float() - 1)
             elif not self.step:
                 score += margin * (2 * present() - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
@@ -663,10 +687,102 @@ class Annealer:
         if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
             self._refresh_scores(point.margin)
         self.step += 1
+        if self._confirm_due():
+            self._confirm_flips(point.margin)
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
                 "blend": point.blend,
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
+
+    # -- measured flips --------------------------------------------------------------------------
+    def _confirm_due(self) -> bool:
+        """Whether the next measured-flip round is due: rounds sit evenly over the soft phase, the
+        last where it ends (progress ``anneal_end * i / confirm_rounds``)."""
+        cfg = self.cfg
+        if cfg.fixed_mask or self.confirm_round >= cfg.confirm_rounds:
+            return False
+        progress = self.schedule_progress()
+        progress = self.step / max(self.total_steps, 1) if progress is None else progress
+        return progress >= cfg.anneal_end * (self.confirm_round + 1) / cfg.confirm_rounds
+
+    @torch.no_grad()
+    def _confirm_flips(self, margin: float) -> None:
+        """One round of "measure, then flip": the groups whose best support the OBD evidence rates
+        most above their present one are tried one at a time on held-aside training rows (every layer
+        on its hard mask, a pruned weight revived at its latent value); of those that lower the KL
+        to the teacher there, the best prefix that lowers it most together joins the anchor mask.
+
+        Why measured: single-flip gains stop adding up past a few dozen and the estimated evidence
+        ranks harmful flips among its best (benchmarks/results/evidence_check_*.json)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.confirm_round += 1
+        entry = {"round": self.confirm_round, "step": self.step, "tried": 0, "lowered": 0, "committed": 0}
+        if self._weights_folded:  # pruned weights were zeroed: nothing left to revive
+            self.confirm_log.append({**entry, "skipped": "weights folded into the hard mask"})
+            return
+        hard = {n: ms._hard_float().clone() for n, ms in self.masks.items()}
+        candidates = []
+        for name, ms in self.masks.items():
+            gains, index, new = best_group_swaps(self._curvature(name, ms), hard[name].bool(), ms.pattern,
+                                                 cfg.confirm_pool)
+            candidates += [(g, name, i, m) for g, i, m in zip(gains.tolist(), index.tolist(), new)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: cfg.confirm_pool]
+        ids = self._held_aside_rows()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            t_logits = self.teacher(ids)
+        groups = {n: hard[n].view(-1, ms.pattern.m) for n, ms in self.masks.items()}
+
+        def apply(chosen: list, on: bool) -> None:
+            for _, name, index, new, old in chosen:
+                groups[name][index] = new.to(hard[name].dtype) if on else old
+
+        for name, ms in self.masks.items():
+            ms.feed(hard[name])
+        try:
+            base = self._trial_kl(ids, t_logits)
+            lowered = []
+            for _, name, index, new in candidates:
+                trial = [(0.0, name, index, new, groups[name][index].clone())]
+                apply(trial, True)
+                change = self._trial_kl(ids, t_logits) - base
+                apply(trial, False)
+                if change < 0:
+                    lowered.append((change, *trial[0][1:]))
+            lowered.sort(key=lambda c: c[0])
+            # Single-flip gains do not simply add: measure the best k together, k halving from confirm_keep.
+            best_k, best_kl, k = 0, base, min(cfg.confirm_keep, len(lowered))
+            while k >= 1:
+                apply(lowered[:k], True)
+                kl = self._trial_kl(ids, t_logits)
+                apply(lowered[:k], False)
+                if kl < best_kl:
+                    best_k, best_kl = k, kl
+                k //= 2
+        finally:
+            for ms in self.masks.values():
+                ms.feed(None)
+        for _, name, index, new, _ in lowered[:best_k]:
+            self.anchor[name].view(-1, self.masks[name].pattern.m)[index] = new
+        self._refresh_scores(margin)
+        entry.update(tried=len(candidates), lowered=len(lowered), committed=best_k, kl_before=round(base, 6),
+                     kl_after=round(best_kl, 6), seconds=round(time.perf_counter() - t0, 2))
+        self.confirm_log.append(entry)
+        log.info("measured flips, round %d (step %d): %d of %d tried lowered the KL, %d committed (%.5f -> %.5f), "
+                 "%.1fs", self.confirm_round, self.step, len(lowered), len(candidates), best_k, base, best_kl,
+                 entry["seconds"])
+
+    def _held_aside_rows(self) -> torch.Tensor:
+        """Rows of training text no step draws (batch indices far past any run's steps), new each round."""
+        rows = self.cfg.confirm_rows or self.cfg.batch_size
+        first = HELD_ASIDE_BATCHES + 1000 * self.confirm_round
+        ids = torch.cat([self.batches.batch(first + i) for i in range(-(-rows // self.cfg.batch_size))])[:rows]
+        return ids.to(self.device)
+
+    def _trial_kl(self, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
+        """KL to the teacher of the masked graph on ``ids``, with the masks fed to it."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            s_logits = self.forward(ids)
+        return float(kd_loss(s_logits, t_logits, ids, temperature=1.0, ce_weight=0.0)[0])
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
@@ -759,6 +875,8 @@ class Annealer:
                 "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
                 "hutchinson": dict(self.hutchinson_curv), "hutchinson_probes": self.hutchinson_probes, "opt": self.opt.state_dict(),
                 "weights_folded": self._weights_folded, "history": list(self.history),
+                "anchor": {n: m.clone() for n, m in self.anchor.items()}, "confirm_round": self.confirm_round,
+                "confirm_log": list(self.confirm_log),
                 "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
     def save_checkpoint(self, directory: Path) -> None:
@@ -793,6 +911,8 @@ class Annealer:
         self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self._weights_folded = state["weights_folded"]
+        self.anchor = {n: m.clone() for n, m in state["anchor"].items()}
+        self.confirm_round, self.confirm_log = state["confirm_round"], list(state["confirm_log"])
 
     def _open_metrics(self) -> TextIO:
         """metrics.jsonl for appending: a fresh run starts it empty (a reused out dir held another run's
@@ -866,7 +986,7 @@ class Annealer:
                             final_loss=float(last["loss"]) if last else float("nan"),
                             flips_vs_warm_start=self.flips() if self.warm else 0,
                             metrics_path=str(self.out_dir / "metrics.jsonl") if self.out_dir else None,
-                            history=self.history, compiled=self.compiled)
+                            history=self.history, compiled=self.compiled, confirm_log=list(self.confirm_log))
 
     def _log_row(self, last: dict, metrics_file) -> dict:
         now = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from sparseforge_compile.anneal import AnnealConfig, AnnealError, schedule
 from sparseforge_compile.data import DataError
 from sparseforge_compile.distill import kd_loss
-from sparseforge_compile.masks import NMPattern, count_nm_violations
+from sparseforge_compile.masks import NMPattern, best_group_swaps, count_nm_violations
 from sparseforge_compile.models import ByteTokenizer, load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
 
@@ -69,6 +69,19 @@ def test_config_validates_and_round_trips_json():
         AnnealConfig(anneal_end=0.8, harden_end=0.5)
     with pytest.raises(ValueError, match="unknown AnnealConfig fields"):
         AnnealConfig.from_json({"lr": 1.0, "lerning_rate": 2.0})
+    with pytest.raises(ValueError, match="pick a warm_start"):
+        AnnealConfig(confirm_rounds=2, warm_start="none")
+
+
+def test_best_group_swaps_ranks_groups_by_saliency_gained():
+    saliency = torch.tensor([[4.0, 3.0, 2.0, 1.0, 1.0, 5.0, 0.5, 0.1, 2.0, 2.0, 9.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    gains, index, new = best_group_swaps(saliency, mask, PATTERN, limit=3)
+    # Group 0 already keeps its best two; group 1 gains 5 + 1 - (1 + 0.1); group 2 gains 9 + 2 - 9 - 0.
+    assert index.tolist() == [1, 2]
+    torch.testing.assert_close(gains, torch.tensor([4.9, 2.0]))
+    assert new.tolist() == [[True, True, False, False], [True, False, True, False]]
+    assert best_group_swaps(saliency, mask, PATTERN, limit=1)[1].tolist() == [1]
 
 
 def test_annealing_gives_exact_nm_and_beats_one_shot_magnitude(data_dir):
@@ -129,6 +142,38 @@ def test_the_mask_starts_exactly_at_the_warm_start(data_dir):
     assert annealer.flips() == 0
 
 
+@pytest.mark.parametrize("compiled", [{}, {"compile": "on", "outline_blocks": "regional", "hidden_weight": 3.0}],
+                         ids=["eager", "compiled-regional"])
+def test_a_measured_flip_round_commits_only_flips_that_lower_the_kl(data_dir, compiled):
+    """A round keeps a flip only if the trial KL on its held-aside rows fell with it, commits at most
+    confirm_keep groups, and leaves the hard mask exactly the anchor: measured again with the new
+    mask, the KL is the round's ``kl_after``. Compiled, the trials run the training step's compiled
+    graph without gradients."""
+    annealer = _annealer(data_dir, steps=40, prior_margin=100.0, confirm_rounds=1, confirm_keep=4,
+                         confirm_rows=8, confirm_pool=64, anneal_end=0.5, harden_end=0.7, **compiled)
+    for _ in range(19):
+        annealer.train_step()
+    assert annealer.confirm_round == 0 and annealer.flips() == 0
+    annealer.train_step()  # step 20 of 40: the round is due (anneal_end * 1/1 = 0.5)
+    (entry,) = annealer.confirm_log
+    assert entry["step"] == 20 and entry["tried"] == 64
+    assert 0 < entry["committed"] <= min(4, entry["lowered"]) and entry["kl_after"] < entry["kl_before"]
+    changed = sum(int((ms.hard_mask() != annealer.warm[n]).view(-1, 4).any(-1).sum())
+                  for n, ms in annealer.masks.items())
+    assert changed == entry["committed"]
+    for name, ms in annealer.masks.items():
+        assert torch.equal(ms.hard_mask(), annealer.anchor[name]), name
+    ids = annealer._held_aside_rows()  # the round's own rows again
+    with torch.no_grad():
+        t_logits = annealer.teacher(ids)
+        for ms in annealer.masks.values():
+            ms.feed(ms._hard_float())
+        kl = annealer._trial_kl(ids, t_logits)
+        for ms in annealer.masks.values():
+            ms.feed(None)
+    assert kl == pytest.approx(entry["kl_after"], abs=2e-6)
+
+
 def test_regrow_evidence_is_the_exact_gap_of_a_quadratic_and_revives_at_its_optimum(data_dir):
     """Along one weight, L(v) = 1/2 H (v - a)^2 with the others fixed: the evidence of a weight, kept
     (v = w) or pruned (v = 0), must be L(0) - L(a) = 1/2 H a^2, from the loop's two EMAs alone
@@ -160,8 +205,11 @@ def test_regrow_evidence_is_the_exact_gap_of_a_quadratic_and_revives_at_its_opti
     assert torch.equal(after[untouched], w[untouched])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
-    cfg = tiny_config(steps=12, checkpoint_every=6)
+@pytest.mark.parametrize("extra", [{}, {"confirm_rounds": 2, "anneal_end": 0.66, "confirm_rows": 8}],
+                         ids=["plain", "measured-flips"])
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir, extra):
+    # measured-flips: rounds after steps 4 and 8, the checkpoint at 6 between them, the stop after 8.
+    cfg = tiny_config(steps=12, checkpoint_every=6, **extra)
     full = load_model("tiny-llama")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # an earlier run's curve
