@@ -48,7 +48,7 @@ def heldout_kl(student, teacher, data_dir) -> float:
 
 
 def test_schedule_anneals_then_hardens():
-    cfg = AnnealConfig(steps=100)
+    cfg = AnnealConfig(steps=100, anneal_end=0.5, harden_end=0.7)
     points = [schedule(cfg, s, 100) for s in range(100)]
     temps = [p.temperature for p in points]
     assert temps[0] == pytest.approx(cfg.t_start) and min(temps) == pytest.approx(cfg.t_end)
@@ -205,7 +205,7 @@ def test_regrow_evidence_is_the_exact_gap_of_a_quadratic_and_revives_at_its_opti
     assert torch.equal(after[untouched], w[untouched])
 
 
-@pytest.mark.parametrize("extra", [{}, {"confirm_rounds": 2, "anneal_end": 0.66, "confirm_rows": 8}],
+@pytest.mark.parametrize("extra", [{}, {"confirm_rounds": 2, "anneal_end": 0.66, "harden_end": 0.7, "confirm_rows": 8}],
                          ids=["plain", "measured-flips"])
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir, extra):
     # measured-flips: rounds after steps 4 and 8, the checkpoint at 6 between them, the stop after 8.
