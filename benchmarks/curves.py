@@ -7,6 +7,13 @@ Prints one table; ``--out`` writes the rows (one per file and point) in the resu
 of it: whether the loss is still falling at the end, and, where the run logged losses by data source
 (``ce_real`` against ``teacher_ce_real``), whether the student fits the repeated C4 rows better than the
 dense teacher does, i.e. memorizes them.
+
+    python benchmarks/curves.py --paired A_metrics.jsonl B_metrics.jsonl [--windows 0,500,1000,2000,4000]
+
+``--paired``: two runs of one seed draw the same batch at each step (``anneal.TrainingBatches``), so the
+difference of their logged losses at equal steps is free of the batches' noise. Rows: per window of steps,
+the mean difference A - B of each term, its standard error, and each run's LR at the window's last
+common step (a budget run's schedule follows its time: at equal steps the slower run is further along).
 """
 
 from __future__ import annotations
@@ -43,13 +50,43 @@ def summarize(path: Path, tail: float = 0.1) -> list[dict]:
     return out
 
 
+def paired(a: Path, b: Path, windows: list[int], terms: tuple[str, ...] = ("kl", "loss")) -> list[dict]:
+    """Mean difference a - b of ``terms`` at the steps both runs logged, per window of steps."""
+    ra = {r["step"]: r for r in read_rows(a)}
+    rb = {r["step"]: r for r in read_rows(b)}
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        raise SystemExit(f"{a} and {b} logged no step in common")
+    out = []
+    for lo, hi in zip(windows, windows[1:] + [common[-1]]):
+        steps = [s for s in common if lo < s <= hi]
+        if not steps:
+            continue
+        row = {"a": a.name, "b": b.name, "steps": f"{lo + 1}-{steps[-1]}", "n": len(steps)}
+        for t in terms:
+            diffs = [ra[s][t] - rb[s][t] for s in steps if t in ra[s] and t in rb[s]]
+            if diffs:
+                row[f"{t}_a_minus_b"] = round(statistics.fmean(diffs), 5)
+                row[f"{t}_stderr"] = round(statistics.stdev(diffs) / len(diffs) ** 0.5, 5) if len(diffs) > 1 else None
+        row["lr_a"], row["lr_b"] = ra[steps[-1]].get("lr"), rb[steps[-1]].get("lr")
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--tail", type=float, default=0.1, help="share of the logged steps averaged at the end")
     p.add_argument("--out", default=None, help="also write the rows (benchmarks/results schema)")
+    p.add_argument("--paired", action="store_true", help="two files of one seed: their losses' difference at equal steps")
+    p.add_argument("--windows", default="0,500,1000,2000,3000", help="--paired: window starts, in steps")
     args = p.parse_args(argv)
-    rows = [row for path in args.files for row in summarize(path, args.tail)]
+    if args.paired:
+        if len(args.files) != 2:
+            raise SystemExit("--paired takes exactly two metrics files")
+        rows = paired(*args.files, [int(w) for w in args.windows.split(",")])
+    else:
+        rows = [row for path in args.files for row in summarize(path, args.tail)]
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.out:
         from common import write_results

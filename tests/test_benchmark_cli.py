@@ -38,6 +38,22 @@ def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
 
 
 
+def test_curves_paired_difference_at_equal_steps(tmp_path):
+    import json
+
+    import curves
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"step": s, "kl": 1.0 + s / 100, "loss": 1.0, "lr": 0.1}) + "\n"
+                         for s in range(10, 110, 10)))
+    b.write_text("".join(json.dumps({"step": s, "kl": 1.0, "loss": 1.0, "lr": 0.2}) + "\n"
+                         for s in range(20, 120, 20)))  # logs every 20: steps 20..100 are common
+    rows = curves.paired(a, b, [0, 50])
+    assert [r["steps"] for r in rows] == ["1-40", "51-100"] and [r["n"] for r in rows] == [2, 3]
+    assert rows[0]["kl_a_minus_b"] == 0.3 and rows[1]["kl_a_minus_b"] == 0.8 and rows[1]["loss_a_minus_b"] == 0
+    assert (rows[1]["lr_a"], rows[1]["lr_b"]) == (0.1, 0.2)
+
+
 def test_curves_summarize_quarter_points_and_the_last_tenth(tmp_path):
     import json
 
