@@ -191,3 +191,16 @@ def test_compile_seconds_counts_compilation_since_the_reset():
     assert set(seconds) == set(accuracy.COMPILE_PHASES)
     assert seconds["compile_dynamo_s"] >= seconds["compile_aot_s"] >= 0
     assert torch._dynamo.utils.compilation_time_metrics["_compile.compile_inner"]  # a frame was timed
+
+
+def test_compile_seconds_must_be_read_inside_the_cold_caches():
+    """Leaving ``cold_compile_caches`` resets Dynamo, which clears its timings: the H200 rows of session 10
+    read 0 s for every phase because accuracy.py read them after it."""
+    import torch
+
+    accuracy.compile_seconds(reset=True)
+    with accuracy.cold_compile_caches(True):
+        torch.compile(lambda x: (x.cos() * 3).sum(), backend="aot_eager")(torch.randn(8))
+        timed = sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
+    assert timed > 0
+    assert not torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner")
