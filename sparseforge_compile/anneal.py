@@ -135,7 +135,9 @@ class AnnealConfig:
     # are each tried alone, hard mask, on held-aside training text; of those that lower the KL there,
     # the best (at most ``confirm_keep``, as many as lower it most together) join the anchor mask.
     # Why: estimated evidence picks harmful flips beyond its first ~10 on SmolLM2, measured ones
-    # helped (benchmarks/results/evidence_check_smollm2_4layers_confirmed.json). 0: off.
+    # helped at the moment of flipping (results/evidence_check_smollm2_4layers_confirmed.json). Off (0)
+    # by default: after training they did not help (4-block proxy, 120 steps: 0.5429 with 3 rounds,
+    # 0.5418 without, results/anneal_proxy_smollm2_4layers_measured_flips.json).
     confirm_rounds: int = 0
     confirm_pool: int = 256
     confirm_keep: int = 32
