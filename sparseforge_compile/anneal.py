@@ -336,6 +336,11 @@ class AnnealResult:
     compiled: bool = False  # the run ended compiled (False: eager by choice or after a compile failure)
     confirm_log: list[dict] = field(default_factory=list)  # the measured-flip rounds (Annealer._confirm_flips)
 
+    @property
+    def measured_flip_groups(self) -> int:
+        """Groups the measured-flip rounds committed, all rounds together."""
+        return sum(r["committed"] for r in self.confirm_log)
+
 
 class Annealer:
     """Runs the loop over a masked forward (the graph with one mask node per layer).
@@ -742,36 +747,34 @@ class Annealer:
             t_logits = self.teacher(ids)
         groups = {n: hard[n].view(-1, ms.pattern.m) for n, ms in self.masks.items()}
 
-        def apply(chosen: list, on: bool) -> None:
-            for _, name, index, new, old in chosen:
-                groups[name][index] = new.to(hard[name].dtype) if on else old
+        def measure(flips: list[tuple[str, int, torch.Tensor]]) -> float:
+            """The trial KL with ``flips`` (layer, group, new group mask) applied, then undone."""
+            old = [groups[name][index].clone() for name, index, _ in flips]
+            for name, index, new in flips:
+                groups[name][index] = new.to(hard[name].dtype)
+            kl = self._trial_kl(ids, t_logits)
+            for (name, index, _), saved in zip(flips, old):
+                groups[name][index] = saved
+            return kl
 
         for name, ms in self.masks.items():
             ms.feed(hard[name])
         try:
             base = self._trial_kl(ids, t_logits)
-            lowered = []
-            for _, name, index, new in candidates:
-                trial = [(0.0, name, index, new, groups[name][index].clone())]
-                apply(trial, True)
-                change = self._trial_kl(ids, t_logits) - base
-                apply(trial, False)
-                if change < 0:
-                    lowered.append((change, *trial[0][1:]))
-            lowered.sort(key=lambda c: c[0])
+            tried = [(measure([flip]) - base, flip) for flip in (c[1:] for c in candidates)]
+            lowered = sorted((c for c in tried if c[0] < 0), key=lambda c: c[0])
+            ranked = [flip for _, flip in lowered]
             # Single-flip gains do not simply add: measure the best k together, k halving from confirm_keep.
-            best_k, best_kl, k = 0, base, min(cfg.confirm_keep, len(lowered))
+            best_k, best_kl, k = 0, base, min(cfg.confirm_keep, len(ranked))
             while k >= 1:
-                apply(lowered[:k], True)
-                kl = self._trial_kl(ids, t_logits)
-                apply(lowered[:k], False)
+                kl = measure(ranked[:k])
                 if kl < best_kl:
                     best_k, best_kl = k, kl
                 k //= 2
         finally:
             for ms in self.masks.values():
                 ms.feed(None)
-        for _, name, index, new, _ in lowered[:best_k]:
+        for name, index, new in ranked[:best_k]:
             self.anchor[name].view(-1, self.masks[name].pattern.m)[index] = new
         self._refresh_scores(margin)
         entry.update(tried=len(candidates), lowered=len(lowered), committed=best_k, kl_before=round(base, 6),

@@ -101,7 +101,7 @@ class SparsifyResult:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
                        compiled=self.anneal.compiled,
-                       measured_flip_groups=sum(r["committed"] for r in self.anneal.confirm_log),
+                       measured_flip_groups=self.anneal.measured_flip_groups,
                        measured_flip_seconds=round(sum(r.get("seconds", 0.0) for r in self.anneal.confirm_log), 2))
         return out
 
