@@ -1,5 +1,6 @@
 """Summarize training curves (``metrics.jsonl`` of prune / accuracy.py runs): where each loss term stands
-at the quarters of the run and its mean over the last tenth of the logged steps.
+at the quarters of the run (with the steps per second since the previous quarter) and its mean over the
+last tenth of the logged steps.
 
     python benchmarks/curves.py benchmarks/results/runs_h200/trained_10min_*_metrics.jsonl
 
@@ -40,10 +41,16 @@ def summarize(path: Path, tail: float = 0.1) -> list[dict]:
     rows = read_rows(path)
     terms = [t for t in TERMS if t in rows[-1]]
     n = len(rows)
-    out = []
+    out, prev = [], None
     for label, i in (("first", 0), ("1/4", n // 4), ("1/2", n // 2), ("3/4", 3 * n // 4), ("last", n - 1)):
-        out.append({"file": path.name, "point": label, "step": rows[i]["step"],
-                    **{t: round(rows[i][t], 4) for t in terms if t in rows[i]}})
+        row = {"file": path.name, "point": label, "step": rows[i]["step"],
+               **{t: round(rows[i][t], 4) for t in terms if t in rows[i]}}
+        if prev is not None and "elapsed_s" in rows[i] and rows[i]["elapsed_s"] > rows[prev]["elapsed_s"]:
+            # training speed since the previous point (steps per second of the run's clock)
+            row["steps_per_s"] = round((rows[i]["step"] - rows[prev]["step"])
+                                       / (rows[i]["elapsed_s"] - rows[prev]["elapsed_s"]), 2)
+        out.append(row)
+        prev = i
     last = rows[-max(1, round(n * tail)):]
     out.append({"file": path.name, "point": f"mean of last {len(last)}", "step": last[-1]["step"],
                 **{t: round(statistics.fmean(r[t] for r in last if t in r), 4) for t in terms}})

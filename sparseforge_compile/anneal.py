@@ -113,8 +113,9 @@ class AnnealConfig:
     evidence: str = "obd"
     t_start: float = 0.3
     t_end: float = 0.02
-    # The soft phase runs the masked graph with its evidence probes, ~30 % slower a step than the
-    # plain model the hard phase trains (H200); at margin 100 it flips little, so it is kept short:
+    # The soft phase runs the masked graph with its evidence probes, 1.41x a plain KD step with the
+    # layer-wise loss and 1.06x without (H200, results/step_time_h200_regional.json), while the hard
+    # phase trains the plain model as the peer does; at margin 100 it flips little, so it is kept short:
     # 10 min on the H200, 3404 steps against the peer's 3734 beside it, where a 50 % / 70 % schedule
     # ran 3327 against 4517 (results/accuracy_smollm2-135m_trained_10min_{plain_hard_phase,measured_flips}.json).
     anneal_end: float = 0.1
@@ -566,8 +567,8 @@ class Annealer:
         Compiled whole (or outlined), SparseForge stays on its masked graph with the hard mask fed: a
         second whole-graph compile (tens of seconds) would cost more than it saves. Compiled block by
         block (regional) the plain model's blocks compile in seconds, and its steps are the peer's:
-        H200, 10 min, the hard-mask graph ran 9.1 steps/s against the peer's 10.5
-        (runs_h200/trained_10min_measured_flips_*)."""
+        H200, 10 min, the hard-mask graph ran 9.72 / 8.97 steps/s over its last two quarters against
+        the peer's 11.73 / 9.92 (benchmarks/curves.py on runs_h200/trained_10min_measured_flips_*)."""
         if self.compiled and not self.cfg.fixed_mask and not self.cfg.compiles_blocks_alone(self.device):
             return False
         return point.blend >= 1.0 and (self.cfg.fixed_mask or self.plain_forward is not None)

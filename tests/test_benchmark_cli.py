@@ -66,6 +66,12 @@ def test_curves_summarize_quarter_points_and_the_last_tenth(tmp_path):
     assert [r["point"] for r in rows] == ["first", "1/4", "1/2", "3/4", "last", "mean of last 2"]
     assert rows[1]["step"] == 60 and rows[-2]["kl"] == 19.0
     assert rows[-1]["kl"] == 18.5 and "ce_real" not in rows[-1]
+    assert "steps_per_s" not in rows[1]  # no elapsed_s logged
+    path.write_text("".join(json.dumps({"step": 10 * (i + 1), "kl": 1.0, "elapsed_s": 2.0 * (i + 1) + 30 * (i >= 10)})
+                            + "\n" for i in range(20)))
+    rows = curves.summarize(path)  # 5 steps/s, but 30 s lost between the 1/4 and the 1/2 point
+    assert "steps_per_s" not in rows[0] and rows[1]["steps_per_s"] == 5.0 and rows[3]["steps_per_s"] == 5.0
+    assert rows[2]["steps_per_s"] == round(50 / 40, 2)
 
 
 def test_gpu_workers_get_the_remaining_flags_without_methods_out_and_gpus():
