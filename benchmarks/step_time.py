@@ -6,13 +6,17 @@ Rows: ``bench=train_step``: median ms of a plain KD step (SparseGPT-style fixed 
 of SparseForge steps in the soft phase (Fisher collection + learned scores) and the hardening phase,
 with the ratio; ``bench=component``: teacher forward, student forward, forward+backward, KD loss;
 ``bench=teacher_sampling``: ms per decode step and tokens/s at several sampling batches.
-Timing: CUDA events around each region after warm-up, medians over --repeats.
+Timing: CUDA events around each region after warm-up, medians over --repeats; ``*_loop_ms``: the pace of
+20 back-to-back steps (no sync between them, as the training loop runs), median of 3 runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gzip
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,7 +57,7 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
     return model, setup.annealer
 
 
-def profile_steps(step, path: str, device: str, steps: int = 8) -> float | None:
+def profile_steps(step, path: str, device: str, steps: int = 8, trace: bool = False) -> float | None:
     """torch.profiler over ``steps`` steps (one Fisher probe among 8): the ops by device time, to a
     text file, so that where a step's time goes is on record. Returns the device-busy milliseconds per
     step (sum of kernel self times; None on the CPU): far below the step's wall time means the step
@@ -73,10 +77,82 @@ def profile_steps(step, path: str, device: str, steps: int = 8) -> float | None:
     if device == "cuda":  # and where the host's time goes, which bounds a step that out-waits its kernels
         tables += "\n\nBy host (self CPU) time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)
     Path(path).write_text(tables)
+    if trace:  # the timeline of two more steps: where the host waits, launches, syncs (chrome://tracing)
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        trace_path = Path(path).with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace_path))
+        with open(trace_path, "rb") as f, gzip.open(f"{trace_path}.gz", "wb") as gz:
+            shutil.copyfileobj(f, gz)
+        trace_path.unlink()
     if device != "cuda":
         return None
     busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
     return busy_us / 1e3 / steps
+
+
+LOOP_STEPS, LOOP_ROUNDS = 20, 3
+
+
+def loop_ms(step, steps: int = LOOP_STEPS, rounds: int = LOOP_ROUNDS) -> float:
+    """Milliseconds a step takes in a run of ``steps`` back-to-back steps (one sync at each end), the
+    median over ``rounds`` runs: the training loop's own pace. It never syncs between steps, so the
+    host launches step k+1 while the GPU still runs step k, which a per-step timing (``median_ms``,
+    one sync per step) does not let it do; on a host-bound step the two differ."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(rounds):
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / steps * 1e3)
+    return statistics.median(times)
+
+
+def host_report(step, path: str, steps: int = 20) -> None:
+    """Where the host waits: the call sites of every synchronizing CUDA call in 3 steps
+    (``torch.cuda.set_sync_debug_mode``), then cProfile over ``steps`` steps by own time, to ``path``.
+    A wait on the device is invisible to torch.profiler's op table (its overhead lets the device
+    catch up), but it sets a host-bound step's pace."""
+    import cProfile
+    import io
+    import pstats
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    if torch.cuda.is_available():
+        def record(message, category, filename, lineno, file=None, line=None) -> None:
+            site = "".join(traceback.format_stack(limit=9)[:-2]) + f"  -> {message}"
+            sites[site] = sites.get(site, 0) + 1
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(3):
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    text = f"synchronizing calls in 3 steps: {sum(sites.values())}\n"
+    text += "".join(f"--- x{n}\n{site}\n" for site, n in sorted(sites.items(), key=lambda x: -x[1]))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n" + out.getvalue())
 
 
 def first_and_median(annealer, repeats: int) -> tuple[float, float]:
@@ -93,11 +169,14 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     kd_model, kd = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
                          compile=compile)
     kd_first_s, kd_ms = first_and_median(kd, args.repeats)
+    kd_loop = loop_ms(kd.train_step)
+    if args.host_report:
+        host_report(kd.train_step, f"{args.host_report}.plain_kd_{compile}_hw{hidden_weight:g}.txt")
     busy: dict[str, float | None] = {}  # device-busy ms per step, from the profiles
     compiled = kd.compiled
     if args.profile:
         busy["plain_kd_gpu_busy_ms"] = profile_steps(
-            kd.train_step, f"{args.profile}.plain_kd_{compile}_hw{hidden_weight:g}.txt", device)
+            kd.train_step, f"{args.profile}.plain_kd_{compile}_hw{hidden_weight:g}.txt", device, trace=args.trace)
     ids = kd.batches.batch(0).to(device)
     with torch.autocast(**autocast), torch.no_grad():
         teacher_ms = median_ms(lambda: kd.teacher(ids), args.repeats, warmup=2)
@@ -140,17 +219,22 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile,
                   outline="auto")
     sf_first_s, soft_ms = first_and_median(sf, args.repeats)
+    soft_loop = loop_ms(sf.train_step)
+    if args.host_report:
+        host_report(sf.train_step, f"{args.host_report}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", steps=10)
     extra_cols["soft_outlined"] = sf._compile_forward is not None  # False also where the outlined compile failed
     extra_cols["soft_auto_is"] = labels[auto]
     if args.profile:
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
-            sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device)
+            sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device, trace=args.trace)
     total = sf.total_steps
     sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
     harden_ms = median_ms(sf.train_step, args.repeats, warmup=2)
-    sf.step = total - args.repeats * 2 - 4  # the final phase: training with the hard mask
+    # the final phase (training with the hard mask), far enough from the end for every timed step
+    sf.step = total - args.repeats - 2 - LOOP_STEPS * LOOP_ROUNDS - 4
     final_ms = median_ms(sf.train_step, args.repeats, warmup=2)
+    final_loop = loop_ms(sf.train_step)
     tokens = batch * args.seqlen
     config = f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} compile={compile}"
     return [
@@ -159,7 +243,10 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
          "plain_kd_ms": round(kd_ms, 2), "anneal_soft_ms": round(soft_ms, 2), "anneal_harden_ms": round(harden_ms, 2),
          "anneal_final_ms": round(final_ms, 2), "soft_over_kd": round(soft_ms / kd_ms, 3),
          "harden_over_kd": round(harden_ms / kd_ms, 3), "kd_tokens_per_s": round(tokens / kd_ms * 1e3),
-         "soft_tokens_per_s": round(tokens / soft_ms * 1e3), **extra_cols,
+         "soft_tokens_per_s": round(tokens / soft_ms * 1e3),
+         "plain_kd_loop_ms": round(kd_loop, 2), "anneal_soft_loop_ms": round(soft_loop, 2),
+         "anneal_final_loop_ms": round(final_loop, 2), "soft_over_kd_loop": round(soft_loop / kd_loop, 3),
+         **extra_cols,
          **{k: round(v, 2) for k, v in busy.items() if v is not None}},
         {"bench": "component", "config": config, "batch": batch, "seq": args.seqlen,
          "teacher_fwd_ms": round(teacher_ms, 2), "student_fwd_ms": round(fwd_ms, 2),
@@ -184,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                         "soft loop outlined when compiled)")
     p.add_argument("--profile", default=None, metavar="PREFIX",
                    help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
+    p.add_argument("--trace", action="store_true",
+                   help="with --profile: also write a chrome trace (gzip) of two more steps of each loop")
+    p.add_argument("--host-report", default=None, metavar="PREFIX",
+                   help="also write where the host waits (synchronizing calls, cProfile) to PREFIX.*.txt")
     p.add_argument("--sample-batches", default="1024,4096")
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)

@@ -90,6 +90,82 @@ def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) 
     return total / len(student)
 
 
+CAUSAL_SDPA = "sparseforge_causal_sdpa"
+
+
+class MasklessCausalAttention:
+    """A Hugging Face causal LM's training forwards with no attention mask built.
+
+    Training rows are whole windows (no padding, no packing), so SDPA's causal flag is the whole mask,
+    and transformers' own path ends there too. Before it does, though, each forward without mask or
+    cache checks the position ids for packed sequences by reading a device value on the host
+    (``masking_utils.find_packed_sequence_indices``): one host sync per forward, two a step (teacher,
+    plain student), which stalls a host-bound loop until the GPU drains (H200, SmolLM2, batch 32:
+    ``benchmarks/step_time.py --host-report``). Under an attention implementation registered as
+    transformers' SDPA function itself but with no mask function, transformers builds no mask and
+    SDPA runs causally.
+
+    Applied only where that is the model's own computation: SDPA attention, no sliding window, every
+    layer full attention, and the logits on ``check_ids`` unchanged; otherwise ``reason`` says why not
+    and nothing changes. :meth:`restore` puts the model's implementation back.
+    """
+
+    def __init__(self, model: nn.Module, check_ids: torch.Tensor, autocast: bool = False) -> None:
+        self.model = model
+        # the top config and any a submodule holds apart
+        configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+        self._configs = list({id(c): c for c in configs}.values())
+        self.reason = self._why_not()
+        self.applied = False
+        if self.reason is None:
+            self._apply(check_ids, autocast)
+
+    def _why_not(self) -> str | None:
+        if not self._configs:
+            return "not a Hugging Face model"
+        for config in self._configs:
+            if getattr(config, "_attn_implementation", None) != "sdpa":
+                return f"attention is {getattr(config, '_attn_implementation', None)!r}, not 'sdpa'"
+            if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+                return f"sliding-window attention ({config.sliding_window} tokens) needs its mask"
+            if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+                return "some layers are not full attention"
+            if getattr(config, "is_encoder_decoder", False):
+                return "an encoder-decoder model"
+        return None
+
+    def _set(self, name: str) -> None:
+        for config in self._configs:
+            config._attn_implementation = name
+
+    @torch.no_grad()
+    def _apply(self, ids: torch.Tensor, autocast: bool) -> None:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from .evaluate import logits_of
+
+        AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            before = logits_of(self.model, ids).float()
+            self._set(CAUSAL_SDPA)
+            after = logits_of(self.model, ids).float()
+        finite = before[before.isfinite()]  # a broken model's NaNs are the training loop's to report
+        scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
+        if not torch.allclose(after, before, rtol=0, atol=1e-4 * scale, equal_nan=True):
+            self._set("sdpa")
+            diff = float((after - before).abs().max())
+            self.reason = f"the logits changed without the mask (max |diff| {diff:.3g}): kept the mask"
+            log.warning("%s: %s", type(self.model).__name__, self.reason)
+            return
+        self.applied = True
+
+    def restore(self) -> None:
+        if self.applied:
+            self._set("sdpa")
+            self.applied = False
+
+
 class BlockOutputHooks:
     """Forward hooks on a module's decoder blocks that hand each block's output to ``recorder``.
 

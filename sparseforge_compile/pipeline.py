@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .anneal import AnnealConfig, Annealer, AnnealResult, LayerTaps, TrainingBatches
-from .distill import TEACHER_DECODES
+from .distill import TEACHER_DECODES, MasklessCausalAttention
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ class TrainingSetup:
     teacher_rows: torch.Tensor | None
     taps: LayerTaps | None = None
     teacher_sample_batch: int = 0
+    attention: list = field(default_factory=list)  # distill.MasklessCausalAttention of teacher and student
 
 
 def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
@@ -324,6 +325,10 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     if not acfg.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
         verify_graph(captured.gm, model, batches.batch(0)[-2:].to(device), autocast=acfg.autocasts(device))
     masks = InsertMasks(pattern)(captured.gm, report).masks
+    check_ids = batches.batch(0)[-2:].to(device)
+    attention = [MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device)) for m in (teacher, model)]
+    if attention[0].reason:
+        log.info("teacher forwards build their attention mask: %s", attention[0].reason)
 
     def plain_forward(ids: torch.Tensor) -> torch.Tensor:
         return logits_of(model, ids)
@@ -344,7 +349,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                         progress=progress, regions=(teacher, model),
                         compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.fixed_mask
                         else None)
-    return TrainingSetup(annealer, teacher_rows, taps, sample_batch)
+    return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention)
 
 
 @torch.no_grad()
@@ -422,6 +427,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
             p.requires_grad_(False)
         if setup.taps is not None:
             _remove_taps(setup.taps, captured.gm)
+        for attention in setup.attention:
+            attention.restore()
     phases["anneal"] = result.seconds
 
     t = time.perf_counter()

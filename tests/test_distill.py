@@ -166,3 +166,46 @@ def test_graphed_teacher_replays_logits_and_block_outputs(compiled):
         assert (graphed.graph is not None) != graphed.failed
     torch.randn(4, device="cuda")  # the generator is not left in capture state
     hooks.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+def test_maskless_attention_skips_the_packed_sequence_sync_and_keeps_the_logits(name, monkeypatch):
+    import transformers.masking_utils as masking_utils
+
+    from sparseforge_compile.distill import MasklessCausalAttention
+    from sparseforge_compile.evaluate import logits_of
+
+    checks = []
+    original = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: checks.append(1) or original(p))
+    model = load_model(name).model
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    logits_of(model, ids)
+    assert checks, "the model's own forward checks for packed sequences (the host sync this avoids)"
+    attention = MasklessCausalAttention(model, ids)
+    assert attention.applied and attention.reason is None
+    checks.clear()
+    other = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    out = logits_of(model, other)
+    assert not checks
+    attention.restore()
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(out, logits_of(model, other), rtol=0, atol=0)
+    assert checks  # restored: the model's own path again
+
+
+def test_maskless_attention_leaves_models_that_need_their_mask():
+    from sparseforge_compile.distill import MasklessCausalAttention
+
+    ids = torch.randint(0, 256, (2, 16))
+    model = load_model("tiny-qwen2").model
+    model.config.use_sliding_window, model.config.sliding_window = True, 8
+    attention = MasklessCausalAttention(model, ids)
+    assert not attention.applied and "sliding-window" in attention.reason
+    assert model.config._attn_implementation == "sdpa"
+    model = load_model("tiny-llama").model
+    model.set_attn_implementation("eager")
+    attention = MasklessCausalAttention(model, ids)
+    assert not attention.applied and "'eager'" in attention.reason
+    assert model.config._attn_implementation == "eager"
+    assert MasklessCausalAttention(torch.nn.Linear(4, 4), ids).reason == "not a Hugging Face model"
