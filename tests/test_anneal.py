@@ -460,8 +460,8 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
     real_loss = annealer._loss
     snapshots = {}
 
-    def loss_going_nan(ids, plain, eager=False):
-        loss, parts, logits = real_loss(ids, plain, eager)
+    def loss_going_nan(ids, plain, eager=False, **kwargs):
+        loss, parts, logits = real_loss(ids, plain, eager, **kwargs)
         if annealer.step == 3:
             snapshots["before"] = [p.detach().clone() for p in annealer.params]
         return (loss * math.nan if annealer.step >= 3 else loss), parts, logits
@@ -572,3 +572,23 @@ def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypat
     monkeypatch.setattr(KeepPositionMathInFloat32, "run", lambda self, gm: PassResult(gm=gm))
     with pytest.raises(CaptureError, match=r"does not compute what LlamaForCausalLM computes under bf16 autocast"):
         _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")
+
+
+def test_layer_wise_weight_decays_to_zero_and_stops_recording(data_dir):
+    cfg = AnnealConfig(steps=100, hidden_decay_end=0.5)
+    scales = [schedule(cfg, s, 100).hidden_scale for s in range(100)]
+    assert scales[0] == 1.0 and scales[25] == pytest.approx(0.5) and all(x == 0 for x in scales[50:])
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+    assert schedule(AnnealConfig(steps=100), 99, 100).hidden_scale == 1.0
+    with pytest.raises(ValueError, match="hidden_decay_end"):
+        AnnealConfig(hidden_decay_end=0.0)
+    loaded = sharpened_tiny_llama()
+    result = sparsify(loaded.model, tiny_config(steps=12, log_every=1, hidden_weight=3.0, hidden_decay_end=0.5,
+                                                ce_weight=0.0),
+                      tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+    rows = result.anneal.history
+    assert rows[0]["hidden_weight"] == 3.0 and rows[0]["hidden"] > 0  # row "step" 1: after step 0
+    assert rows[3]["hidden_weight"] == pytest.approx(3.0 * (1 - 3 / 6))
+    late = [r for r in rows if r["step"] > 6]
+    assert late and all(r["hidden_weight"] == 0 and r["hidden"] == 0 for r in late)
+    assert all(r["loss"] == pytest.approx(r["kl"]) for r in late)  # the loss is the KL alone
