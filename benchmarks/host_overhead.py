@@ -7,6 +7,8 @@ is kernel time). Times plain KD and SparseForge soft-phase steps (same loss, lay
 eager and compiled, flat and outlined.
 
     python benchmarks/host_overhead.py          # writes benchmarks/results/host_overhead_cpu.json
+
+With a layer-wise weight, also the plain KD step past ``hidden_decay_end`` (no block output recorded).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, write_results
+from common import interleaved_median_ms, write_results
 from step_time import build
 
 from sparseforge_compile.data import calibration_windows
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--configs", default="off/off,on/off,on/on", help="compile/outline pairs")
+    p.add_argument("--hidden-weights", default="3", help="comma list: layer-wise distillation weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     base = deep_narrow_llama(args.layers)
@@ -50,15 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for pair in args.configs.split(","):
         compile, outline = pair.split("/")
-        times = {}
-        for fixed in (True, False):
-            _, annealer = build(base, tok, calib, 2, 32, fixed=fixed, hidden_weight=3.0, compile=compile,
-                                outline=outline)
-            times[fixed] = median_ms(annealer.train_step, args.repeats, warmup=3)
-        rows.append({"bench": "host_overhead", "config": f"llama {args.layers}x64 b2x32 hidden_weight=3 "
-                     f"compile={compile} outline={outline}", "batch": 2, "seq": 32, "plain_kd_ms": round(times[True], 2),
-                     "anneal_soft_ms": round(times[False], 2), "soft_over_kd": round(times[False] / times[True], 3)})
-        print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
+        weights = [float(w) for w in args.hidden_weights.split(",")]
+        # Every loop of this setting timed round by round (interleaved), so drift lands on all alike.
+        loops = {}
+        for hidden_weight in weights:
+            for fixed in (True, False):
+                loops[hidden_weight, fixed] = build(base, tok, calib, 2, 32, fixed=fixed, hidden_weight=hidden_weight,
+                                                    compile=compile, outline=outline)[1]
+            if hidden_weight:  # the plain KD step past hidden_decay_end: the layer-wise loss and its hooks gone
+                past = build(base, tok, calib, 2, 32, fixed=True, hidden_weight=hidden_weight, compile=compile,
+                             outline=outline, hidden_decay_end=0.5)[1]
+                past.step = 600  # of 1000
+                loops[hidden_weight, "past"] = past
+        times = interleaved_median_ms({key: loop.train_step for key, loop in loops.items()}, args.repeats, warmup=3)
+        for hidden_weight in weights:
+            kd, soft = times[hidden_weight, True], times[hidden_weight, False]
+            extra = ({"plain_kd_past_decay_end_ms": round(times[hidden_weight, "past"], 2)}
+                     if (hidden_weight, "past") in times else {})
+            rows.append({"bench": "host_overhead", "config": f"llama {args.layers}x64 b2x32 hidden_weight={hidden_weight:g} "
+                         f"compile={compile} outline={outline}", "batch": 2, "seq": 32,
+                         "plain_kd_ms": round(kd, 2), "anneal_soft_ms": round(soft, 2),
+                         "soft_over_kd": round(soft / kd, 3), **extra})
+            print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
     write_results("host_overhead_cpu", rows, out=args.out)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0

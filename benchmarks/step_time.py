@@ -38,12 +38,12 @@ from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
-          outline: str = "off", teacher_graphs: str = "off"):
+          outline: str = "off", teacher_graphs: str = "off", **anneal):
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
                         teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs)
+                        compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs, **anneal)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))

@@ -663,6 +663,17 @@ class Annealer:
         self._loss_terms = _loss_terms
         self.compiled = False
 
+    def _stop_recording(self) -> None:
+        """The layer-wise weight reached 0 for good (``hidden_decay_end``): the hooks on the teacher's
+        and the plain student's blocks go (they run in Python on every block call, outside the
+        compiled regions, so nothing recompiles), and the loss stops asking for block outputs."""
+        for hooks in self.taps.hooks:
+            hooks.remove()
+        for rec in (self.taps.teacher, self.taps.graph, self.taps.plain):
+            rec.enabled = False
+            rec.clear()
+        self.taps = None
+
     def _reset_failed_step(self) -> None:
         """Forget what a step that raised half-way left behind (gradients, masks, recordings)."""
         self.opt.zero_grad(set_to_none=True)
@@ -678,6 +689,8 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
+        if point.hidden_scale == 0 and self.taps is not None:
+            self._stop_recording()
         probe = point.soft_phase and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
         # The mask gradient feeds the Fisher probe and the (optional) first-order evidence only; other
         # steps skip its weight-sized backward and EMA update in every layer.

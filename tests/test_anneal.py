@@ -574,7 +574,7 @@ def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypat
         _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")
 
 
-def test_layer_wise_weight_decays_to_zero_and_stops_recording(data_dir):
+def test_layer_wise_weight_decays_to_zero_and_stops_recording(data_dir, monkeypatch):
     cfg = AnnealConfig(steps=100, hidden_decay_end=0.5)
     scales = [schedule(cfg, s, 100).hidden_scale for s in range(100)]
     assert scales[0] == 1.0 and scales[25] == pytest.approx(0.5) and all(x == 0 for x in scales[50:])
@@ -583,9 +583,20 @@ def test_layer_wise_weight_decays_to_zero_and_stops_recording(data_dir):
     with pytest.raises(ValueError, match="hidden_decay_end"):
         AnnealConfig(hidden_decay_end=0.0)
     loaded = sharpened_tiny_llama()
+    from sparseforge_compile.anneal import Annealer
+
+    stopped = []
+    stop = Annealer._stop_recording
+
+    def spy(self):
+        stop(self)
+        stopped.append((self.step, [len(b._forward_hooks) for b in loaded.model.model.layers]))
+
+    monkeypatch.setattr(Annealer, "_stop_recording", spy)
     result = sparsify(loaded.model, tiny_config(steps=12, log_every=1, hidden_weight=3.0, hidden_decay_end=0.5,
                                                 ce_weight=0.0),
                       tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
+    assert stopped == [(6, [0] * len(loaded.model.model.layers))]  # once, where the weight reaches 0: no hooks left
     rows = result.anneal.history
     assert rows[0]["hidden_weight"] == 3.0 and rows[0]["hidden"] > 0  # row "step" 1: after step 0
     assert rows[3]["hidden_weight"] == pytest.approx(3.0 * (1 - 3 / 6))
