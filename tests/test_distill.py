@@ -209,3 +209,24 @@ def test_maskless_attention_leaves_models_that_need_their_mask():
     assert not attention.applied and "'eager'" in attention.reason
     assert model.config._attn_implementation == "eager"
     assert MasklessCausalAttention(torch.nn.Linear(4, 4), ids).reason == "not a Hugging Face model"
+
+
+def test_maskless_attention_keeps_the_mask_where_the_logits_would_change(monkeypatch):
+    from transformers import AttentionInterface
+
+    from sparseforge_compile.distill import MasklessCausalAttention
+    from sparseforge_compile.evaluate import logits_of
+
+    register = AttentionInterface.register
+
+    def perturbed(name, fn):  # an attention that is not the model's: its logits differ
+        register(name, lambda *args, **kwargs: (fn(*args, **kwargs)[0] * 0.5, None))
+
+    monkeypatch.setattr(AttentionInterface, "register", perturbed)
+    model = load_model("tiny-llama").model
+    ids = torch.randint(0, 256, (2, 16))
+    ref = logits_of(model, ids)
+    attention = MasklessCausalAttention(model, ids)
+    assert not attention.applied and "logits changed" in attention.reason
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits_of(model, ids), ref, rtol=0, atol=0)
