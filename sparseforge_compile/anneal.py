@@ -102,9 +102,11 @@ class AnnealConfig:
     # (SparsifyConfig: DEFAULT_HIDDEN_WEIGHT for sparseforge, 0 for the logit-KD peer sparsegpt+kd).
     hidden_weight: float | None = None
     # None: the layer-wise weight stays constant. A fraction f of the schedule: it falls linearly from
-    # hidden_weight to 0 at f, and past f no block output is recorded (the layer-wise loss costs host
-    # time every step). Why: beside the peer at equal steps it lowers the KL early and raises it late
-    # (H200, 10 min: -0.0087 over steps 1-500, +0.0032 over 3001-3890; results/curves_paired_10min_no_mask_sync.json).
+    # hidden_weight to 0 at f, and past f no block output is recorded (saving its host time: CPU proxy
+    # 2.7 % of a plain step, results/host_overhead_cpu_hidden_weight.json). Not the default: on the
+    # whole SmolLM2 (CPU, 100 steps) decaying by half the run cost 0.5 % of held-out KL
+    # (results/anneal_proxy_smollm2_full_100steps_hidden_decay.json); the H200 runs' late paired KL
+    # excess is the time-based LR schedule at fewer steps, larger without the layer-wise loss (README).
     hidden_decay_end: float | None = None
     importance: str = "fisher"
     importance_every: int = 8
