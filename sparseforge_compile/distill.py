@@ -116,7 +116,7 @@ class MasklessCausalAttention:
         configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
         self._configs = list({id(c): c for c in configs}.values())
         self.reason = self._why_not()
-        self.applied = False
+        self.applied = self.restored = False
         if self.reason is None:
             self._apply(check_ids, autocast)
 
@@ -161,9 +161,10 @@ class MasklessCausalAttention:
         self.applied = True
 
     def restore(self) -> None:
-        if self.applied:
+        """Put the model's SDPA back (``applied`` stays: whether the training forwards ran without)."""
+        if self.applied and not self.restored:
             self._set("sdpa")
-            self.applied = False
+            self.restored = True
 
 
 class BlockOutputHooks:

@@ -91,12 +91,17 @@ class SparsifyResult:
     teacher_tokens: int = 0
     oneshot: object | None = None
     teacher_sample_batch: int = 0  # rows sampled at once (0: none sampled here)
+    # Training forwards of the teacher and the plain student: "skipped" (distill.MasklessCausalAttention)
+    # or why they built their attention mask
+    attention_masks: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
         out = {"method": self.method, "pattern": self.pattern, "pruned_layers": len(self.layers),
                "dense_layers": len(self.skipped), "seconds": round(self.seconds, 2),
                "phases": {k: round(v, 2) for k, v in self.phases.items()}, "teacher_tokens": self.teacher_tokens,
                "teacher_sample_batch": self.teacher_sample_batch}
+        if self.attention_masks:
+            out["attention_masks"] = "; ".join(f"{k}: {v}" for k, v in self.attention_masks.items())
         if self.anneal:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
@@ -438,7 +443,9 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,
-                          teacher_sample_batch=setup.teacher_sample_batch)
+                          teacher_sample_batch=setup.teacher_sample_batch,
+                          attention_masks={who: "skipped" if a.applied else str(a.reason)
+                                           for who, a in zip(("teacher", "student"), setup.attention)})
 
 
 def _remove_taps(taps: LayerTaps, gm) -> None:

@@ -597,6 +597,9 @@ def test_layer_wise_weight_decays_to_zero_and_stops_recording(data_dir, monkeypa
                                                 ce_weight=0.0),
                       tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
     assert stopped == [(6, [0] * len(loaded.model.model.layers))]  # once, where the weight reaches 0: no hooks left
+    # the loop's forwards built no attention mask (no host sync), and the model leaves with its own SDPA
+    assert result.summary()["attention_masks"] == "teacher: skipped; student: skipped"
+    assert loaded.model.config._attn_implementation == "sdpa"
     rows = result.anneal.history
     assert rows[0]["hidden_weight"] == 3.0 and rows[0]["hidden"] > 0  # row "step" 1: after step 0
     assert rows[3]["hidden_weight"] == pytest.approx(3.0 * (1 - 3 / 6))
