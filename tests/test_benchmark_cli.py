@@ -210,3 +210,41 @@ def test_compile_seconds_must_be_read_inside_the_cold_caches():
         timed = sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
     assert timed > 0
     assert not torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner")
+
+
+def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path):
+    """step_time.py's rows, loop pace, host report and profile/trace on a tiny model (its GPU runs cost
+    device time: a crash there is found here first)."""
+    import gzip
+    import json
+
+    import step_time
+
+    out = tmp_path / "step_time.json"
+    assert step_time.main(["--model", "tiny-llama", "--batch-sizes", "2", "--seqlen", "32", "--repeats", "2",
+                           "--hidden-weights", "3", "--compile", "off", "--outline", "off", "--teacher-graphs", "off",
+                           "--sample-batches", "", "--profile", str(tmp_path / "prof" / "p"), "--trace",
+                           "--host-report", str(tmp_path / "host" / "h"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    step = next(r for r in rows if r["bench"] == "train_step")
+    for key in ("plain_kd_loop_ms", "anneal_soft_loop_ms", "anneal_final_loop_ms", "soft_over_kd_loop"):
+        assert step[key] > 0
+    report = (tmp_path / "host" / "h.plain_kd_off_hw3.txt").read_text()
+    assert report.startswith("synchronizing calls in 3 steps: 0") and "ncalls" in report
+    assert (tmp_path / "host" / "h.anneal_soft_off_hw3.txt").exists()
+    with gzip.open(tmp_path / "prof" / "p.plain_kd_off_hw3.trace.json.gz") as f:
+        assert json.load(f)["traceEvents"]
+
+
+def test_host_overhead_times_every_loop_of_a_setting(tmp_path):
+    import json
+
+    import host_overhead
+
+    out = tmp_path / "host.json"
+    assert host_overhead.main(["--layers", "2", "--repeats", "2", "--configs", "off/off", "--hidden-weights", "0,3",
+                               "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"].split()[3] for r in rows] == ["hidden_weight=0", "hidden_weight=3"]
+    assert "plain_kd_past_decay_end_ms" not in rows[0] and rows[1]["plain_kd_past_decay_end_ms"] > 0
+    assert all(r["plain_kd_ms"] > 0 and r["anneal_soft_ms"] > 0 for r in rows)
