@@ -4,7 +4,7 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: numerics gputests lowered trained trained2 trained_best oneshot step_time kernels e2e sweep. BUDGET_MIN sets the trained
+# Steps: numerics gputests lowered trained trained2 trained_best oneshot step_time step_loop kernels e2e sweep. BUDGET_MIN sets the trained
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
 # TRAINED2 that of a second one (variants, say; its own results file),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
@@ -13,7 +13,8 @@
 # 2048-token training rows need fewer, their KV cache is 4x larger). trained_best runs the sweep's best
 # SparseForge method and best peer method (lowest valid ppl) side by side at the full budget, with BEST_AGAINST
 # (a method list, optional) beside them. STEP_BATCHES: step_time's batch sizes;
-# STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (default on,regional; add off for the flat graph, a ~90 s compile). GPUS=N (default 1) runs the trained and
+# STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (step_loop: regional only, hidden weights
+# 0 and 3, with *_loop_ms and --host-report; ~3.5 min) (default on,regional; add off for the flat graph, a ~90 s compile). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
 # the session stops there (its trained runs would train a wrong function).
@@ -57,6 +58,10 @@ print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best"
         || { echo "== trained_best: no sweep results" >> "$out/session.log"; continue; }
       cmd=(python3 benchmarks/accuracy.py --methods "$best${BEST_AGAINST:+,$BEST_AGAINST}" --budget-minutes "$budget"
            --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained_best.json") ;;
+    step_loop)  # today's GPU mode only (regional), both layer-wise weights, loop pace and where the host waits
+      cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 0,3 --compile on
+           --outline regional --teacher-graphs off --repeats 10 --sample-batches ''
+           --host-report "$out/host/step" --out "$out/step_time_regional_loop.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;
