@@ -13,8 +13,9 @@
 # 2048-token training rows need fewer, their KV cache is 4x larger). trained_best runs the sweep's best
 # SparseForge method and best peer method (lowest valid ppl) side by side at the full budget, with BEST_AGAINST
 # (a method list, optional) beside them. STEP_BATCHES: step_time's batch sizes;
-# STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (step_loop: regional only, hidden weights
-# 0 and 3, with *_loop_ms and --host-report; ~3.5 min) (default on,regional; add off for the flat graph, a ~90 s compile). GPUS=N (default 1) runs the trained and
+# STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (default on,regional; add off for the flat
+# graph, a ~90 s compile); step_loop times regional only, hidden weights 0 and 3, with *_loop_ms and
+# --host-report (~3.5 min). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
 # the session stops there (its trained runs would train a wrong function).
