@@ -212,7 +212,7 @@ def test_compile_seconds_must_be_read_inside_the_cold_caches():
     assert not torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner")
 
 
-def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path):
+def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path, data_dir, monkeypatch):
     """step_time.py's rows, loop pace, host report and profile/trace on a tiny model (its GPU runs cost
     device time: a crash there is found here first)."""
     import gzip
@@ -220,6 +220,7 @@ def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path):
 
     import step_time
 
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))  # its calibration windows
     out = tmp_path / "step_time.json"
     assert step_time.main(["--model", "tiny-llama", "--batch-sizes", "2", "--seqlen", "32", "--repeats", "2",
                            "--hidden-weights", "3", "--compile", "off", "--outline", "off", "--teacher-graphs", "off",
@@ -236,11 +237,12 @@ def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path):
         assert json.load(f)["traceEvents"]
 
 
-def test_host_overhead_times_every_loop_of_a_setting(tmp_path):
+def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeypatch):
     import json
 
     import host_overhead
 
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
     out = tmp_path / "host.json"
     assert host_overhead.main(["--layers", "2", "--repeats", "2", "--configs", "off/off", "--hidden-weights", "0,3",
                                "--out", str(out)]) == 0
