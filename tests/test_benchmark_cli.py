@@ -249,4 +249,4 @@ def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeyp
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"].split()[3] for r in rows] == ["hidden_weight=0", "hidden_weight=3"]
     assert "plain_kd_past_decay_end_ms" not in rows[0] and rows[1]["plain_kd_past_decay_end_ms"] > 0
-    assert all(r["plain_kd_ms"] > 0 and r["anneal_soft_ms"] > 0 for r in rows)
+    assert all(r["plain_kd_ms"] > 0 and r["anneal_soft_ms"] > 0 and r["anneal_final_ms"] > 0 for r in rows)
