@@ -103,7 +103,7 @@ class AnnealConfig:
     hidden_weight: float | None = None
     # None: the layer-wise weight stays constant. A fraction f of the schedule: it falls linearly from
     # hidden_weight to 0 at f, and past f no block output is recorded (saving its host time: CPU proxy
-    # 2.7 % of a plain step, results/host_overhead_cpu_hidden_weight.json). Not the default: on the
+    # 2.5 % of a plain step, results/host_overhead_cpu_hidden_weight.json). Not the default: on the
     # whole SmolLM2 (CPU, 100 steps) decaying by half the run cost 0.5 % of held-out KL
     # (results/anneal_proxy_smollm2_full_100steps_hidden_decay.json); the H200 runs' late paired KL
     # excess is the time-based LR schedule at fewer steps, larger without the layer-wise loss (README).
@@ -543,14 +543,16 @@ class Annealer:
 
     # -- one step -------------------------------------------------------------------------------
     def _loss(self, ids: torch.Tensor, plain: bool, eager: bool = False,
-              hidden_scale: float = 1.0) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """The training loss of the masked graph (or, ``plain``, of the plain model) on ``ids``;
-        the layer-wise term weighs ``hidden_weight * hidden_scale`` (at 0 no block output is recorded)."""
+              hidden_weight: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The training loss of the masked graph (or, ``plain``, of the plain model) on ``ids``; the
+        layer-wise term weighs ``hidden_weight`` (None: the configured one). Block outputs are recorded
+        while ``self.taps`` is set: from the start with a layer-wise weight, until ``_stop_recording``."""
         forward, plain_forward, teacher = self._eager if eager else (self.forward, self.plain_forward, self.teacher)
         masked = not plain or plain_forward is None
         forward = forward if masked else plain_forward
-        hidden_weight = (self.cfg.hidden_weight or 0.0) * hidden_scale
-        taps = self.taps if hidden_weight > 0 else None
+        if hidden_weight is None:
+            hidden_weight = self.cfg.hidden_weight or 0.0
+        taps = self.taps
         student_rec = None
         if taps is not None:
             student_rec = taps.graph if masked else taps.plain
@@ -691,7 +693,8 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
-        if point.hidden_scale == 0 and self.taps is not None:
+        hidden_weight = (cfg.hidden_weight or 0.0) * point.hidden_scale
+        if hidden_weight == 0 and self.taps is not None:
             self._stop_recording()
         probe = point.soft_phase and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
         # The mask gradient feeds the Fisher probe and the (optional) first-order evidence only; other
@@ -711,7 +714,7 @@ class Annealer:
         if plain and not self._weights_folded:
             self._reapply_masks()  # the step the phase starts: fold the hard mask into the weights
             self._weights_folded = True
-        loss, parts, s_logits = self._loss(ids, plain, hidden_scale=point.hidden_scale)
+        loss, parts, s_logits = self._loss(ids, plain, hidden_weight=hidden_weight)
         if probe:
             self._fisher_probe(s_logits)
         loss.backward()
@@ -737,7 +740,7 @@ class Annealer:
             self._confirm_flips(point.margin)
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
-                "blend": point.blend, "hidden_weight": (cfg.hidden_weight or 0.0) * point.hidden_scale,
+                "blend": point.blend, "hidden_weight": hidden_weight,
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
 
     # -- measured flips --------------------------------------------------------------------------

@@ -266,7 +266,7 @@ class TrainingSetup:
     teacher_rows: torch.Tensor | None
     taps: LayerTaps | None = None
     teacher_sample_batch: int = 0
-    attention: list = field(default_factory=list)  # distill.MasklessCausalAttention of teacher and student
+    attention: dict = field(default_factory=dict)  # "teacher" / "student" -> distill.MasklessCausalAttention
 
 
 def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
@@ -327,13 +327,15 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     if causal.stats["kept"]:
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
+    check_ids = batches.batch(0)[-2:].to(device)  # two rows the checks below run the models on
     if not acfg.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
-        verify_graph(captured.gm, model, batches.batch(0)[-2:].to(device), autocast=acfg.autocasts(device))
+        verify_graph(captured.gm, model, check_ids, autocast=acfg.autocasts(device))
     masks = InsertMasks(pattern)(captured.gm, report).masks
-    check_ids = batches.batch(0)[-2:].to(device)
-    attention = [MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device)) for m in (teacher, model)]
-    if attention[0].reason:
-        log.info("teacher forwards build their attention mask: %s", attention[0].reason)
+    attention = {who: MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device))
+                 for who, m in (("teacher", teacher), ("student", model))}
+    for who, a in attention.items():
+        if a.reason:
+            log.info("the %s's training forwards build their attention mask: %s", who, a.reason)
 
     def plain_forward(ids: torch.Tensor) -> torch.Tensor:
         return logits_of(model, ids)
@@ -432,7 +434,7 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
             p.requires_grad_(False)
         if setup.taps is not None:
             _remove_taps(setup.taps, captured.gm)
-        for attention in setup.attention:
+        for attention in setup.attention.values():
             attention.restore()
     phases["anneal"] = result.seconds
 
@@ -445,7 +447,7 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,
                           teacher_sample_batch=setup.teacher_sample_batch,
                           attention_masks={who: "skipped" if a.applied else str(a.reason)
-                                           for who, a in zip(("teacher", "student"), setup.attention)})
+                                           for who, a in setup.attention.items()})
 
 
 def _remove_taps(taps: LayerTaps, gm) -> None:
