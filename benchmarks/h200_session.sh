@@ -4,7 +4,7 @@
 #
 #   benchmarks/h200_session.sh OUT_DIR STEP...
 #
-# Steps: numerics gputests lowered trained trained2 trained_best oneshot step_time step_loop kernels e2e sweep. BUDGET_MIN sets the trained
+# Steps: numerics gputests lowered trained trained2 trained_best oneshot step_time step_loop step_interleaved kernels e2e sweep. BUDGET_MIN sets the trained
 # methods' budget (default 8), TRAINED the method list of the trained step (default: ours and the peer),
 # TRAINED2 that of a second one (variants, say; its own results file),
 # TASKS its zero-shot tasks (default piqa,arc_easy; empty for none). The sweep step compares recipes at
@@ -15,7 +15,8 @@
 # (a method list, optional) beside them. STEP_BATCHES: step_time's batch sizes;
 # STEP_OUTLINE: the soft-loop compile modes step_time times beside auto (default on,regional; add off for the flat
 # graph, a ~90 s compile); step_loop times regional only, hidden weights 0 and 3, with *_loop_ms and
-# --host-report (~3.5 min). GPUS=N (default 1) runs the trained and
+# --host-report (~3.5 min); step_interleaved times the peer's plain KD loop, plain KD with SparseForge's
+# loss and SparseForge's soft and hard loops round by round (step_time.py --timing interleaved, ~4 min). GPUS=N (default 1) runs the trained and
 # sweep steps' methods in parallel, one process per method, N at a time (accuracy.py --gpus), on a machine with N GPUs.
 # numerics runs graph_numerics.py --check first: if the captured graph is not the model under autocast,
 # the session stops there (its trained runs would train a wrong function).
@@ -63,6 +64,9 @@ print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best"
       cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 0,3 --compile on
            --outline regional --teacher-graphs off --repeats 10 --sample-batches ''
            --host-report "$out/host/step" --out "$out/step_time_regional_loop.json") ;;
+    step_interleaved)  # the loops side by side, round by round, at the default layer-wise weight
+      cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
+           --timing interleaved --rounds "${STEP_ROUNDS:-7}" --sample-batches '' --out "$out/step_time_interleaved.json") ;;
     kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
     e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, write_results
+from common import interleaved_median_ms, median_ms, write_results
 
 from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.capture import capture
@@ -38,10 +38,13 @@ from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
-          outline: str = "off", teacher_graphs: str = "off", **anneal):
+          outline: str = "off", teacher_graphs: str = "off", steps: int = 4000, **anneal):
+    """A plain KD (``fixed``) or SparseForge annealer on a copy of ``base``, for a ``steps``-step schedule
+    (long enough that every timed soft-phase step falls inside the soft phase: 200 steps at the default
+    ``anneal_end``)."""
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
-    acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=1000,
+    acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
                         teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
                         compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs, **anneal)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
@@ -128,6 +131,8 @@ def host_report(step, path: str, steps: int = 20) -> None:
     sites: dict[str, int] = {}
     if torch.cuda.is_available():
         def record(message, category, filename, lineno, file=None, line=None) -> None:
+            if "synchronizing" not in str(message):  # e.g. the debug mode's own "prototype feature" warning
+                return
             site = "".join(traceback.format_stack(limit=9)[:-2]) + f"  -> {message}"
             sites[site] = sites.get(site, 0) + 1
 
@@ -254,12 +259,73 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     ]
 
 
+INTERLEAVED_STEPS = 24  # a multiple of importance_every (8): each round holds its share of probes and refreshes
+
+
+def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, hidden_weight: float,
+                        compile: str) -> dict:
+    """The loops' own pace, side by side: the peer's plain KD step (logit KD, no layer-wise term), plain
+    KD with SparseForge's loss, and SparseForge's soft-phase and hard-phase steps, each run for
+    ``INTERLEAVED_STEPS`` back-to-back steps per round, round by round (interleaved: host or clock
+    drift lands on all alike), medians over ``--rounds``. The soft and hard loops restart each round
+    at the same step of their schedule, so every round times the same phase."""
+    loops = {"peer": build(base, tok, calib, batch, args.seqlen, fixed=True, compile=compile)[1]}
+    if hidden_weight:
+        loops["same_loss"] = build(base, tok, calib, batch, args.seqlen, fixed=True, hidden_weight=hidden_weight,
+                                   compile=compile)[1]
+    for phase in ("soft", "final"):
+        loops[phase] = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
+                             compile=compile, outline="auto")[1]
+    soft, final = loops["soft"], loops["final"]
+    starts = {"soft": soft.cfg.importance_every,  # past step 0, inside the soft phase for every timed step
+              "final": final.total_steps - 2 * INTERLEAVED_STEPS}
+    first_s = {}
+    for name, ann in loops.items():  # the compiling first step, outside the timing
+        ann.step = starts.get(name, 0)
+        t = time.perf_counter()
+        ann.train_step()
+        first_s[name] = time.perf_counter() - t
+    assert schedule(soft.cfg, starts["soft"] + INTERLEAVED_STEPS, soft.total_steps).soft_phase
+    assert schedule(final.cfg, starts["final"], final.total_steps).blend >= 1.0
+
+    def run(name: str):
+        ann = loops[name]
+
+        def steps() -> None:
+            if name in starts:
+                ann.step = starts[name]
+            for _ in range(INTERLEAVED_STEPS):
+                ann.train_step()
+        return steps
+
+    ms = interleaved_median_ms({name: run(name) for name in loops}, args.rounds, warmup=1)
+    per_step = {name: value / INTERLEAVED_STEPS for name, value in ms.items()}
+    row = {"bench": "train_loop", "config": f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} "
+           f"compile={compile}", "batch": batch, "seq": args.seqlen, "hidden_weight": hidden_weight,
+           "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft._compile_forward is not None,
+           "plain_kd_ms": round(per_step["peer"], 2)}
+    if "same_loss" in per_step:
+        row["plain_kd_same_loss_ms"] = round(per_step["same_loss"], 2)
+    row.update(anneal_soft_ms=round(per_step["soft"], 2), anneal_final_ms=round(per_step["final"], 2),
+               soft_over_plain_kd=round(per_step["soft"] / per_step["peer"], 3),
+               final_over_plain_kd=round(per_step["final"] / per_step["peer"], 3))
+    if "same_loss" in per_step:
+        row["soft_over_same_loss"] = round(per_step["soft"] / per_step["same_loss"], 3)
+    row.update({f"{name}_first_step_s": round(seconds, 1) for name, seconds in first_s.items()})
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--batch-sizes", default="32,64")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--timing", default="sequential",
+                   help="comma list: sequential (per-step medians, loop pace, components, diagnostics, one loop "
+                        "after another) and/or interleaved (bench=train_loop: the peer's plain KD, plain KD with "
+                        "the same loss, SparseForge soft and hard loops, timed round by round)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved: rounds of 24 back-to-back steps per loop")
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
@@ -279,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=48)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    timings = set(args.timing.split(","))
+    if not timings or not timings <= {"sequential", "interleaved"}:
+        p.error(f"--timing {args.timing!r}: a comma list of sequential, interleaved")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(args.model, device=device)
     base, tok = loaded.model, loaded.tokenizer
@@ -288,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for hidden_weight in [float(w) for w in args.hidden_weights.split(",")]:
             for compile in args.compile.split(","):
-                rows += measure_batch(base, tok, calib, batch, args, device, hidden_weight, compile)
-                print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
+                if "sequential" in timings:
+                    rows += measure_batch(base, tok, calib, batch, args, device, hidden_weight, compile)
+                    print(tabulate(rows[-2:], headers="keys", tablefmt="github"), flush=True)
+                if "interleaved" in timings:
+                    rows.append(measure_interleaved(base, tok, calib, batch, args, hidden_weight, compile))
+                    print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
     teacher = copy.deepcopy(base).eval()
     if device == "cuda":
         teacher = teacher.to(torch.bfloat16)

@@ -237,6 +237,48 @@ def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path, data_dir, monk
         assert json.load(f)["traceEvents"]
 
 
+def test_step_time_interleaved_times_each_loop_in_its_phase(tmp_path, data_dir, monkeypatch):
+    """--timing interleaved: the peer's plain KD loop, plain KD with the same loss, and SparseForge's
+    soft and hard loops, each timed for whole rounds inside its own phase of the schedule."""
+    import json
+
+    import step_time
+
+    from sparseforge_compile.anneal import schedule
+
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    built, phases = [], []
+    real_build = step_time.build
+
+    def spy_build(*args, **kwargs):
+        model, ann = real_build(*args, **kwargs)
+        train_step = ann._train_step
+
+        def recorded():  # the schedule point of every timed step, by loop
+            phases.append((ann, schedule(ann.cfg, ann.step, ann.total_steps)))
+            return train_step()
+        ann._train_step = recorded
+        built.append(ann)
+        return model, ann
+
+    monkeypatch.setattr(step_time, "build", spy_build)
+    out = tmp_path / "st.json"
+    assert step_time.main(["--model", "tiny-llama", "--batch-sizes", "2", "--seqlen", "32", "--hidden-weights", "3",
+                           "--compile", "off", "--timing", "interleaved", "--rounds", "2", "--sample-batches", "",
+                           "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bench"] == "train_loop" and row["rounds"] == 2
+    assert row["soft_over_plain_kd"] == pytest.approx(row["anneal_soft_ms"] / row["plain_kd_ms"], abs=2e-3)
+    assert row["soft_over_same_loss"] == pytest.approx(row["anneal_soft_ms"] / row["plain_kd_same_loss_ms"], abs=2e-3)
+    peer, same_loss, soft, final = built
+    assert not peer.cfg.hidden_weight and same_loss.cfg.hidden_weight == 3 and same_loss.cfg.fixed_mask
+    steps = 1 + (1 + 2) * step_time.INTERLEAVED_STEPS  # the compiling step, a warm-up round, 2 timed rounds
+    for ann in built:
+        assert sum(a is ann for a, _ in phases) == steps
+    assert all(point.soft_phase for a, point in phases if a is soft)
+    assert all(point.blend >= 1.0 for a, point in phases if a is final)
+
+
 def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeypatch):
     import json
 
