@@ -8,6 +8,9 @@ with the ratio; ``bench=component``: teacher forward, student forward, forward+b
 ``bench=teacher_sampling``: ms per decode step and tokens/s at several sampling batches.
 Timing: CUDA events around each region after warm-up, medians over --repeats; ``*_loop_ms``: the pace of
 20 back-to-back steps (no sync between them, as the training loop runs), median of 3 runs.
+``--timing interleaved`` (``bench=train_loop``): the peer's plain KD loop, plain KD with SparseForge's loss and
+SparseForge's soft and hard loops, timed round by round, so that host or clock drift during the run lands
+on every loop alike (loops timed one after another minutes apart spread by 20 % on a shared GPU host).
 """
 
 from __future__ import annotations
@@ -285,8 +288,10 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
         t = time.perf_counter()
         ann.train_step()
         first_s[name] = time.perf_counter() - t
-    assert schedule(soft.cfg, starts["soft"] + INTERLEAVED_STEPS, soft.total_steps).soft_phase
-    assert schedule(final.cfg, starts["final"], final.total_steps).blend >= 1.0
+    if not (schedule(soft.cfg, starts["soft"] + INTERLEAVED_STEPS, soft.total_steps).soft_phase
+            and schedule(final.cfg, starts["final"], final.total_steps).blend >= 1.0):
+        raise RuntimeError(f"a {soft.total_steps}-step schedule has no {INTERLEAVED_STEPS} soft steps after step "
+                           f"{starts['soft']}: raise build()'s steps")
 
     def run(name: str):
         ann = loops[name]
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list: sequential (per-step medians, loop pace, components, diagnostics, one loop "
                         "after another) and/or interleaved (bench=train_loop: the peer's plain KD, plain KD with "
                         "the same loss, SparseForge soft and hard loops, timed round by round)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved: rounds of 24 back-to-back steps per loop")
+    p.add_argument("--rounds", type=int, default=7, help=f"interleaved: rounds of {INTERLEAVED_STEPS} back-to-back steps per loop")
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
