@@ -16,12 +16,16 @@ on every loop alike (loops timed one after another minutes apart spread by 20 % 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import shutil
 import statistics
 import sys
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -120,6 +124,31 @@ def loop_ms(step, steps: int = LOOP_STEPS, rounds: int = LOOP_ROUNDS) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def synchronizing_call_sites(debug_mode: bool) -> Iterator[dict[str, int]]:
+    """Counts, by call site, the warnings torch's sync debug mode raises for each synchronizing CUDA
+    call made inside the block (``debug_mode``: switch that mode on; CUDA only). Other warnings, such
+    as the mode's own "prototype feature" notice, are not syncs and are not counted."""
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return
+        site = "".join(traceback.format_stack(limit=9)[:-2]) + f"  -> {message}"
+        sites[site] = sites.get(site, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if debug_mode:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            if debug_mode:
+                torch.cuda.set_sync_debug_mode("default")
+
+
 def host_report(step, path: str, steps: int = 20) -> None:
     """Where the host waits: the call sites of every synchronizing CUDA call in 3 steps
     (``torch.cuda.set_sync_debug_mode``), then cProfile over ``steps`` steps by own time, to ``path``.
@@ -128,26 +157,10 @@ def host_report(step, path: str, steps: int = 20) -> None:
     import cProfile
     import io
     import pstats
-    import traceback
-    import warnings
 
-    sites: dict[str, int] = {}
-    if torch.cuda.is_available():
-        def record(message, category, filename, lineno, file=None, line=None) -> None:
-            if "synchronizing" not in str(message):  # e.g. the debug mode's own "prototype feature" warning
-                return
-            site = "".join(traceback.format_stack(limit=9)[:-2]) + f"  -> {message}"
-            sites[site] = sites.get(site, 0) + 1
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for _ in range(3):
-                    step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+    with synchronizing_call_sites(torch.cuda.is_available()) as sites:
+        for _ in range(3):
+            step()
     text = f"synchronizing calls in 3 steps: {sum(sites.values())}\n"
     text += "".join(f"--- x{n}\n{site}\n" for site, n in sorted(sites.items(), key=lambda x: -x[1]))
     prof = cProfile.Profile()

@@ -237,6 +237,21 @@ def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path, data_dir, monk
         assert json.load(f)["traceEvents"]
 
 
+def test_sync_call_sites_counts_sync_warnings_only():
+    """The host report's sync counter: a sync warning is counted by call site; the debug mode's own
+    "prototype feature" notice (which the GPU run counted as a sync once) is not."""
+    import warnings
+
+    import step_time
+
+    with step_time.synchronizing_call_sites(debug_mode=False) as sites:
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all ops", stacklevel=1)
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert sum(sites.values()) == 2 and len(sites) == 1
+    assert next(iter(sites)).endswith("-> called a synchronizing CUDA operation")
+
+
 def test_step_time_interleaved_times_each_loop_in_its_phase(tmp_path, data_dir, monkeypatch):
     """--timing interleaved: the peer's plain KD loop, plain KD with the same loss, and SparseForge's
     soft and hard loops, each timed for whole rounds inside its own phase of the schedule."""
