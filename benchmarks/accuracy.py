@@ -154,8 +154,23 @@ def compile_seconds(reset: bool = False) -> dict[str, float]:
     metrics = dynamo_utils.compilation_time_metrics
     if reset:
         metrics.clear()
+        dynamo_utils.clear_compilation_metrics()
         return {}
     return {key: round(sum(metrics.get(phase, [])), 1) for key, phase in COMPILE_PHASES.items()}
+
+
+def compile_frames(top: int = 6) -> str:
+    """Which compiled frames the compile time went to since ``compile_seconds(reset=True)``, the
+    costliest first: ``name (file:line) xN S s``, summed over the frame's compiles (a recompile, say for
+    grad mode, counts again). Where a method's extra compile time goes, graph by graph."""
+    from torch._dynamo import utils as dynamo_utils
+
+    frames: dict[str, list[float]] = {}
+    for m in dynamo_utils.get_compilation_metrics():
+        key = f"{m.co_name} ({Path(str(m.co_filename)).name}:{m.co_firstlineno})"
+        frames.setdefault(key, []).append(getattr(m, "entire_frame_compile_time_s", None) or 0.0)
+    ranked = sorted(frames.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return "; ".join(f"{key} x{len(times)} {sum(times):.1f} s" for key, times in ranked)
 
 
 # Settings of the prune around the loop that a method's brackets may also set (budget trade-offs:
@@ -339,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             with cold_compile_caches(not args.warm_compile_caches):
                 result = sparsify(model, cfg, tokenizer=tok, calib=calib.get(cfg.calib_samples), out_dir=out_dir,
                                   progress=not args.quiet)
-                compiling = compile_seconds()  # inside: leaving the cold caches resets Dynamo, and its timings
+                compiling = {**compile_seconds(), "compile_frames": compile_frames()}  # inside: leaving the cold caches resets Dynamo, and its timings
             info = {**result.summary(), **compiling}
             if result.anneal and result.anneal.history:
                 speeds = [r["tokens_per_s"] for r in result.anneal.history[1:]] or [0.0]
@@ -368,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
         for key in ("steps", "train_tokens", "teacher_tokens", "teacher_sample_batch", "flips_vs_warm_start",
-                    "measured_flip_groups", "measured_flip_seconds", "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES):
+                    "measured_flip_groups", "measured_flip_seconds", "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES, "compile_frames"):
             if key in info:
                 row[key] = info[key]
         sampling_s = info.get("phases", {}).get("teacher_sampling", 0.0)

@@ -197,6 +197,10 @@ def test_compile_seconds_counts_compilation_since_the_reset():
     assert set(seconds) == set(accuracy.COMPILE_PHASES)
     assert seconds["compile_dynamo_s"] >= seconds["compile_aot_s"] >= 0
     assert torch._dynamo.utils.compilation_time_metrics["_compile.compile_inner"]  # a frame was timed
+    frames = accuracy.compile_frames()
+    assert frames.startswith("<lambda> (") and " x1 " in frames
+    accuracy.compile_seconds(reset=True)
+    assert accuracy.compile_frames() == ""
 
 
 def test_compile_seconds_must_be_read_inside_the_cold_caches():
