@@ -164,11 +164,12 @@ def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: d
 def cmd_prune(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .anneal import AnnealConfig, plot_curves
+    from .anneal import AnnealConfig
     from .data import eval_windows, load_wikitext2, tokenize
     from .evaluate import perplexity, perplexity_unsupported
     from .models import load_model
     from .pipeline import ONE_SHOT, SparsifyConfig, sparsify
+    from .report import plot_curves
 
     device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS

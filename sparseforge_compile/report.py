@@ -353,3 +353,47 @@ def draw_with_matplotlib(graph: nx.DiGraph, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(history: list[dict], layer_density: dict[str, float], path: str | Path) -> None:
+    """PNG of an annealing run (``AnnealResult.history``): loss, temperature and blend, undecided fraction, final density per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in history]
+    ax = axes[0][0]
+    ax.plot(steps, [r["loss"] for r in history], label="loss")
+    ax.plot(steps, [r["kl"] for r in history], label="KL (x tau^2)", alpha=0.7)
+    ax.plot(steps, [r["ce"] for r in history], label="CE", alpha=0.7)
+    if history and "ce_real" in history[-1]:  # below the teacher's own CE: the real text is memorized
+        ax.plot(steps, [r.get("ce_real", float("nan")) for r in history], label="CE, real rows", alpha=0.7)
+        ax.plot(steps, [r.get("teacher_ce_real", float("nan")) for r in history], label="teacher CE, real rows",
+                linestyle="--", alpha=0.7)
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[0][1]
+    ax.plot(steps, [r["temperature"] for r in history], label="temperature")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["blend"] for r in history], color="C1", label="blend to hard")
+    ax.set_title("temperature (log) and blend")
+    ax = axes[1][0]
+    ax.plot(steps, [r["undecided"] for r in history], label="undecided groups")
+    if any(r.get("flips") for r in history):
+        ax3 = ax.twinx()
+        ax3.plot(steps, [r["flips"] for r in history], color="C2", label="flips vs warm start")
+        ax3.set_ylabel("weights flipped vs warm start")
+    ax.set_title("undecided group fraction")
+    ax.set_xlabel("step")
+    ax = axes[1][1]
+    names = list(layer_density)
+    ax.bar(range(len(names)), [layer_density[n] for n in names], width=1.0)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"final density per layer ({len(names)} layers)")
+    ax.set_xlabel("layer index (graph order)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

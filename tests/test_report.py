@@ -86,3 +86,19 @@ def test_cli_report(tmp_path, capsys):
     assert payload["model"] == "tiny-gpt2" and len(payload["layers"]) == 9
     assert out_dot.read_text().startswith("digraph")
     assert main(["report", "--model", "tiny-gpt2", "--pattern", "3:2"]) == 2
+
+
+def test_annealing_curves_png_has_its_four_panels(tmp_path):
+    """The prune's anneal_curves.png: loss, temperature/blend, undecided fraction and flips, per-layer density."""
+    import matplotlib.image
+
+    from sparseforge_compile.report import plot_curves
+
+    history = [{"step": s, "loss": 1.0 / s, "kl": 0.8 / s, "ce": 3.0, "ce_real": 3.1, "teacher_ce_real": 3.0,
+                "temperature": 0.3 * 0.9 ** s, "blend": min(s / 10, 1.0), "undecided": max(0.5 - s / 20, 0.0),
+                "flips": s} for s in range(1, 21)]
+    path = tmp_path / "anneal_curves.png"
+    plot_curves(history, {"layers.0.q_proj": 0.5, "layers.0.k_proj": 0.5, "lm_head": 1.0}, path)
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] == 700 and image.shape[1] == 1100  # 11 x 7 inches at 100 dpi
+    assert image[..., :3].std() > 0.05  # drawn, not blank
