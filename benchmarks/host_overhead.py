@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     compile=compile, outline=outline)[1]
             final = build(base, tok, calib, 2, 32, fixed=False, hidden_weight=hidden_weight, compile=compile,
                           outline=outline)[1]
-            final.step = 600  # of 1000: SparseForge's hard phase (the plain model where compiled regionally)
+            final.step = int(0.6 * final.total_steps)  # SparseForge's hard phase (the plain model where regional)
             loops[hidden_weight, "final"] = final
             if hidden_weight:  # the plain KD step past hidden_decay_end: the layer-wise loss and its hooks gone
                 past = build(base, tok, calib, 2, 32, fixed=True, hidden_weight=hidden_weight, compile=compile,
                              outline=outline, hidden_decay_end=0.5)[1]
-                past.step = 600  # of 1000
+                past.step = int(0.6 * past.total_steps)  # past hidden_decay_end 0.5
                 loops[hidden_weight, "past"] = past
         times = interleaved_median_ms({key: loop.train_step for key, loop in loops.items()}, args.repeats, warmup=3)
         for hidden_weight in weights:

@@ -304,9 +304,26 @@ def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeyp
     import host_overhead
 
     monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    past_weights = []  # the layer-wise weight of every step the past-decay-end loop takes
+    real_build = host_overhead.build
+
+    def spy_build(*args, **kwargs):
+        model, ann = real_build(*args, **kwargs)
+        if kwargs.get("hidden_decay_end"):
+            train_step = ann._train_step
+
+            def recorded():
+                row = train_step()
+                past_weights.append(row["hidden_weight"])
+                return row
+            ann._train_step = recorded
+        return model, ann
+
+    monkeypatch.setattr(host_overhead, "build", spy_build)
     out = tmp_path / "host.json"
     assert host_overhead.main(["--layers", "2", "--repeats", "2", "--configs", "off/off", "--hidden-weights", "0,3",
                                "--out", str(out)]) == 0
+    assert past_weights and set(past_weights) == {0.0}  # timed past hidden_decay_end, whatever the schedule length
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"].split()[3] for r in rows] == ["hidden_weight=0", "hidden_weight=3"]
     assert "plain_kd_past_decay_end_ms" not in rows[0] and rows[1]["plain_kd_past_decay_end_ms"] > 0
