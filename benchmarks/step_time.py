@@ -20,7 +20,6 @@ import contextlib
 import copy
 import gzip
 import shutil
-import statistics
 import sys
 import time
 import traceback
@@ -112,16 +111,10 @@ def loop_ms(step, steps: int = LOOP_STEPS, rounds: int = LOOP_ROUNDS) -> float:
     median over ``rounds`` runs: the training loop's own pace. It never syncs between steps, so the
     host launches step k+1 while the GPU still runs step k, which a per-step timing (``median_ms``,
     one sync per step) does not let it do; on a host-bound step the two differ."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
-    for _ in range(rounds):
-        sync()
-        t = time.perf_counter()
+    def run() -> None:
         for _ in range(steps):
             step()
-        sync()
-        times.append((time.perf_counter() - t) / steps * 1e3)
-    return statistics.median(times)
+    return median_ms(run, rounds, warmup=0) / steps
 
 
 @contextlib.contextmanager
@@ -321,14 +314,13 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
     row = {"bench": "train_loop", "config": f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} "
            f"compile={compile}", "batch": batch, "seq": args.seqlen, "hidden_weight": hidden_weight,
            "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft._compile_forward is not None,
-           "plain_kd_ms": round(per_step["peer"], 2)}
+           "plain_kd_ms": round(per_step["peer"], 2), "anneal_soft_ms": round(per_step["soft"], 2),
+           "anneal_final_ms": round(per_step["final"], 2),
+           "soft_over_plain_kd": round(per_step["soft"] / per_step["peer"], 3),
+           "final_over_plain_kd": round(per_step["final"] / per_step["peer"], 3)}
     if "same_loss" in per_step:
-        row["plain_kd_same_loss_ms"] = round(per_step["same_loss"], 2)
-    row.update(anneal_soft_ms=round(per_step["soft"], 2), anneal_final_ms=round(per_step["final"], 2),
-               soft_over_plain_kd=round(per_step["soft"] / per_step["peer"], 3),
-               final_over_plain_kd=round(per_step["final"] / per_step["peer"], 3))
-    if "same_loss" in per_step:
-        row["soft_over_same_loss"] = round(per_step["soft"] / per_step["same_loss"], 3)
+        row.update(plain_kd_same_loss_ms=round(per_step["same_loss"], 2),
+                   soft_over_same_loss=round(per_step["soft"] / per_step["same_loss"], 3))
     row.update({f"{name}_first_step_s": round(seconds, 1) for name, seconds in first_s.items()})
     return row
 
