@@ -1,6 +1,6 @@
 """Side-by-side accuracy of every method on one model, same data and budget.
 
-    python benchmarks/accuracy.py --model smollm2-135m --methods dense,magnitude,wanda,sparsegpt,sparsegpt+kd,sparseforge \
+    python -m benchmarks.accuracy --model smollm2-135m --methods dense,magnitude,wanda,sparsegpt,sparsegpt+kd,sparseforge \
         --budget-minutes 5 --tasks piqa,arc_easy
 
 A method may carry its own annealing settings in brackets, e.g. ``sparsegpt+kd[hidden_weight=3]``
@@ -35,10 +35,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import curves
-from common import RESULTS_DIR, write_results
-
+from benchmarks import curves
+from benchmarks.common import RESULTS_DIR, ROOT, write_results
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.distill import TEACHER_DECODES
@@ -257,12 +255,13 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
     # Each worker compiles with its share of the host's cores, as on a machine of its own per GPU (the
     # 1-GPU H200 machines have 16 cores, the 2-GPU ones 32), not with all of them at once.
     env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or slots) // slots)), **os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # finds benchmarks/
     pending, running, finished, failed = list(enumerate(methods)), {}, {}, []
     while pending or running:
         while pending and len(running) < slots:
             gpu = next(g for g in ids if g not in running.values())
             i, spec = pending.pop(0)
-            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--no-isolate", "--methods", spec,
+            cmd = [sys.executable, "-m", "benchmarks.accuracy", *base, "--no-isolate", "--methods", spec,
                    "--out", str(work / f"m{i}.json"), "--runs-prefix", runs_prefix]
             log = open(work / f"m{i}.log", "w")  # noqa: SIM115 (closed when the worker ends)
             proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": gpu} if on_gpus else env, stdout=log,

@@ -1,8 +1,8 @@
 """Annealing settings on a small proxy, CPU, seconds to minutes per run: held-out KL against the fixed-mask peer.
 
-    python benchmarks/anneal_tiny.py --seeds 1,2 --steps 60
-    python benchmarks/anneal_tiny.py --methods 'sparsegpt+kd[hidden_weight=0],sparseforge[hidden_weight=0]'
-    python benchmarks/anneal_tiny.py --model smollm2-135m --layers 4 --seeds 1 --steps 120 --methods ...
+    python -m benchmarks.anneal_tiny --seeds 1,2 --steps 60
+    python -m benchmarks.anneal_tiny --methods 'sparsegpt+kd[hidden_weight=0],sparseforge[hidden_weight=0]'
+    python -m benchmarks.anneal_tiny --model smollm2-135m --layers 4 --seeds 1 --steps 120 --methods ...
 
 Two proxies. ``tiny-llama-x8`` (default, ~10 s a run):
 The tiny model's matrices are scaled up 8x so that 2:4 pruning costs ~1 nat of KL and masks matter
@@ -24,15 +24,12 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import anneal_overrides, method_of, spec_overrides, split_methods
-from common import write_results
-
+from benchmarks.accuracy import anneal_overrides, method_of, spec_overrides, split_methods
+from benchmarks.common import write_results
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.distill import kd_loss

@@ -1,6 +1,6 @@
 """Sparse checkpoint sizes and round trips on a real model, plus greedy-generation identity.
 
-    python benchmarks/checkpoint_size.py [--model smollm2-135m] [--dtypes fp32,bf16] [--tokens 32]
+    python -m benchmarks.checkpoint_size [--model smollm2-135m] [--dtypes fp32,bf16] [--tokens 32]
 
 The model is hardened to 2:4 by weight magnitude (every Linear but the tied lm_head; the sizes do not
 depend on how the mask was chosen), then for each dtype saved in both formats. Rows (kind "size"):
@@ -23,9 +23,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
+from benchmarks.common import write_results
 from sparseforge_compile import checkpoint
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.models import DTYPES, load_model

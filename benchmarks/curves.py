@@ -2,14 +2,14 @@
 at the quarters of the run (with the steps per second since the previous quarter) and its mean over the
 last tenth of the logged steps.
 
-    python benchmarks/curves.py benchmarks/results/runs_h200/trained_10min_*_metrics.jsonl
+    python -m benchmarks.curves benchmarks/results/runs_h200/trained_10min_*_metrics.jsonl
 
 Prints one table; ``--out`` writes the rows (one per file and point) in the results schema. The point
 of it: whether the loss is still falling at the end, and, where the run logged losses by data source
 (``ce_real`` against ``teacher_ce_real``), whether the student fits the repeated C4 rows better than the
 dense teacher does, i.e. memorizes them.
 
-    python benchmarks/curves.py --paired A_metrics.jsonl B_metrics.jsonl [--windows 0,500,1000,2000,4000]
+    python -m benchmarks.curves --paired A_metrics.jsonl B_metrics.jsonl [--windows 0,500,1000,2000,4000]
 
 ``--paired``: two runs of one seed draw the same batch at each step (``anneal.TrainingBatches``), so the
 difference of their logged losses at equal steps is free of the batches' noise. Rows: per window of steps,

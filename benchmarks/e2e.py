@@ -14,7 +14,7 @@ time only, both models compiled without Inductor's own CUDA graphs) or of CUDA-e
 each call (``--timing calls``, with ``--mode reduce-overhead``); inputs rotated. Also reports the weight memory of the
 lowered layers (dispatch as measured, and with ``keep_dense="never"``) and checks the logits.
 
-    python benchmarks/e2e.py                 # writes benchmarks/results/e2e.json
+    python -m benchmarks.e2e                 # writes benchmarks/results/e2e.json
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ import inspect
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
 import sparseforge_compile
+from benchmarks.common import write_results
 from sparseforge_compile.cuda_graphs import capture
 from sparseforge_compile.lowering import lower_model
 from sparseforge_compile.masks import NMPattern, nm_mask

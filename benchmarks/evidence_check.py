@@ -1,7 +1,7 @@
 """Do the flip criteria predict what a flip does to the loss? Predicted against measured, on a proxy, CPU.
 
-    python benchmarks/evidence_check.py [--model tiny-llama-x8] [--steps 40] [--top 10,100,1000]
-    python benchmarks/evidence_check.py --model smollm2-135m --layers 4 --steps 40
+    python -m benchmarks.evidence_check [--model tiny-llama-x8] [--steps 40] [--top 10,100,1000]
+    python -m benchmarks.evidence_check --model smollm2-135m --layers 4 --steps 40
 
 SparseForge flips a 2:4 group's support when its evidence says the loss would drop. This trains the
 annealing loop for ``--steps`` steps with no flips (an unbeatable margin: the evidence EMAs fill, the
@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_tiny import PROXIES, load_proxy
-from common import write_results
-
+from benchmarks.anneal_tiny import PROXIES, load_proxy
+from benchmarks.common import write_results
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.capture import capture
 from sparseforge_compile.distill import kd_loss

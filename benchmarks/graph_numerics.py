@@ -7,8 +7,8 @@ weights, and reports the KL of each bf16 forward to the fp32 plain model and the
 path's gradient on the kept weights and the plain model's (the KD loss to the fp32 logits).
 Equal numbers mean the two methods train the same function.
 
-    python benchmarks/graph_numerics.py [--model smollm2-135m] [--batch 4] [--seqlen 512] [--precision fp32]
-    python benchmarks/graph_numerics.py --rotary matmul-5.1x   # transformers 5.1x's rotary code, on any version
+    python -m benchmarks.graph_numerics [--model smollm2-135m] [--batch 4] [--seqlen 512] [--precision fp32]
+    python -m benchmarks.graph_numerics --rotary matmul-5.1x   # transformers 5.1x's rotary code, on any version
 
 ``--rotary matmul-5.1x`` swaps in the rotary embedding as transformers 5.1x wrote it (a matmul inside
 an autocast-off region that export drops): what the GPU machine runs (5.17), reproducible on a CPU
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
+from benchmarks.common import write_results
 from sparseforge_compile.capture import capture
 from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.distill import kd_loss

@@ -35,19 +35,19 @@ tasks=${TASKS-piqa,arc_easy}
 gpus=${GPUS:-1}
 for step in "$@"; do
   case $step in
-    numerics) cmd=(python3 benchmarks/graph_numerics.py --batch 4 --seqlen 512 --check --out "$out/graph_numerics.json") ;;
-    gputests) cmd=(bash -c "python3 benchmarks/nested_region_check.py; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
-    lowered) cmd=(python3 benchmarks/lowered_model.py --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
-    trained) cmd=(python3 benchmarks/accuracy.py --methods "$trained" --budget-minutes "$budget"
+    numerics) cmd=(python -m benchmarks.graph_numerics --batch 4 --seqlen 512 --check --out "$out/graph_numerics.json") ;;
+    gputests) cmd=(bash -c "python -m benchmarks.nested_region_check; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
+    lowered) cmd=(python -m benchmarks.lowered_model --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
+    trained) cmd=(python -m benchmarks.accuracy --methods "$trained" --budget-minutes "$budget"
                   --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
-    trained2) cmd=(python3 benchmarks/accuracy.py --methods "${TRAINED2:?set TRAINED2}" --budget-minutes "$budget"
+    trained2) cmd=(python -m benchmarks.accuracy --methods "${TRAINED2:?set TRAINED2}" --budget-minutes "$budget"
                    --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained2.json") ;;
-    oneshot) cmd=(python3 benchmarks/accuracy.py --methods dense,magnitude,wanda,sparsegpt
+    oneshot) cmd=(python -m benchmarks.accuracy --methods dense,magnitude,wanda,sparsegpt
                   --tasks piqa,arc_easy --quiet --out "$out/accuracy_smollm2-135m_oneshot.json") ;;
-    sweep) cmd=(python3 benchmarks/accuracy.py --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
+    sweep) cmd=(python -m benchmarks.accuracy --methods "${SWEEP:-sparseforge,sparsegpt+kd}"
                 --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
                 --split valid --tasks '' --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
-    step_time) cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
+    step_time) cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
                     --outline "${STEP_OUTLINE:-on,regional}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     trained_best)  # the sweep's best SparseForge row and best peer row (valid), side by side at the full budget
@@ -58,17 +58,17 @@ picks = [min(group, key=lambda r: r['wikitext2_ppl'])['method'] for group in
          ([r for r in rows if r['method'].startswith(p)] for p in ('sparseforge', 'sparsegpt+kd')) if group]
 print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best" ] \
         || { echo "== trained_best: no sweep results" >> "$out/session.log"; continue; }
-      cmd=(python3 benchmarks/accuracy.py --methods "$best${BEST_AGAINST:+,$BEST_AGAINST}" --budget-minutes "$budget"
+      cmd=(python -m benchmarks.accuracy --methods "$best${BEST_AGAINST:+,$BEST_AGAINST}" --budget-minutes "$budget"
            --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained_best.json") ;;
     step_loop)  # today's GPU mode only (regional), both layer-wise weights, loop pace and where the host waits
-      cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 0,3 --compile on
+      cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 0,3 --compile on
            --outline regional --teacher-graphs off --repeats 10 --sample-batches ''
            --host-report "$out/host/step" --out "$out/step_time_regional_loop.json") ;;
     step_interleaved)  # the loops side by side, round by round, at the default layer-wise weight
-      cmd=(python3 benchmarks/step_time.py --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
+      cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
            --timing interleaved --rounds "${STEP_ROUNDS:-7}" --sample-batches '' --out "$out/step_time_interleaved.json") ;;
-    kernels) cmd=(python3 benchmarks/kernels.py --out "$out/kernels.json") ;;
-    e2e) cmd=(python3 benchmarks/e2e.py --out "$out/e2e.json") ;;
+    kernels) cmd=(python -m benchmarks.kernel_table --out "$out/kernels.json") ;;
+    e2e) cmd=(python -m benchmarks.e2e --out "$out/e2e.json") ;;
     *) echo "unknown step $step" >> "$out/session.log"; continue ;;
   esac
   echo "== $(date -u +%H:%M:%S) $step: ${cmd[*]}" >> "$out/session.log"

@@ -6,7 +6,7 @@ the compiled steps host-bound on an H200 (benchmarks/results/profile/: about hal
 is kernel time). Times plain KD and SparseForge soft-phase steps (same loss, layer-wise term on),
 eager and compiled, flat and outlined.
 
-    python benchmarks/host_overhead.py          # writes benchmarks/results/host_overhead_cpu.json
+    python -m benchmarks.host_overhead          # writes benchmarks/results/host_overhead_cpu.json
 
 Also SparseForge's hard-phase step (``anneal_final_ms``) and, with a layer-wise weight, the plain KD step
 past ``hidden_decay_end`` (no block output recorded).
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, write_results
-from step_time import build
-
+from benchmarks.common import interleaved_median_ms, write_results
+from benchmarks.step_time import build
 from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.models import load_model
 

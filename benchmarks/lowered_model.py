@@ -1,6 +1,6 @@
 """A real model, hardened then lowered: same logits, same perplexity, memory and speed side by side.
 
-    python benchmarks/lowered_model.py --model smollm2-135m --max-windows 40
+    python -m benchmarks.lowered_model --model smollm2-135m --max-windows 40
 
 Prunes with magnitude 2:4 (the mask does not matter here, only that it is exact N:M), casts to bf16,
 and compares the hardened model (dense kernels on zeroed weights) with two lowered copies, one with the
@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, write_results
-
+from benchmarks.common import interleaved_median_ms, write_results
 from sparseforge_compile.data import eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.evaluate import logits_of, perplexity
 from sparseforge_compile.lowering import lower_model

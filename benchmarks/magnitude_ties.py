@@ -1,6 +1,6 @@
 """How much magnitude 2:4 depends on tie-breaking in a quantized model.
 
-    python benchmarks/magnitude_ties.py --model smollm2-135m --max-windows 3
+    python -m benchmarks.magnitude_ties --model smollm2-135m --max-windows 3
 
 SmolLM2 ships as Q4_1 GGUF: 16 levels per block of 32 weights, so |w| often ties inside a group of
 four. This counts groups whose 2nd and 3rd largest |w| tie (the keep/prune cut) and scores magnitude
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
+from benchmarks.common import write_results
 from sparseforge_compile.baselines import default_prune_layers
 from sparseforge_compile.data import eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.evaluate import perplexity

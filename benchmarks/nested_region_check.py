@@ -6,7 +6,7 @@ gradient under Inductor (aot_eager is right) unless Inductor's buffer reuse is o
 training loop compiles an outlined graph (``--outline-blocks``). Exit status 1 if that configuration
 is wrong here.
 
-    python benchmarks/nested_region_check.py            # CPU, and the GPU if there is one
+    python -m benchmarks.nested_region_check            # CPU, and the GPU if there is one
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Teacher-sampling speed at whole rows, by sampling batch: what the trained methods' budget pays for text.
 
-    python benchmarks/sample_rate.py [--model smollm2-135m] [--batches 3840,4096] [--length 512] [--repeats 2]
+    python -m benchmarks.sample_rate [--model smollm2-135m] [--batches 3840,4096] [--length 512] [--repeats 2]
 
 Each call samples one batch of ``--length``-token rows from 8-token C4 prompts, as the prune does
 (``pipeline._teacher_samples``: bf16 teacher on a GPU, ``decode="auto"``), timed whole (graph capture
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
+from benchmarks.common import write_results
 from sparseforge_compile.data import token_stream
 from sparseforge_compile.distill import sample_from_teacher
 from sparseforge_compile.models import load_model

@@ -1,6 +1,6 @@
 """Annealing step time against a plain KD fine-tuning step at the same batch, plus where the time goes.
 
-    python benchmarks/step_time.py --model smollm2-135m --batch-sizes 32,64 --hidden-weights 0,3
+    python -m benchmarks.step_time --model smollm2-135m --batch-sizes 32,64 --hidden-weights 0,3
 
 Rows: ``bench=train_step``: median ms of a plain KD step (SparseGPT-style fixed mask, eager model) and
 of SparseForge steps in the soft phase (Fisher collection + learned scores) and the hardening phase,
@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, median_ms, write_results
-
+from benchmarks.common import interleaved_median_ms, median_ms, write_results
 from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.capture import capture
 from sparseforge_compile.data import calibration_windows

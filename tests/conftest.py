@@ -45,11 +45,9 @@ def smollm2(smollm2_cache):
 def rotary_51x(monkeypatch):
     """LLaMA's rotary embedding as transformers 5.1x computes it (the GPU machine's 5.17): a matmul in
     an autocast-off region that export drops (passes/float32_positions.py), on any installed version."""
-    import sys
 
     from transformers.models.llama import modeling_llama
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from graph_numerics import old_rotary_forward
+    from benchmarks.graph_numerics import old_rotary_forward
 
     monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", old_rotary_forward)

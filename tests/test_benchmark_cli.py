@@ -1,13 +1,9 @@
 """The benchmark scripts' own argument handling (their GPU runs are too costly to lose to a typo)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import accuracy
+from benchmarks import accuracy
 
 
 def test_method_brackets_override_the_flags_and_anneal_options():
@@ -41,7 +37,7 @@ def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
 def test_curves_paired_difference_at_equal_steps(tmp_path):
     import json
 
-    import curves
+    from benchmarks import curves
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"step": s, "kl": 1.0 + s / 100, "loss": 1.0, "lr": 0.1}) + "\n"
@@ -57,7 +53,7 @@ def test_curves_paired_difference_at_equal_steps(tmp_path):
 def test_curves_summarize_quarter_points_and_the_last_tenth(tmp_path):
     import json
 
-    import curves
+    from benchmarks import curves
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": 10 * (i + 1), "loss": 10.0 - i, "ce": 5.0, "kl": float(i)}) + "\n"
@@ -177,7 +173,7 @@ def test_a_trained_row_records_its_settings_and_the_curves_end(tmp_path, monkeyp
 
 
 def test_graph_numerics_check_flags_a_trained_path_that_is_not_the_model():
-    import graph_numerics
+    from benchmarks import graph_numerics
 
     rows = [{"path": "plain model", "kl_to_fp32": 0.0009}, {"path": "captured graph", "kl_to_fp32": 0.00091},
             {"path": "captured graph, position math not pinned", "kl_to_fp32": 0.19}]
@@ -222,7 +218,7 @@ def test_step_time_runs_end_to_end_with_its_diagnostics(tmp_path, data_dir, monk
     import gzip
     import json
 
-    import step_time
+    from benchmarks import step_time
 
     monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))  # its calibration windows
     out = tmp_path / "step_time.json"
@@ -246,7 +242,7 @@ def test_sync_call_sites_counts_sync_warnings_only():
     "prototype feature" notice (which the GPU run counted as a sync once) is not."""
     import warnings
 
-    import step_time
+    from benchmarks import step_time
 
     with step_time.synchronizing_call_sites(debug_mode=False) as sites:
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all ops", stacklevel=1)
@@ -261,8 +257,7 @@ def test_step_time_interleaved_times_each_loop_in_its_phase(tmp_path, data_dir, 
     soft and hard loops, each timed for whole rounds inside its own phase of the schedule."""
     import json
 
-    import step_time
-
+    from benchmarks import step_time
     from sparseforge_compile.anneal import schedule
 
     monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
@@ -301,7 +296,7 @@ def test_step_time_interleaved_times_each_loop_in_its_phase(tmp_path, data_dir, 
 def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeypatch):
     import json
 
-    import host_overhead
+    from benchmarks import host_overhead
 
     monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
     past_weights = []  # the layer-wise weight of every step the past-decay-end loop takes

@@ -7,17 +7,13 @@ loop's autocast (0.19 nats of KL to fp32 on SmolLM2 beyond position 128, benchma
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from graph_numerics import autocast_off_if_on  # what transformers' maybe_autocast(enabled=False) does
-
+from benchmarks.graph_numerics import (
+    autocast_off_if_on,  # what transformers' maybe_autocast(enabled=False) does
+)
 from sparseforge_compile.capture import capture
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.models import tiny_model

@@ -8,7 +8,7 @@ weights that fit in L2, the weights) rotated among copies; dense is timed twice,
 ratio (``dense_vs_dense_again``) shows the harness's own noise at each size. Also checks each shape's
 output against the dense result and reports the weight bytes of the compressed form.
 
-    python benchmarks/kernels.py                 # writes benchmarks/results/kernels.json
+    python -m benchmarks.kernels                 # writes benchmarks/results/kernels.json
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ import argparse
 import functools
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results
-
+from benchmarks.common import write_results
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.sparse_linear import (
     DispatchConfig,
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/kernels.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("kernels.py needs a CUDA GPU (cuSPARSELt); the CPU path is covered by the tests")
+        sys.exit("kernel_table needs a CUDA GPU (cuSPARSELt); the CPU path is covered by the tests")
     tokens = [int(t) for t in args.tokens.split(",")]
     models = args.models.split(",")
     config = DispatchConfig(max_bucket=args.max_bucket)
