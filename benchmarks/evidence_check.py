@@ -36,8 +36,9 @@ from sparseforge_compile.capture import capture
 from sparseforge_compile.distill import kd_loss
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.hessian import SUPPORTS_2_OF_4, group_input_correlation, group_support_costs
+from sparseforge_compile.layers import weight_of
 from sparseforge_compile.passes.eligibility import analyze_eligibility
-from sparseforge_compile.pipeline import SparsifyConfig, prepare_training, weight_of
+from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def heldout_kl(model, windows, t_logits) -> float:

@@ -17,9 +17,9 @@ import torch
 from tabulate import tabulate
 
 from benchmarks.common import write_results
-from sparseforge_compile.baselines import default_prune_layers
 from sparseforge_compile.data import eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.evaluate import perplexity
+from sparseforge_compile.layers import default_prune_layers
 from sparseforge_compile.models import load_model
 
 RULES = ("keep-lower-index", "keep-higher-index", "topk-prune-smallest")

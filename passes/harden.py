@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from sparseforge_compile.capture import original_model, original_name
+from sparseforge_compile.layers import is_conv1d
 from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations
 
 from .base import GraphPass, PassConditionError, PassResult
@@ -81,7 +82,7 @@ def _resolve(module: nn.Module, layer: str | LayerInfo | Mapping[str, Any]
             fqn, transposed = entry["weight_fqn"], bool(entry["transposed"])
         else:
             fqn = f"{layer}.weight"
-            transposed = type(module.get_submodule(layer)).__name__ == "Conv1D"
+            transposed = is_conv1d(module.get_submodule(layer))
     spec = layer.get("pattern") if isinstance(layer, Mapping) else registry.get(name, {}).get("pattern")
     prefix = module.meta.get("sparseforge", {}).get("prefix", "") if isinstance(module, fx.GraphModule) else ""
     try:

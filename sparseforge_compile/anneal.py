@@ -52,6 +52,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .distill import GraphedForward, hidden_state_loss, kd_loss
+from .errors import AnnealError
 from .masks import MaskState, add_importances, best_group_swaps, make_masks
 from .passes.inline_masks import InlineMaskOps
 from .passes.outline_blocks import SharedBlock
@@ -77,8 +78,6 @@ class LayerTaps:
     hooks: list = field(default_factory=list)  # distill.BlockOutputHooks to remove after training
 
 
-class AnnealError(RuntimeError):
-    """The annealing run cannot go on; the message says why and what was kept."""
 
 
 @dataclass
@@ -626,7 +625,8 @@ class Annealer:
         decoder block at a time: all blocks of a model share one compiled artifact (regional
         compilation; the peer's whole first step on SmolLM2 on the CPU: 35.6 s,
         benchmarks/results/step_time_cpu_compile.json)."""
-        from .baselines import PruneError, find_decoder_blocks
+        from .errors import PruneError
+        from .layers import find_decoder_blocks
 
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import CaptureError
+
 log = logging.getLogger(__name__)
 
 META_KEY = "sparseforge"
@@ -43,8 +45,6 @@ HF_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids
 DEFAULT_BATCH, DEFAULT_SEQLEN = 2, 16  # sizes >= 2 so that export does not specialize them to 0/1
 
 
-class CaptureError(RuntimeError):
-    """The model could not be captured; the message names the construct and the way around it."""
 
 
 @dataclass

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .errors import CheckpointError
+from .layers import grouped_weight, is_conv1d, stored_weight
 from .masks import NMPattern, count_nm_violations
 
 if TYPE_CHECKING:
@@ -56,13 +58,6 @@ INDICES_SUFFIX = ".nm_indices"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or read; the message names the file or tensor and the fix.
-
-    A ValueError: it is bad input (a model or folder) the user can fix, which the CLI reports in one line.
-    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,33 +190,15 @@ def decompress_nm(packed: CompressedNM, name: str = "weight") -> torch.Tensor:
 # Which layers are N:M
 # ---------------------------------------------------------------------------------------------
 
-def _is_transposed_linear(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) stores its weight as [in, out]; groups run along dim 0.
-    return type(module).__name__ == "Conv1D"
-
-
-def _stored_weight(module: nn.Module) -> torch.Tensor | None:
-    """The weight in its state_dict layout; a lowered SparseLinear gives its dense weight back."""
-    if hasattr(module, "materialize_weight"):
-        weight = module.materialize_weight()
-        return weight.t() if getattr(module, "transposed_source", False) else weight
-    return getattr(module, "weight", None)
-
-
-def _grouped_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The weight as [out, in], the layout whose last dim the N:M groups run along."""
-    return weight.t() if transposed else weight
-
-
 def detect_nm_layers(model: nn.Module, pattern: NMPattern | str) -> dict[str, dict]:
     """Every Linear / Conv1D whose weight is exactly ``pattern`` sparse (holds no group with > N nonzeros)."""
     pattern = NMPattern.parse(pattern)
     found: dict[str, dict] = {}
     for name, module in model.named_modules():
-        transposed = _is_transposed_linear(module)
+        transposed = is_conv1d(module)
         if not (isinstance(module, nn.Linear) or transposed):
             continue
-        grouped = _grouped_weight(module.weight, transposed)
+        grouped = grouped_weight(module.weight, transposed)
         if grouped.shape[-1] % pattern.m == 0 and count_nm_violations(grouped, pattern) == 0:
             found[name] = {"pattern": str(pattern), "transposed": transposed}
     return found
@@ -263,13 +240,13 @@ def resolve_layers(model: nn.Module, layers: Mapping[str, Mapping] | Iterable[st
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"layer {name!r} listed as N:M is not a submodule of the model") from exc
-        weight = _stored_weight(module)
+        weight = stored_weight(module)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise CheckpointError(f"layer {name!r} ({type(module).__name__}) has no 2-D weight to store as N:M")
         layer_pattern = NMPattern.parse(entry.get("pattern") or pattern or "2:4")
-        transposed = bool(entry.get("transposed", _is_transposed_linear(module)
+        transposed = bool(entry.get("transposed", is_conv1d(module)
                                     or getattr(module, "transposed_source", False)))
-        grouped = _grouped_weight(weight, transposed)
+        grouped = grouped_weight(weight, transposed)
         layer_pattern.check_divides(grouped.shape[-1], name)
         violations = count_nm_violations(grouped, layer_pattern)
         if violations:
@@ -486,7 +463,7 @@ def _save_compact(model: nn.Module, staging: Path, state: Mapping[str, torch.Ten
             tensors[name] = tensor.contiguous()
             continue
         entry = layers[layer]
-        grouped = _grouped_weight(tensor, entry["transposed"]).contiguous()
+        grouped = grouped_weight(tensor, entry["transposed"]).contiguous()
         packed = compress_nm(grouped, NMPattern.parse(entry["pattern"]), name)
         tensors[name + VALUES_SUFFIX] = packed.values
         tensors[name + INDICES_SUFFIX] = packed.indices
@@ -769,8 +746,8 @@ def _check_loaded(model: nn.Module, manifest: Mapping, folder: Path, check_nm: b
     if not check_nm:
         return
     for layer, entry in manifest["layers"].items():
-        weight = _stored_weight(model.get_submodule(layer))
-        if count_nm_violations(_grouped_weight(weight, entry["transposed"]), NMPattern.parse(entry["pattern"])):
+        weight = stored_weight(model.get_submodule(layer))
+        if count_nm_violations(grouped_weight(weight, entry["transposed"]), NMPattern.parse(entry["pattern"])):
             raise CheckpointError(f"{folder}: layer {layer!r} is not {entry['pattern']} sparse after loading")
 
 
@@ -793,7 +770,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     ``lower`` the N:M layers come back as sparse modules (``lowering.lower_model``) on ``device``,
     with ``dispatch`` (a ``sparse_linear.DispatchConfig``) deciding sparse vs dense per token count.
     """
-    from .models import DTYPES, ByteTokenizer, LoadedModel
+    from .loaded import DTYPES, ByteTokenizer, LoadedModel
 
     folder = Path(path).expanduser()
     manifest = read_manifest(folder)

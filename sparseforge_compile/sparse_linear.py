@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cuda_graphs import capture, warm_up
+from .errors import NMViolationError
 from .masks import NMPattern, count_nm_violations
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ SPARSE_DTYPES = (torch.bfloat16, torch.float16)
 CACHE_FILE = "kernel_plans.json"
 
 
-class NMViolationError(ValueError):
-    """A weight that is not N:M reached the lowering."""
 
 
 def nm_violation_error(layer: str, weight: Tensor, pattern: NMPattern, violations: int) -> NMViolationError:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataError, resolve_data_dir
+from .data import resolve_data_dir
+from .errors import DataError
 from .evaluate import logits_of
 
 TASKS = ("piqa", "arc_easy")

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from sparseforge_compile.anneal import AnnealConfig, AnnealError, schedule
-from sparseforge_compile.data import DataError
+from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.distill import kd_loss
+from sparseforge_compile.errors import AnnealError, DataError
 from sparseforge_compile.masks import NMPattern, best_group_swaps, count_nm_violations
 from sparseforge_compile.models import ByteTokenizer, load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
@@ -401,7 +401,7 @@ def test_pure_kd_at_t1_compiles_like_eager(data_dir):
 def test_compiled_peer_follows_the_eager_run(data_dir):
     """The peer (fixed mask, plain model): teacher and student compiled one decoder block at a time,
     with the layer-wise taps' hooks on the blocks; same losses as eager, blocks eager again after run()."""
-    from sparseforge_compile.baselines import find_decoder_blocks
+    from sparseforge_compile.layers import find_decoder_blocks
 
     runs = {}
     for mode in ("off", "on"):
@@ -563,7 +563,7 @@ def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypat
     """SparseForge checks the captured graph against the model on a training batch, in the loop's
     precision, before it trains: with the float32 pass undone and 5.1x's rotary code, bf16 autocast makes
     them differ, and the run stops with the measured KL instead of training another function."""
-    from sparseforge_compile.capture import CaptureError
+    from sparseforge_compile.errors import CaptureError
     from sparseforge_compile.passes.base import PassResult
     from sparseforge_compile.passes.float32_positions import KeepPositionMathInFloat32
 

@@ -7,9 +7,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparseforge_compile
+from sparseforge_compile.errors import NMViolationError
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.passes.lower_sparse import PATTERN_TAG, SPARSE_LINEAR, LowerSparseLinears
-from sparseforge_compile.sparse_linear import DispatchConfig, KernelState, NMViolationError, SparseLinear
+from sparseforge_compile.sparse_linear import DispatchConfig, KernelState, SparseLinear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,18 +9,16 @@ import torch
 
 from sparseforge_compile.baselines import (
     OneShotConfig,
-    PruneError,
-    default_prune_layers,
-    find_decoder_blocks,
     magnitude_keep_mask,
     nm_prune_smallest,
     prune_oneshot,
     reconstruction_error,
     sparsegpt_prune_weight,
     wanda_keep_mask,
-    weight_out_in,
 )
+from sparseforge_compile.errors import PruneError
 from sparseforge_compile.hessian import LayerInputStats
+from sparseforge_compile.layers import default_prune_layers, find_decoder_blocks, weight_out_in
 from sparseforge_compile.masks import NMPattern, count_nm_violations, nm_mask
 from sparseforge_compile.models import tiny_model
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparseforge_compile.capture import CapturedGraph, CaptureError, capture
+from sparseforge_compile.capture import CapturedGraph, capture
+from sparseforge_compile.errors import CaptureError
 from sparseforge_compile.models import tiny_model
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-opt", "tiny-bert"]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparseforge_compile import checkpoint as ck
-from sparseforge_compile.checkpoint import CheckpointError
+from sparseforge_compile.errors import CheckpointError
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.models import ByteTokenizer, tiny_model
 

@@ -131,9 +131,9 @@ def test_graphed_teacher_replays_logits_and_block_outputs(compiled):
     compiled, the eager Hugging Face forward may read device values on the host (transformers'
     mask checks, version-dependent): then the capture is skipped with one warning, the plain forward
     answers, and random ops still work afterwards (a failed capture used to break them)."""
-    from sparseforge_compile.baselines import find_decoder_blocks
     from sparseforge_compile.distill import BlockOutputHooks, GraphedForward
     from sparseforge_compile.evaluate import logits_of
+    from sparseforge_compile.layers import find_decoder_blocks
 
     model = load_model("tiny-llama", device="cuda").model.eval()
     hooks = BlockOutputHooks(model)

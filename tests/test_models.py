@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparseforge_compile import models
-from sparseforge_compile.models import TINY_MODELS, ModelLoadError, load_model
+from sparseforge_compile.errors import ModelLoadError
+from sparseforge_compile.models import TINY_MODELS, load_model
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

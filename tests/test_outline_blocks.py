@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import fx
 
-from sparseforge_compile.baselines import find_decoder_blocks
 from sparseforge_compile.capture import capture
+from sparseforge_compile.layers import find_decoder_blocks
 from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.passes.base import PassConditionError

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def _realism_text() -> str:
     """WikiText-2 test when the data folder is there, else this repository's README (English prose)."""
-    from sparseforge_compile.data import DataError
+    from sparseforge_compile.errors import DataError
 
     try:
         return load_wikitext2("test")

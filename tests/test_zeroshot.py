@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from sparseforge_compile.data import DataError, resolve_data_dir
+from sparseforge_compile.data import resolve_data_dir
+from sparseforge_compile.errors import DataError
 from sparseforge_compile.models import ByteTokenizer, tiny_model
 from sparseforge_compile.zeroshot import (
     MultipleChoiceItem,
