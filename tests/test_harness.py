@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from sparseforge_compile.errors import DataError  # noqa: E402
-from sparseforge_compile.eval_tasks import evaluate_tasks, parse_tasks  # noqa: E402
-from sparseforge_compile.harness import SparseForgeLM  # noqa: E402
-from sparseforge_compile.models import ByteTokenizer, tiny_model  # noqa: E402
+from sparseforge_compile.errors import DataError
+from sparseforge_compile.eval_tasks import evaluate_tasks, parse_tasks
+from sparseforge_compile.harness import SparseForgeLM
+from sparseforge_compile.models import ByteTokenizer, tiny_model
 
 
 def request(*args):
