@@ -1,0 +1,88 @@
+"""The 2:4 decode kernel against the dense matmul of the decompressed weight (Triton in interpreter mode on
+the CPU), over shapes, token counts 1-64, dtypes, odd sizes that mask or fall back with a reason."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparseforge_compile import decode_kernel as dk
+from sparseforge_compile.masks import NMPattern, nm_mask
+
+
+def two_of_four(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return (w * nm_mask(w.abs(), NMPattern(2, 4))).to(dtype)
+
+
+@pytest.mark.parametrize("n, k", [(16, 8), (24, 64), (70, 136), (128, 256)])
+def test_pack_unpack_round_trips_and_is_compact(n, k):
+    w = two_of_four(n, k, torch.bfloat16)
+    packed = dk.pack(w)
+    assert torch.equal(dk.unpack(packed), w)
+    assert packed.values.shape == (n, k // 2) and packed.meta.shape == (n, k // 8)
+    assert packed.nbytes() / (w.numel() * 2) == pytest.approx(0.5625)  # the bytes decode has to read
+
+
+def test_groups_with_fewer_than_two_nonzeros_pack_too():
+    w = two_of_four(8, 16)
+    w[0, :4] = 0
+    w[1, 4:8] = torch.tensor([0.0, 0.0, 0.0, 3.0])
+    assert torch.equal(dk.unpack(dk.pack(w)), w)
+
+
+@pytest.mark.parametrize("weight, reason", [
+    (torch.ones(8, 12), "not a multiple of 8"),
+    (torch.ones(8, 16), "not 2:4"),
+    (torch.ones(8, 16, dtype=torch.int32), "not a float type"),
+])
+def test_weights_the_kernel_cannot_take_say_why(weight, reason):
+    assert reason in dk.unsupported_reason(weight)
+    with pytest.raises(ValueError, match=reason):
+        dk.pack(weight)
+
+
+triton_cpu = pytest.mark.skipif(dk.triton is None, reason="triton not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@triton_cpu
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("n, k", [(64, 128), (40, 264)])  # 40 / 264: masked row and K tails
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernel_equals_the_dense_matmul(interpret, tokens, n, k, dtype):
+    w = two_of_four(n, k, dtype)
+    x = torch.randn(tokens, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    packed = dk.pack(w)
+    assert dk.triton_available(x.device)
+    y = dk.decode_linear(x, packed, bias, dk.DecodeTiles(block_n=32, block_k=64))
+    ref = x.float() @ dk.unpack(packed).float().t() + bias.float()
+    assert y.dtype == dtype and y.shape == (tokens, n)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@triton_cpu
+def test_leading_dims_and_no_bias(interpret):
+    w = two_of_four(32, 64, torch.float16)
+    x = torch.randn(2, 3, 64).to(torch.float16)
+    y = dk.decode_linear(x, dk.pack(w), None, dk.DecodeTiles(block_n=16, block_k=32))
+    torch.testing.assert_close(y.float(), (x.float() @ w.float().t()), rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_fallback_computes_the_same_product(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = two_of_four(48, 96)
+    x = torch.randn(5, 96)
+    assert not dk.triton_available(x.device) or os.environ.get("TRITON_INTERPRET")
+    y = dk.decode_linear(x, dk.pack(w), torch.ones(48))
+    torch.testing.assert_close(y, x @ w.t() + 1)
+    with pytest.raises(ValueError, match="input has 95 features"):
+        dk.decode_linear(torch.randn(2, 95), dk.pack(w))
