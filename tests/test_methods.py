@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sparseforge_compile.errors import PruneError
-from sparseforge_compile.hessian import LayerInputStats
 from sparseforge_compile.layers import default_prune_layers, find_decoder_blocks, weight_out_in
 from sparseforge_compile.masks import NMPattern, count_nm_violations, nm_mask
 from sparseforge_compile.methods import (
+    LayerInputStats,
     OneShotConfig,
     magnitude_keep_mask,
     nm_prune_smallest,

@@ -26,6 +26,7 @@ from .calibration import (
     validate_calib,
 )
 from .config import OneShotConfig
+from .input_stats import LayerInputStats
 from .magnitude import magnitude_keep_mask, prune_magnitude
 from .result import LayerPruneStats, OneShotResult, reconstruction_error
 from .select import check_ratio, nm_prune_smallest
@@ -33,8 +34,9 @@ from .sparsegpt import SparseGPT, SparseGPTLayerResult, SparseGPTPruner, sparseg
 from .wanda import WandaPruner, wanda_keep_mask, wanda_scores
 
 __all__ = [
-    "CALIBRATED_METHODS", "DEFAULT_PATTERN", "METHODS", "BlockInputs", "BlockPruner", "LayerPruneStats",
-    "OneShotConfig", "OneShotResult", "SparseGPT", "SparseGPTLayerResult", "SparseGPTPruner", "WandaPruner",
+    "CALIBRATED_METHODS", "DEFAULT_PATTERN", "METHODS", "BlockInputs", "BlockPruner", "LayerInputStats",
+    "LayerPruneStats", "OneShotConfig", "OneShotResult", "SparseGPT", "SparseGPTLayerResult", "SparseGPTPruner",
+    "WandaPruner",
     "calibration_mode", "capture_block_inputs", "magnitude_keep_mask", "nm_prune_smallest", "prune_oneshot",
     "reconstruction_error", "sparsegpt_prune_weight", "wanda_keep_mask", "wanda_scores",
 ]

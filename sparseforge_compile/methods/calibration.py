@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruneError
-from ..hessian import LayerInputStats
 from ..layers import find_decoder_blocks, weight_out_in
+from .input_stats import LayerInputStats
 from .result import LayerPruneStats, PrunedLayer
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..hessian import LayerInputStats
+from .input_stats import LayerInputStats
 
 # One pruned layer as the methods hand it to the driver: its name, bool keep-mask and statistics.
 PrunedLayer = tuple[str, torch.Tensor, "LayerPruneStats"]

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import PruneError
-from ..hessian import LayerInputStats
 from ..layers import weight_out_in
 from ..masks import NMPattern
 from .config import OneShotConfig
+from .input_stats import LayerInputStats
 from .result import PrunedLayer, calibrated_layers
 from .select import check_ratio, nm_prune_smallest, prune_count, prune_smallest
 

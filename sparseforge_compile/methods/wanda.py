@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..hessian import LayerInputStats
 from ..layers import weight_out_in
 from ..masks import NMPattern
 from .config import OneShotConfig
+from .input_stats import LayerInputStats
 from .result import PrunedLayer, calibrated_layers
 from .select import check_ratio, nm_prune_smallest, prune_count, prune_smallest
 
