@@ -8,9 +8,6 @@ import torch
 
 from .input_stats import LayerInputStats
 
-# One pruned layer as the methods hand it to the driver: its name, bool keep-mask and statistics.
-PrunedLayer = tuple[str, torch.Tensor, "LayerPruneStats"]
-
 
 @dataclass
 class LayerPruneStats:
@@ -27,6 +24,10 @@ class LayerPruneStats:
     calibration_sequences: int = 0
     calibration_tokens: int = 0
     pruned_with: str = ""  # SparseGPT: the layers (comma-separated) with its input, pruned as one stacked weight
+
+
+# One pruned layer as the methods hand it to the driver: its name, bool keep-mask and statistics.
+PrunedLayer = tuple[str, torch.Tensor, LayerPruneStats]
 
 
 @dataclass
