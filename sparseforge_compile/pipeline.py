@@ -206,7 +206,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
                                     data_dir=data_dir)
 
     if cfg.method in ONE_SHOT:
-        from .baselines import prune_oneshot
+        from .methods import prune_oneshot
 
         t = time.perf_counter()
         result = prune_oneshot(model, cfg.method, pattern=pattern, sparsity=cfg.sparsity, calib=calib,
@@ -269,9 +269,9 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                      out: Path | None = None, resume: bool = False, progress: bool = True,
                      phases: dict[str, float] | None = None) -> TrainingSetup:
     """Teacher copy, warm start, teacher-sampled text, masks in the graph, and the annealer."""
-    from .baselines import prune_oneshot
     from .data import token_stream
     from .evaluate import logits_of
+    from .methods import prune_oneshot
     from .passes.causal_attention import UseCausalAttention
     from .passes.insert_masks import InsertMasks
 

@@ -7,7 +7,11 @@ import logging
 import pytest
 import torch
 
-from sparseforge_compile.baselines import (
+from sparseforge_compile.errors import PruneError
+from sparseforge_compile.layers import default_prune_layers, find_decoder_blocks, weight_out_in
+from sparseforge_compile.masks import NMPattern, count_nm_violations, nm_mask
+from sparseforge_compile.methods import (
+    LayerInputStats,
     OneShotConfig,
     magnitude_keep_mask,
     nm_prune_smallest,
@@ -16,10 +20,6 @@ from sparseforge_compile.baselines import (
     sparsegpt_prune_weight,
     wanda_keep_mask,
 )
-from sparseforge_compile.errors import PruneError
-from sparseforge_compile.hessian import LayerInputStats
-from sparseforge_compile.layers import default_prune_layers, find_decoder_blocks, weight_out_in
-from sparseforge_compile.masks import NMPattern, count_nm_violations, nm_mask
 from sparseforge_compile.models import tiny_model
 
 P24 = NMPattern(2, 4)
@@ -207,7 +207,7 @@ def test_sparsegpt_damping_retry_is_logged_and_recorded(caplog):
     eigen = torch.linspace(-0.5, 4.0, 16)
     h = q @ torch.diag(eigen) @ q.t()
     w = torch.randn(8, 16, generator=g)
-    with caplog.at_level(logging.WARNING, logger="sparseforge_compile.baselines"):
+    with caplog.at_level(logging.WARNING, logger="sparseforge_compile.methods.sparsegpt"):
         result = sparsegpt_prune_weight(w, h.clone(), pattern=P24, percdamp=0.0, layer="model.layers.3.mlp.up_proj")
     assert result.damping_retries > 0 and result.percdamp > 0
     assert result.damping > 0.5  # enough to shift the -0.5 eigenvalue
@@ -230,7 +230,7 @@ def test_sparsegpt_retry_recorded_in_layer_stats(caplog):
     model = tiny_model("tiny-llama")
     config = OneShotConfig(percdamp=0.0, batch_size=1)
     calib = _calib(n=1, seqlen=8)  # 8 tokens into 64-wide layers: X^T X is singular
-    with caplog.at_level(logging.WARNING, logger="sparseforge_compile.baselines"):
+    with caplog.at_level(logging.WARNING, logger="sparseforge_compile.methods.sparsegpt"):
         result = prune_oneshot(model, "sparsegpt", calib=calib, config=config, progress=False)
     retried = [s for s in result.layers.values() if s.damping_retries]
     assert retried, "a singular Hessian with percdamp 0 must trigger the damping retry"
@@ -303,12 +303,12 @@ def test_methods_on_tiny_models(name, method):
 def test_sparsegpt_prunes_layers_with_one_input_as_one_stacked_weight(name, monkeypatch):
     """q/k/v (and gate/up) read one input, so their Hessians are equal and SparseGPT runs once on the
     stacked rows: the same masks and weights as pruning each layer alone (rows are independent)."""
-    import sparseforge_compile.baselines as bl
+    import sparseforge_compile.methods.sparsegpt as sparsegpt
 
     calib, config = _calib(), OneShotConfig(batch_size=3)
     grouped_model, alone_model = tiny_model(name), tiny_model(name)
     grouped = prune_oneshot(grouped_model, "sparsegpt", calib=calib, config=config, progress=False)
-    monkeypatch.setattr(bl, "_shared_input_groups", lambda names, collected: [[n] for n in names])
+    monkeypatch.setattr(sparsegpt, "shared_input_groups", lambda names, collected: [[n] for n in names])
     alone = prune_oneshot(alone_model, "sparsegpt", calib=calib, config=config, progress=False)
     block0 = {n.rsplit(".", 1)[-1]: s.pruned_with for n, s in grouped.layers.items() if ".0." in n}
     if name == "tiny-llama":
@@ -327,11 +327,11 @@ def test_sparsegpt_prunes_layers_with_one_input_as_one_stacked_weight(name, monk
 
 
 def test_shared_input_groups_need_bitwise_equal_hessians():
-    from sparseforge_compile.baselines import _shared_input_groups
+    from sparseforge_compile.methods.sparsegpt import shared_input_groups
 
     x = torch.randn(2, 8, 16)
     same_a, same_b, other = _stats_of(x[0]), _stats_of(x[0]), _stats_of(x[0] + 1e-6)
-    groups = _shared_input_groups(["a", "o", "b"], {"a": same_a, "o": other, "b": same_b})
+    groups = shared_input_groups(["a", "o", "b"], {"a": same_a, "o": other, "b": same_b})
     assert groups == [["a", "b"], ["o"]]
 
 
