@@ -223,9 +223,8 @@ def isolates(args: argparse.Namespace, methods: list[str]) -> bool:
     """Whether each method runs in a process of its own. Auto: on a GPU, when two or more trained methods
     share a run: in one process the second inherits the first's allocator and compile state (warm caches
     included). Run that way, its teacher sampling once took 157 s against 110 s for the same rows (H200,
-    accuracy_*_trained_10min_kd_recipe.json); an isolated run later sampled as slowly (session 9, 153 s), so
-    the shared process was not shown to be the cause; isolated and at equal batches, session 10's runs
-    sampled alike (~112 s)."""
+    accuracy_*_trained_10min_kd_t1.json); an isolated run sampled as slowly (153 s), so the shared process
+    was not shown to be the cause; isolated and at equal sampling batches, runs sample alike (~112 s)."""
     if args.isolate is not None:
         return args.isolate
     trained = [spec for spec in methods if method_of(spec) in TRAINED]
@@ -236,7 +235,7 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
                      runs_prefix: str) -> list[dict]:
     """Each method in a process of its own, at most ``--gpus`` at once, each on a GPU no other running
     worker holds; rows in the order of ``methods``, each with its GPU. A failed worker stops the run with
-    its log's tail (after the others finish: a GPU lease is too dear to lose a finished 10-minute run)."""
+    its log's tail (after the others finish, so that no finished 10-minute run is lost)."""
     on_gpus = args.device.startswith("cuda") or args.gpus > 1
     if on_gpus:
         available = torch.cuda.device_count()
@@ -278,7 +277,7 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
                 failed.append((i, spec, gpu))
                 continue
             finished[i] = {**json.loads(path.read_text())["rows"][0], "gpu": gpu, "parallel_gpus": slots}
-            if pending or running:  # a run cut off (a lease ending) keeps what it finished
+            if pending or running:  # a run cut off keeps what it finished
                 write_results(stem, [finished[k] for k in sorted(finished)], out=args.out, extra={"partial": True})
     rows = [finished[i] for i in sorted(finished)]
     if failed:

@@ -2,7 +2,7 @@
 at the quarters of the run (with the steps per second since the previous quarter) and its mean over the
 last tenth of the logged steps.
 
-    python -m benchmarks.curves benchmarks/results/runs_h200/trained_10min_*_metrics.jsonl
+    python -m benchmarks.curves benchmarks/results/training_curves/trained_10min_*_metrics.jsonl
 
 Prints one table; ``--out`` writes the rows (one per file and point) in the results schema. The point
 of it: whether the loss is still falling at the end, and, where the run logged losses by data source

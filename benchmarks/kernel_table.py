@@ -8,7 +8,7 @@ weights that fit in L2, the weights) rotated among copies; dense is timed twice,
 ratio (``dense_vs_dense_again``) shows the harness's own noise at each size. Also checks each shape's
 output against the dense result and reports the weight bytes of the compressed form.
 
-    python -m benchmarks.kernels                 # writes benchmarks/results/kernels.json
+    python -m benchmarks.kernel_table            # writes benchmarks/results/kernels.json
 """
 
 from __future__ import annotations
