@@ -68,3 +68,53 @@ def test_all_real_or_all_sampled_batches_report_one_source():
     assert "teacher_ce_real" not in sampled
     _, plain = kd_loss(s, t, ids)
     assert set(plain) == {"ce", "kl"}
+
+
+@pytest.mark.parametrize("temperature, ce_weight, kl_weight", [(1.0, 0.0, 1.0), (2.0, 1.0, 1.0), (1.0, 1.0, 0.0),
+                                                               (0.5, 0.3, 2.0)])
+def test_fused_kd_loss_equals_kd_loss_and_its_gradient(temperature, ce_weight, kl_weight):
+    from sparseforge_compile.distill import kd_loss
+    from sparseforge_compile.fused_kd import fused_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 9, 50, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(3, 9, 50, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 50, (3, 9), generator=g)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ref, ref_parts = kd_loss(s1, t, y, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
+                             chunk_tokens=7)
+    got, parts = fused_kd_loss(s2, t, y, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
+                               chunk_tokens=7)
+    torch.testing.assert_close(got, ref.to(got.dtype))
+    torch.testing.assert_close(parts["ce"], ref_parts["ce"].to(parts["ce"].dtype))
+    if kl_weight:
+        torch.testing.assert_close(parts["kl"], ref_parts["kl"].to(parts["kl"].dtype))
+    (ref * 1.7).backward()
+    (got * 1.7).backward()
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)
+    assert s2.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_fused_kd_loss_keeps_no_fp32_intermediates_for_the_backward():
+    from sparseforge_compile.distill import kd_loss
+    from sparseforge_compile.fused_kd import fused_kd_loss
+
+    s = torch.randn(2, 33, 1000, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 33, 1000, dtype=torch.bfloat16)
+    y = torch.randint(0, 1000, (2, 33))
+
+    def saved_bytes(fn) -> int:
+        total = []
+
+        def pack(x):
+            total.append(x.numel() * x.element_size())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            fn()
+        return sum(total)
+
+    fused = saved_bytes(lambda: fused_kd_loss(s, t, y, temperature=1.0, ce_weight=0.0))
+    plain = saved_bytes(lambda: kd_loss(s, t, y, temperature=1.0, ce_weight=0.0))
+    assert fused <= s[:, :-1].numel() * 2  # one bf16 logits-sized gradient
+    assert plain > 3 * fused
