@@ -1,0 +1,156 @@
+"""How much GPU memory annealing a model needs per GPU, part by part, under DDP and FSDP2, and which mode
+to run: ``sparseforge-compile plan --model M --gpus N``.
+
+Parts, as the loop holds them: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, the mask
+state of every prunable weight (bytes per weight measured from a live ``MaskState``), the teacher (a
+forward-only copy, bf16 where the loop autocasts), activations kept for the backward at the chosen batch,
+and the logits of student and teacher. DDP replicates all of it; FSDP2 (``fully_shard`` per decoder
+block) shards weights, gradients, moments, mask state and the teacher over the GPUs and all-gathers two
+blocks at a time (the one computing and the one prefetched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import default_prune_layers, find_decoder_blocks
+
+GIB = 1024**3
+HEADROOM = 0.9  # of a GPU's memory the plan may fill (allocator fragmentation, CUDA context, workspaces)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of a model."""
+
+    params: int
+    prunable: int  # weights of the prunable Linears
+    layers: int
+    block_params: int  # one decoder block's parameters
+    hidden: int
+    intermediate: int
+    kv_dim: int  # width of k (and of v): kv_heads * head_dim
+    vocab: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelShape:
+        cfg = model.config
+        blocks_path, blocks = find_decoder_blocks(model)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        prunable = sum(model.get_submodule(n).weight.numel() for n in default_prune_layers(model))
+        return cls(params=sum(p.numel() for p in dict.fromkeys(model.parameters())), prunable=prunable,
+                   layers=len(blocks), block_params=sum(p.numel() for p in blocks[0].parameters()),
+                   hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                   kv_dim=kv_heads * head_dim, vocab=cfg.vocab_size)
+
+
+def mask_state_bytes_per_weight() -> float:
+    """Bytes the loop keeps per prunable weight for its mask: a live ``MaskState`` while hardening, when it
+    holds the most (score, curvature and gradient EMAs, the soft mask's margins and the cached hard mask),
+    plus the warm-start mask."""
+    from .masks import MaskState, NMPattern
+
+    state = MaskState((16, 64), NMPattern(2, 4))
+    state.set_schedule(0.3, 0.5)  # blending soft into hard: both caches live
+    state.make_mask()
+    state.hard_mask()
+    tensors = [*state.parameters(), *state.buffers()]
+    tensors += [t for t in (state._hard, state._hard_f, state._thr, state._margin) if isinstance(t, torch.Tensor)]
+    total = sum(t.numel() * t.element_size() for t in tensors) - sum(
+        b.numel() * b.element_size() for b in (state.temperature, state.blend, state.updates))
+    return total / (16 * 64) + 1  # + the bool warm-start mask
+
+
+def activation_bytes_per_token(shape: ModelShape, act_bytes: int) -> float:
+    """Saved-for-backward bytes per token of the whole stack, from what a LLaMA-style block keeps: the
+    residual stream and norm inputs (fp32), q/k/v and attention outputs, the MLP's gate/up/product, per layer
+    (SDPA keeps no seq x seq matrix), plus the final norm and the student's logits."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_layer = 4 * (2 * h) + act_bytes * (4 * h + 2 * kv + 2 * h + 4 * i)
+    return shape.layers * per_layer + 4 * h + act_bytes * shape.vocab
+
+
+@dataclass
+class Plan:
+    mode: str  # "ddp" or "fsdp2"
+    gpus: int
+    parts: dict[str, int] = field(default_factory=dict)  # bytes per GPU
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def plan_modes(shape: ModelShape, gpus: int, batch: int, seqlen: int, *, autocast: bool = True,
+               mask_bytes: float | None = None) -> dict[str, Plan]:
+    """Per-GPU bytes of each part under DDP and under FSDP2 (``batch`` sequences per GPU)."""
+    if gpus < 1 or batch < 1 or seqlen < 1:
+        raise ValueError(f"gpus {gpus}, batch {batch} and seqlen {seqlen} must all be >= 1")
+    act = 2 if autocast else 4
+    teacher_bytes = 2 if autocast else 4
+    mask_bytes = mask_state_bytes_per_weight() if mask_bytes is None else mask_bytes
+    tokens = batch * seqlen
+    replicated = {
+        "weights": 4 * shape.params,
+        "gradients": 4 * shape.params,
+        "optimizer": 8 * shape.params,
+        "mask_state": int(mask_bytes * shape.prunable),
+        "teacher": teacher_bytes * shape.params,
+    }
+    per_batch = {
+        "activations": int(tokens * activation_bytes_per_token(shape, act)),
+        "logits": tokens * shape.vocab * (2 * act),  # the teacher's logits and the loss's gradient
+    }
+    ddp = Plan("ddp", gpus, {**replicated, **per_batch})
+    sharded = {k: -(-v // gpus) for k, v in replicated.items()}
+    gathered = 2 * shape.block_params * (4 + teacher_bytes) if gpus > 1 else 0  # student + teacher blocks
+    fsdp = Plan("fsdp2", gpus, {**sharded, **per_batch, "gathered_blocks": gathered})
+    return {"ddp": ddp, "fsdp2": fsdp}
+
+
+def choose(plans: dict[str, Plan], gpu_bytes: int) -> str:
+    """DDP where a replica fits (less communication), else FSDP2; an error where neither fits."""
+    budget = HEADROOM * gpu_bytes
+    for mode in ("ddp", "fsdp2"):
+        if plans[mode].total <= budget:
+            return mode
+    need = plans["fsdp2"].total / GIB
+    raise ValueError(f"needs {need:.1f} GiB per GPU under FSDP2 but a GPU holds {gpu_bytes / GIB:.0f} GiB "
+                     f"({HEADROOM:.0%} usable): use more GPUs, a smaller --batch-size or --seqlen")
+
+
+def format_plan(plans: dict[str, Plan], chosen: str | None, gpu_bytes: int) -> str:
+    parts = list(dict.fromkeys(k for p in plans.values() for k in p.parts))
+    width = max(len(p) for p in parts)
+    lines = [f"{'part':<{width}}  {'ddp GiB':>9}  {'fsdp2 GiB':>9}"]
+    for part in parts:
+        cells = [plans[m].parts.get(part, 0) / GIB for m in ("ddp", "fsdp2")]
+        lines.append(f"{part:<{width}}  {cells[0]:>9.2f}  {cells[1]:>9.2f}")
+    lines.append(f"{'total':<{width}}  {plans['ddp'].total / GIB:>9.2f}  {plans['fsdp2'].total / GIB:>9.2f}")
+    gpus = plans["ddp"].gpus
+    verdict = f"mode: {chosen}" if chosen else "fits neither mode"
+    lines.append(f"{gpus} GPU(s) of {gpu_bytes / GIB:.0f} GiB ({HEADROOM:.0%} usable): {verdict}")
+    return "\n".join(lines)
+
+
+# Shapes the plan knows by name, built on the meta device (no memory): LLaMA-7B's real shapes.
+NAMED_SHAPES = {
+    "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+def named_shape(name: str) -> ModelShape:
+    """A :class:`ModelShape` of a named architecture, without allocating its weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in NAMED_SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**NAMED_SHAPES[name]))
+    return ModelShape.of(model)

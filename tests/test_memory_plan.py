@@ -1,0 +1,95 @@
+"""The memory plan against the tensors the loop really holds, on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparseforge_compile.layers import default_prune_layers
+from sparseforge_compile.masks import MaskState, NMPattern
+from sparseforge_compile.memory_plan import (
+    GIB,
+    ModelShape,
+    activation_bytes_per_token,
+    choose,
+    format_plan,
+    named_shape,
+    plan_modes,
+)
+from sparseforge_compile.models import tiny_model
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("tiny-llama")
+
+
+def test_state_parts_equal_the_summed_tensor_sizes(llama):
+    model = copy.deepcopy(llama)
+    shape = ModelShape.of(model)
+    plan = plan_modes(shape, gpus=1, batch=2, seqlen=16)["ddp"].parts
+    params = list(dict.fromkeys(model.parameters()))
+    assert plan["weights"] == nbytes(params)
+    ids = torch.randint(0, 256, (2, 16))
+    model(ids).logits.float().logsumexp(-1).mean().backward()
+    assert plan["gradients"] == nbytes(p.grad for p in params if p.grad is not None)
+    opt = torch.optim.AdamW(params)
+    opt.step()
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert plan["optimizer"] == nbytes(moments)
+    teacher = copy.deepcopy(llama).to(torch.bfloat16)
+    assert plan["teacher"] == nbytes(dict.fromkeys(teacher.parameters()))
+    held = 0
+    for name in default_prune_layers(model):
+        weight = model.get_submodule(name).weight
+        state = MaskState(weight.shape, NMPattern(2, 4))
+        state.set_schedule(0.3, 0.5)  # hardening: the soft and the hard mask both cached
+        state.make_mask()
+        state.hard_mask()
+        caches = [t for t in (state._hard, state._hard_f, state._thr, state._margin) if t is not None]
+        held += nbytes([*state.parameters(), state.importance, state.grad_ema, *caches])
+        held += weight.numel()  # the bool warm-start mask
+    assert plan["mask_state"] == pytest.approx(held, rel=0.01)
+
+
+def test_activation_estimate_is_near_what_autograd_saves(llama):
+    model = copy.deepcopy(llama)
+    shape = ModelShape.of(model)
+    batch, seqlen = 2, 64
+    saved = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()  # a tensor saved twice is held once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 256, (batch, seqlen))).logits.sum()
+    estimate = batch * seqlen * activation_bytes_per_token(shape, act_bytes=4)
+    assert 0.6 < estimate / sum(saved.values()) < 1.5
+
+
+def test_fsdp2_shards_what_ddp_replicates(llama):
+    plans = plan_modes(ModelShape.of(llama), gpus=4, batch=2, seqlen=16)
+    for part in ("weights", "gradients", "optimizer", "mask_state", "teacher"):
+        assert plans["fsdp2"].parts[part] == -(-plans["ddp"].parts[part] // 4)
+    assert plans["fsdp2"].parts["activations"] == plans["ddp"].parts["activations"]
+    assert choose(plans, 80 * GIB) == "ddp"
+
+
+def test_a_7b_shaped_model_needs_fsdp2_and_enough_gpus():
+    shape = named_shape("llama-7b-shape")
+    assert 6.6e9 < shape.params < 6.8e9 and shape.layers == 32
+    one = plan_modes(shape, gpus=1, batch=4, seqlen=2048)
+    with pytest.raises(ValueError, match="needs .* GiB per GPU under FSDP2"):
+        choose(one, 80 * GIB)
+    eight = plan_modes(shape, gpus=8, batch=1, seqlen=2048)
+    assert choose(eight, 80 * GIB) == "fsdp2"
+    assert sum(eight["ddp"].parts[k] for k in ("weights", "gradients", "optimizer")) > 100e9  # ~107 GB
+    text = format_plan(eight, "fsdp2", 80 * GIB)
+    assert "mode: fsdp2" in text and "mask_state" in text
