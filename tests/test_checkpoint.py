@@ -374,7 +374,7 @@ def test_a_lowered_model_saves_again(llama, saved, tmp_path):
 def test_lowered_generate_on_the_gpu(llama, saved):
     """The compact checkpoint loads onto the GPU as cuSPARSELt layers and Hugging Face generate() runs."""
     path, _ = saved
-    from sparseforge_compile.sparse_linear import DispatchConfig
+    from sparseforge_compile.lowering.dispatch import DispatchConfig
 
     # keep_dense="never": the tiny shapes would dispatch dense and stay nn.Linear; this tests the kernel
     lowered = ck.load(path, device="cuda", dtype=torch.bfloat16, dispatch=DispatchConfig(keep_dense="never")).model
