@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparseforge_compile import checkpoint as ck
+from sparseforge_compile.checkpoint import saving
 from sparseforge_compile.errors import CheckpointError
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.models import ByteTokenizer, tiny_model
@@ -173,7 +174,7 @@ def test_plain_transformers_loads_hf_layout_without_us(llama, saved, tmp_path):
 # ------------------------------------------------------------------------------ integrity
 
 def _data_offset(path, tensor):
-    layout = ck._safetensors_layout(path)
+    layout = ck.safetensors_layout(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
     start, end = layout[tensor]["data_offsets"]
@@ -198,7 +199,7 @@ def test_flipped_byte_is_an_error_naming_the_tensor(llama, tmp_path, fmt, file, 
 def test_truncated_file_is_an_error_naming_a_cut_tensor(llama, tmp_path):
     ck.save(llama, tmp_path / "m", formats=["compact"])
     target = tmp_path / "m" / ck.COMPACT_NAME
-    layout = ck._safetensors_layout(target)
+    layout = ck.safetensors_layout(target)
     size = target.stat().st_size
     target.write_bytes(target.read_bytes()[: size // 2])
     with pytest.raises(CheckpointError, match="truncated: tensor '") as err:
@@ -286,9 +287,9 @@ def test_failed_save_keeps_the_old_checkpoint(llama, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_save_compact", explode)
+    monkeypatch.setattr(saving, "_save_compact", explode)
     with pytest.raises(OSError, match="disk full"):
-        ck.save(llama, path)
+        ck.save(llama, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left
 
@@ -297,7 +298,7 @@ def test_resave_replaces_files_and_drops_stale_ones(llama, tmp_path):
     path = tmp_path / "m"
     ck.save(llama, path)
     (path / "report.json").write_text("{}")  # a file of the user's, not the checkpoint's
-    ck.save(llama, path, formats=["hf"])
+    ck.save(llama, path, formats=["hf"], overwrite=True)
     names = {p.name for p in path.iterdir()}
     assert ck.COMPACT_NAME not in names and {"report.json", "model.safetensors", ck.MANIFEST_NAME} <= names
     assert list(ck.read_manifest(path)["formats"]) == ["hf"]
