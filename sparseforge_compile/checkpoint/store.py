@@ -329,19 +329,31 @@ def _write_index(target: Path, manifest: Mapping) -> None:
 def make_staging(target: Path) -> Path:
     """A fresh staging folder inside ``target`` (a leftover one of ours is removed first)."""
     staging = target / STAGING_NAME
-    if staging.exists():
-        if not (staging / STAGING_MARK).is_file():
-            raise CheckpointError(f"{staging} was not written by sparseforge: move it away before saving here")
-        shutil.rmtree(staging)
+    if staging.exists() and not _remove_staging(staging):
+        raise CheckpointError(f"{staging} was not written by sparseforge: move it away before saving here")
     staging.mkdir()
     (staging / STAGING_MARK).write_text("")
     return staging
 
 
+def _remove_staging(staging: Path) -> bool:
+    """Delete a staging folder if it is ours (marked, or empty); its mark goes last, so a folder an
+    interrupted removal leaves is still recognised."""
+    if not (staging / STAGING_MARK).is_file():
+        with contextlib.suppress(OSError):
+            staging.rmdir()  # created, not yet marked: empty
+        return not staging.exists()
+    for path in staging.iterdir():
+        if path.name != STAGING_MARK:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else os.unlink(path)
+    os.unlink(staging / STAGING_MARK)
+    staging.rmdir()
+    return True
+
+
 def remove_staging(target: Path) -> None:
-    staging = target / STAGING_NAME
-    if (staging / STAGING_MARK).is_file():
-        shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        _remove_staging(target / STAGING_NAME)
 
 
 def _generation_name(name: str, generation: int) -> str:
