@@ -93,6 +93,39 @@ def test_compress_decompress_round_trip(pattern, rows, groups, seed, dtype):
     assert torch.equal(bits(ck.decompress_nm(packed)), bits(weight))
 
 
+@st.composite
+def nm_patterns(draw) -> NMPattern:
+    m = draw(st.integers(2, 8))
+    return NMPattern(draw(st.integers(1, m - 1)), m)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=nm_patterns(), count=st.integers(0, 70), data=st.data())
+def test_pack_unpack_round_trip_any_m(pattern, count, data):
+    b = ck.index_bits(pattern.m)
+    values = torch.tensor(data.draw(st.lists(st.integers(0, pattern.m - 1), min_size=count, max_size=count)),
+                          dtype=torch.uint8)
+    packed = ck.pack_bits(values, b)
+    assert packed.numel() == math.ceil(count * b / 8)
+    assert torch.equal(ck.unpack_bits(packed, b, count), values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=nm_patterns(), rows=st.integers(1, 5), groups=st.integers(1, 5), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(DTYPES), zeros=st.floats(0.0, 1.0))
+def test_compress_decompress_round_trip_any_pattern_and_dtype(pattern, rows, groups, seed, dtype, zeros):
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, groups * pattern.m, generator=gen).to(dtype)
+    dense[torch.rand(dense.shape, generator=gen) < zeros] = 0.0  # groups with fewer than N nonzeros too
+    weight = dense.masked_fill(~nm_mask(dense.abs(), pattern), 0.0)
+    packed = ck.compress_nm(weight, pattern)
+    assert packed.values.shape == (rows, groups * pattern.n) and packed.values.dtype == dtype
+    assert torch.equal(bits(ck.decompress_nm(packed)), bits(weight))
+
+
 def test_compress_refuses_non_nm_weight():
     with pytest.raises(CheckpointError, match=r"layer\.weight \(4, 8\): 8 groups .* not 2:4 sparse"):
         ck.compress_nm(torch.ones(4, 8), NMPattern(2, 4), "layer.weight")
