@@ -35,8 +35,8 @@ def check_no_host_syncs(fn: Callable[[], object], what: str = "the function") ->
 
     Why before a capture: a sync inside ``torch.cuda.graph`` invalidates the capture, and the aborted
     capture leaves the CUDA generator in capture state, so every later random op in the process fails
-    ("Offset increment outside graph capture"; seen on the H200 with transformers' packed-sequence
-    check in an eager Hugging Face forward). Checked outside a capture, the caller can fall back.
+    ("Offset increment outside graph capture", e.g. from transformers' packed-sequence check in an
+    eager Hugging Face forward). Checked outside a capture, the caller can fall back.
     """
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")

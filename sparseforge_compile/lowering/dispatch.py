@@ -36,9 +36,8 @@ CACHE_FILE = "kernel_plans.json"
 
 MAX_ALGS = 32  # cuSPARSELt algorithm ids timed per large bucket
 SPARSE_MIN_GAIN = 0.04  # the sparse kernel must be this much faster than dense to be dispatched
-# ...and this much below SMALL_BUCKET tokens, the dense/sparse crossover on the H200, where calls are
-# short and the choice's own timing and kernels.py's disagreed twice (22016x4096 at 256 tokens: chosen
-# sparse, then timed at 0.95x): the few % a true sparse win there brings is worth less than the risk.
+# ...and this much below SMALL_BUCKET tokens (the dense/sparse crossover), where timings are noisiest
+# (benchmarks/results/kernels.json)
 SPARSE_MIN_GAIN_SMALL = 0.10
 SMALL_BUCKET = 1024
 CACHE_VERSION = 5  # bump when the dispatch rule changes, so cached decisions are re-measured
@@ -256,9 +255,8 @@ def graph_times_ms(variants: Sequence[Sequence[Callable[[], object]]], target_ms
     """Median device time of one call of each variant (a list of calls cycling over rotated inputs,
     so the L2 does not hold the operands), from CUDA-graph replays.
 
-    The variants' replays are interleaved round by round: clocks and temperature drift over a run,
-    and timing one variant after the other put that drift into their ratio (two timings of the same
-    kernel differed by 5-10 % on the H200 that way).
+    The variants' replays are interleaved round by round, so clock and temperature drift over a run
+    does not enter their ratio.
     """
     # One memory pool for all: the graphs replay one at a time and nobody reads their outputs, so
     # they may share memory, and many variants of a large GEMM do not hold one output each.
@@ -340,16 +338,12 @@ def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: 
     best = candidates[i]
     min_gain = SPARSE_MIN_GAIN_SMALL if bucket < SMALL_BUCKET else SPARSE_MIN_GAIN
     if sparse_ms[i] < dense_ms * (1.0 - min_gain):
-        # The fastest of many noisy timings is biased low (up to ~40 candidates per bucket): the
-        # winner is timed again against dense alone, twice, in both replay orders and with longer
-        # graphs, and the pair less favourable to sparse decides. One such pair (2 ms graphs, 7
-        # replays) still sent 22016x4096 at 256 tokens sparse, which kernels.py then timed at 0.95x:
-        # near the crossover a wrong "sparse" costs speed, a wrong "dense" only a missed few %.
+        # The fastest of many noisy timings is biased low: re-time the winner against dense in both
+        # orders and let the pair less favourable to sparse decide (benchmarks/results/kernels.json).
         pairs = [graph_times_ms([variants[0], variants[i + 1]], target_ms=4.0, replays=11),
                  graph_times_ms([variants[i + 1], variants[0]], target_ms=4.0, replays=11)[::-1]]
         dense_ms, sparse_ms[i] = min(pairs, key=lambda pair: pair[0] / pair[1])
-    # Sparse only when it wins by a clear margin: two CUDA-graph timings of the same kernel differ by
-    # a few percent, and near-ties decided by noise measured 0.93-0.97x on the H200.
+    # Sparse only when it wins by a clear margin: near-ties are decided by timing noise.
     return KernelChoice(use_dense=sparse_ms[i] > dense_ms * (1.0 - min_gain), alg_id=best.alg_id,
                         split_k=best.split_k, split_k_mode=best.split_k_mode, dense_ms=dense_ms,
                         sparse_ms=sparse_ms[i])
