@@ -31,10 +31,10 @@ from torch import nn
 
 import sparseforge_compile
 from benchmarks.common import write_results
-from sparseforge_compile.cuda_graphs import capture
-from sparseforge_compile.lowering import lower_model
+from sparseforge_compile.lowering.cuda_graphs import capture
+from sparseforge_compile.lowering.dispatch import DispatchConfig
+from sparseforge_compile.lowering.lower import lower_model
 from sparseforge_compile.masks import NMPattern, nm_mask
-from sparseforge_compile.sparse_linear import DispatchConfig
 
 
 def build_model(layers: int, device: str, dtype: torch.dtype, tiny: bool) -> nn.Module:

@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_results
-from sparseforge_compile.masks import NMPattern, nm_mask
-from sparseforge_compile.sparse_linear import (
+from sparseforge_compile.lowering.dispatch import (
     DispatchConfig,
-    SparseLinear,
-    _cslt_linear_2d,
     algorithm_cache,
-    device_name,
     graph_times_ms,
     rotation_copies,
     shape_key,
 )
+from sparseforge_compile.lowering.kernels import _cslt_linear_2d, device_name
+from sparseforge_compile.lowering.sparse_linear import SparseLinear
+from sparseforge_compile.masks import NMPattern, nm_mask
 
 # (model, layer, out_features, in_features)
 SHAPES = [

@@ -22,10 +22,10 @@ from tabulate import tabulate
 from benchmarks.common import interleaved_median_ms, write_results
 from sparseforge_compile.data import eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.evaluate import logits_of, perplexity
-from sparseforge_compile.lowering import lower_model
+from sparseforge_compile.lowering.dispatch import DispatchConfig
+from sparseforge_compile.lowering.lower import lower_model
 from sparseforge_compile.models import load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
-from sparseforge_compile.sparse_linear import DispatchConfig
 
 
 def main(argv: list[str] | None = None) -> int:

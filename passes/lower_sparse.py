@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sparseforge_compile.masks import NMPattern
-from sparseforge_compile.sparse_linear import (
-    DispatchConfig,
+from sparseforge_compile.lowering.dispatch import DispatchConfig
+from sparseforge_compile.lowering.sparse_linear import (
     KernelState,
     build_kernel_state,
     check_nm,
     dense_wins_everywhere,
     is_exact_nm,
 )
+from sparseforge_compile.masks import NMPattern
 
 from .base import GraphPass, PassConditionError, PassResult
 

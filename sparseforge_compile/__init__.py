@@ -1,8 +1,8 @@
 """SparseForge-compile: dense LLM -> 2:4 (N:M) semi-structured sparse model on sparse tensor cores."""
 
 from .anneal import AnnealConfig
-from .backend import compile
 from .checkpoint import load, save
+from .lowering.backend import compile
 from .masks import NMPattern
 from .models import load_model
 from .pipeline import SparsifyConfig, sparsify

@@ -136,13 +136,13 @@ def _anneal_fields():
     return [f for f in dataclasses.fields(AnnealConfig)]
 
 
-def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: dict) -> dict:
+def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: dict, overwrite: bool) -> dict:
     """Both checkpoint formats for N:M; the Hugging Face layout alone for unstructured sparsity (the
     compact format and the sparse kernels are N:M-only)."""
     from . import save
 
     if pattern is not None:
-        report = save(model, out, tokenizer=tokenizer, provenance=provenance)
+        report = save(model, out, tokenizer=tokenizer, provenance=provenance, overwrite=overwrite)
         return report.as_dict() if hasattr(report, "as_dict") else {"saved": str(report)}
     hf_dir = out / "hf-unstructured"
     model.save_pretrained(hf_dir)
@@ -156,6 +156,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .anneal import AnnealConfig
+    from .checkpoint import check_output_dir
     from .data import eval_windows, load_wikitext2, tokenize
     from .evaluate import perplexity, perplexity_unsupported
     from .models import load_model
@@ -178,7 +179,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          anneal=anneal_cfg)
     if args.method not in ONE_SHOT and not args.budget_minutes and not args.steps:
         raise UsageError(f"--method {args.method} trains: give --budget-minutes or --steps")
-    out = Path(args.out)
+    out = check_output_dir(args.out, overwrite=args.overwrite)  # before any training
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     windows = None
@@ -194,7 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)
     provenance = {"method": args.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
-    saved = _save_pruned(model, tok, out, pattern, provenance)  # before anything else can fail
+    saved = _save_pruned(model, tok, out, pattern, provenance, args.overwrite)  # before anything else can fail
     after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None
 
     from .report import inspect
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=None, help="wall budget of the whole prune")
     p.add_argument("--out", required=True, help="output folder (model, metrics, report, curves)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a sparse checkpoint already in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--eval-windows", type=int, default=4,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cuda_graphs import capture, check_no_host_syncs, warm_up
+from .lowering.cuda_graphs import capture, check_no_host_syncs, warm_up
 
 log = logging.getLogger(__name__)
 

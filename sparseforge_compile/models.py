@@ -184,8 +184,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     except ImportError as exc:
         raise ModelLoadError("loading a GGUF file needs the 'gguf' package: pip install gguf") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
     except (ValueError, KeyError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -200,7 +201,7 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except OSError as exc:
         where = "this folder has no config.json" if local else "the hub is unreachable or the id is wrong"
         raise ModelLoadError(
@@ -208,9 +209,9 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
             f"'{SMOLLM2_NAME}' or one of {', '.join(TINY_MODELS)}"
         ) from exc
     auto = AutoModelForMaskedLM if getattr(config, "model_type", "") == "bert" else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=dtype, local_files_only=local)
+    model = auto.from_pretrained(source, dtype=dtype, local_files_only=local, trust_remote_code=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer

@@ -8,9 +8,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparseforge_compile
 from sparseforge_compile.errors import NMViolationError
+from sparseforge_compile.lowering.dispatch import DispatchConfig
+from sparseforge_compile.lowering.sparse_linear import KernelState, SparseLinear
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.passes.lower_sparse import PATTERN_TAG, SPARSE_LINEAR, LowerSparseLinears
-from sparseforge_compile.sparse_linear import DispatchConfig, KernelState, SparseLinear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -89,7 +90,7 @@ def test_lowered_model_traces_as_one_custom_op_per_layer():
     with torch.no_grad():
         ref = model(x).logits
     with pytest.warns(UserWarning):
-        sparseforge_compile.lowering.lower_model(model)
+        sparseforge_compile.lowering.lower.lower_model(model)
     graphs = []
 
     def backend(gm, example_inputs):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparseforge_compile import checkpoint as ck
+from sparseforge_compile.checkpoint import saving
 from sparseforge_compile.errors import CheckpointError
 from sparseforge_compile.masks import NMPattern, nm_mask
 from sparseforge_compile.models import ByteTokenizer, tiny_model
@@ -89,6 +90,39 @@ def test_compress_decompress_round_trip(pattern, rows, groups, seed, dtype):
     packed = ck.compress_nm(weight, pattern)
     assert packed.values.shape == (rows, groups * pattern.n) and packed.values.dtype == dtype
     assert packed.indices.numel() == math.ceil(rows * groups * pattern.n * ck.index_bits(pattern.m) / 8)
+    assert torch.equal(bits(ck.decompress_nm(packed)), bits(weight))
+
+
+@st.composite
+def nm_patterns(draw) -> NMPattern:
+    m = draw(st.integers(2, 8))
+    return NMPattern(draw(st.integers(1, m - 1)), m)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=nm_patterns(), count=st.integers(0, 70), data=st.data())
+def test_pack_unpack_round_trip_any_m(pattern, count, data):
+    b = ck.index_bits(pattern.m)
+    values = torch.tensor(data.draw(st.lists(st.integers(0, pattern.m - 1), min_size=count, max_size=count)),
+                          dtype=torch.uint8)
+    packed = ck.pack_bits(values, b)
+    assert packed.numel() == math.ceil(count * b / 8)
+    assert torch.equal(ck.unpack_bits(packed, b, count), values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=nm_patterns(), rows=st.integers(1, 5), groups=st.integers(1, 5), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(DTYPES), zeros=st.floats(0.0, 1.0))
+def test_compress_decompress_round_trip_any_pattern_and_dtype(pattern, rows, groups, seed, dtype, zeros):
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, groups * pattern.m, generator=gen).to(dtype)
+    dense[torch.rand(dense.shape, generator=gen) < zeros] = 0.0  # groups with fewer than N nonzeros too
+    weight = dense.masked_fill(~nm_mask(dense.abs(), pattern), 0.0)
+    packed = ck.compress_nm(weight, pattern)
+    assert packed.values.shape == (rows, groups * pattern.n) and packed.values.dtype == dtype
     assert torch.equal(bits(ck.decompress_nm(packed)), bits(weight))
 
 
@@ -173,7 +207,7 @@ def test_plain_transformers_loads_hf_layout_without_us(llama, saved, tmp_path):
 # ------------------------------------------------------------------------------ integrity
 
 def _data_offset(path, tensor):
-    layout = ck._safetensors_layout(path)
+    layout = ck.safetensors_layout(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
     start, end = layout[tensor]["data_offsets"]
@@ -198,7 +232,7 @@ def test_flipped_byte_is_an_error_naming_the_tensor(llama, tmp_path, fmt, file, 
 def test_truncated_file_is_an_error_naming_a_cut_tensor(llama, tmp_path):
     ck.save(llama, tmp_path / "m", formats=["compact"])
     target = tmp_path / "m" / ck.COMPACT_NAME
-    layout = ck._safetensors_layout(target)
+    layout = ck.safetensors_layout(target)
     size = target.stat().st_size
     target.write_bytes(target.read_bytes()[: size // 2])
     with pytest.raises(CheckpointError, match="truncated: tensor '") as err:
@@ -286,9 +320,9 @@ def test_failed_save_keeps_the_old_checkpoint(llama, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_save_compact", explode)
+    monkeypatch.setattr(saving, "_save_compact", explode)
     with pytest.raises(OSError, match="disk full"):
-        ck.save(llama, path)
+        ck.save(llama, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left
 
@@ -297,7 +331,7 @@ def test_resave_replaces_files_and_drops_stale_ones(llama, tmp_path):
     path = tmp_path / "m"
     ck.save(llama, path)
     (path / "report.json").write_text("{}")  # a file of the user's, not the checkpoint's
-    ck.save(llama, path, formats=["hf"])
+    ck.save(llama, path, formats=["hf"], overwrite=True)
     names = {p.name for p in path.iterdir()}
     assert ck.COMPACT_NAME not in names and {"report.json", "model.safetensors", ck.MANIFEST_NAME} <= names
     assert list(ck.read_manifest(path)["formats"]) == ["hf"]
@@ -374,7 +408,7 @@ def test_a_lowered_model_saves_again(llama, saved, tmp_path):
 def test_lowered_generate_on_the_gpu(llama, saved):
     """The compact checkpoint loads onto the GPU as cuSPARSELt layers and Hugging Face generate() runs."""
     path, _ = saved
-    from sparseforge_compile.sparse_linear import DispatchConfig
+    from sparseforge_compile.lowering.dispatch import DispatchConfig
 
     # keep_dense="never": the tiny shapes would dispatch dense and stay nn.Linear; this tests the kernel
     lowered = ck.load(path, device="cuda", dtype=torch.bfloat16, dispatch=DispatchConfig(keep_dense="never")).model

@@ -36,6 +36,13 @@ def test_prune_one_shot_writes_model_report_and_summary(tmp_path, capsys, data_d
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pruned_layers"] == 14 and summary["pruned_ppl"] > 1
+    (out / "README.md").write_text("my notes")  # the user's file survives a replacing prune
+    again = ["prune", "--model", "tiny-llama", "--method", "magnitude", "--out", str(out), "--device", "cpu",
+             "--eval-windows", "0", "--quiet", "--data-dir", str(data_dir)]
+    assert main(again) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
+    assert (out / "README.md").read_text() == "my notes" and (out / "sparseforge.json").is_file()
 
 
 def test_prune_unstructured_saves_the_hf_layout(tmp_path, data_dir):

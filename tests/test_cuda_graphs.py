@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparseforge_compile.cuda_graphs import HostSyncError, capture, check_no_host_syncs
+from sparseforge_compile.lowering.cuda_graphs import HostSyncError, capture, check_no_host_syncs
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from sparseforge_compile.capture import capture
-from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations
+from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations, nm_mask
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.ops import APPLY_MASK
 from sparseforge_compile.passes.base import PassManager
@@ -184,3 +184,19 @@ def test_hardening_property_exact_nm_top_n_by_score(case):
     assert count_nm_violations(linear_layout, pattern) == 0
     keep = expected_keep(scores, pattern)
     assert torch.equal(linear_layout, torch.where(keep, weight, torch.zeros_like(weight)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(2, 8), data=st.data(), rows=st.integers(1, 5), groups=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_nm_projection_keeps_exactly_n_per_group(m, data, rows, groups, dtype, seed):
+    """The N:M projection of any scores (ties, zeros, NaN) keeps exactly N of every M."""
+    n = data.draw(st.integers(1, m - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, groups * m, generator=gen).round().to(dtype)  # rounding makes ties
+    scores[torch.rand(scores.shape, generator=gen) < 0.1] = float("nan")
+    keep = nm_mask(scores, NMPattern(n, m))
+    assert keep.shape == scores.shape and keep.dtype == torch.bool
+    assert (keep.reshape(-1, m).sum(-1) == n).all()
+    weight = torch.randn(rows, groups * m, generator=gen).to(dtype).masked_fill(~keep, 0)
+    assert count_nm_violations(weight, NMPattern(n, m)) == 0

@@ -6,20 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from sparseforge_compile.lowering import lower_model
-from sparseforge_compile.masks import NMPattern, nm_mask
-from sparseforge_compile.models import tiny_model
-from sparseforge_compile.sparse_linear import (
+from sparseforge_compile.errors import NMViolationError
+from sparseforge_compile.lowering.dispatch import (
     AlgorithmCache,
     DispatchConfig,
-    KernelChoice,
-    NMViolationError,
-    SparseLinear,
     calibrate,
     shape_key,
-    sparse_linear,
     token_bucket,
 )
+from sparseforge_compile.lowering.kernels import KernelChoice
+from sparseforge_compile.lowering.lower import lower_model
+from sparseforge_compile.lowering.sparse_linear import SparseLinear, sparse_linear
+from sparseforge_compile.masks import NMPattern, nm_mask
+from sparseforge_compile.models import tiny_model
 
 P24 = NMPattern(2, 4)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -183,7 +182,7 @@ def test_algorithm_cache_round_trips_through_disk(tmp_path):
 
 
 def test_calibrate_measures_each_bucket_once_across_processes(tmp_path, monkeypatch):
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.dispatch as sl
 
     calls = []
 
@@ -211,7 +210,7 @@ def test_dispatch_retimes_the_fastest_sparse_config_against_dense(monkeypatch, b
     """The best of many noisy timings is biased low: the winner is timed again, head to head with
     dense, in both replay orders, and the pair less favourable to sparse decides (here the first
     pass says 0.8 ms against dense's 1.0 ms); below 1024 tokens it must win by 10 %, not 4 %."""
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.dispatch as sl
 
     timed = []
 
@@ -233,7 +232,7 @@ def test_dispatch_retimes_the_fastest_sparse_config_against_dense(monkeypatch, b
 
 
 def test_dispatch_does_not_retime_when_dense_already_wins(monkeypatch):
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.dispatch as sl
 
     timed = []
     monkeypatch.setattr(sl, "rotation_copies", lambda nbytes, device, cap=4: 1)
@@ -251,7 +250,8 @@ def test_dispatch_does_not_retime_when_dense_already_wins(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 7, 16, 33, 256])
 def test_gpu_sparse_op_matches_dense(tokens, tmp_path, monkeypatch):
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.dispatch as dp
+    import sparseforge_compile.lowering.kernels as sl
 
     torch.manual_seed(tokens)
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
@@ -261,7 +261,7 @@ def test_gpu_sparse_op_matches_dense(tokens, tmp_path, monkeypatch):
     assert torch.equal(sl.decompress(packed, 512), w)
     x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
     ref = (x.double() @ w.double().t() + b.double())
-    for choice in [sl.DEFAULT_CHOICE, *sl._candidate_choices(packed, x, b, sl.token_bucket(tokens))]:
+    for choice in [sl.DEFAULT_CHOICE, *dp._candidate_choices(packed, x, b, dp.token_bucket(tokens))]:
         for bias in (b, None):
             y = sl.sparse_linear_2d(x, packed, bias, choice)
             want = ref if bias is not None else ref - b.double()
@@ -299,7 +299,7 @@ def test_gpu_lowering_tiny_llama(tmp_path, monkeypatch):
 def test_layers_where_dense_wins_every_bucket_stay_dense_linears(hardened_llama, monkeypatch):
     """SmolLM2-135M on the H200: cuBLAS won every bucket for every layer and the lowered model ran at
     0.73x (prefill) of dense from the op's call overhead alone. Such layers stay nn.Linear."""
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.sparse_linear as sl
 
     model, names = hardened_llama
     # Pretend a sparse-capable device: compression is the identity, and the measured dispatch says
@@ -330,7 +330,7 @@ def test_layers_where_dense_wins_every_bucket_stay_dense_linears(hardened_llama,
 
 @pytest.mark.parametrize("dense_buckets, expected", [((16, 32, 64), 64), ((), 0), ((16, 64), 16), ((32,), 0)])
 def test_dense_up_to_is_the_dense_prefix_of_the_buckets(dense_buckets, expected):
-    from sparseforge_compile.sparse_linear import KernelState
+    from sparseforge_compile.lowering.sparse_linear import KernelState
 
     state = KernelState(packed=torch.zeros(1), keep_dense=bool(dense_buckets), fallback_reason=None,
                         dense_buckets=dense_buckets)
@@ -340,7 +340,7 @@ def test_dense_up_to_is_the_dense_prefix_of_the_buckets(dense_buckets, expected)
 def test_small_token_calls_skip_the_op_where_dispatch_chose_dense(monkeypatch):
     """Buckets 16-64 measured dense, larger sparse: calls of <= 64 tokens are a plain F.linear in the
     traced graph (Inductor sees a matmul, eager skips the op), larger ones the sparse op."""
-    import sparseforge_compile.sparse_linear as sl
+    import sparseforge_compile.lowering.sparse_linear as sl
 
     monkeypatch.setattr(sl, "sparse_unsupported_reason", lambda w: None)
     monkeypatch.setattr(sl, "compress", lambda w: w.clone())

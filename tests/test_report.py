@@ -9,12 +9,12 @@ from torch import nn
 from sparseforge_compile import inspect
 from sparseforge_compile.capture import capture
 from sparseforge_compile.cli import main
+from sparseforge_compile.lowering.sparse_linear import SparseLinear
 from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.models import tiny_model
 from sparseforge_compile.passes.harden import Harden, check_nm_invariant
 from sparseforge_compile.passes.insert_masks import InsertMasks
 from sparseforge_compile.report import compressed_fraction
-from sparseforge_compile.sparse_linear import SparseLinear
 
 
 def test_compressed_bytes_of_2_4_bf16():

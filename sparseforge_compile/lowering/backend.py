@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .lowering import LoweringReport, lower_model
-from .masks import NMPattern
-from .passes.lower_sparse import LowerSparseLinears
-from .sparse_linear import DispatchConfig
+from ..masks import NMPattern
+from ..passes.lower_sparse import LowerSparseLinears
+from .dispatch import DispatchConfig
+from .lower import LoweringReport, lower_model
 
 log = logging.getLogger(__name__)
 

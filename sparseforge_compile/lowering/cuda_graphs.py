@@ -1,5 +1,5 @@
 """CUDA-graph capture, one way for every user: teacher decode (``distill.GraphedDecoder``), the training
-loop's teacher forward (``distill.GraphedForward``) and kernel timing (``sparse_linear.graph_times_ms``).
+loop's teacher forward (``distill.GraphedForward``) and kernel timing (``lowering.dispatch.graph_times_ms``).
 
 Work that must not happen inside a capture (compilation, cuBLAS/cuSPARSELt handles and workspaces,
 lazy allocations) happens in warm-up calls on a side stream first, as the CUDA-graph docs prescribe.
@@ -35,8 +35,8 @@ def check_no_host_syncs(fn: Callable[[], object], what: str = "the function") ->
 
     Why before a capture: a sync inside ``torch.cuda.graph`` invalidates the capture, and the aborted
     capture leaves the CUDA generator in capture state, so every later random op in the process fails
-    ("Offset increment outside graph capture"; seen on the H200 with transformers' packed-sequence
-    check in an eager Hugging Face forward). Checked outside a capture, the caller can fall back.
+    ("Offset increment outside graph capture", e.g. from transformers' packed-sequence check in an
+    eager Hugging Face forward). Checked outside a capture, the caller can fall back.
     """
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
