@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from sparseforge_compile import decode_kernel as dk
+from sparseforge_compile.lowering import decode_kernel as dk
 from sparseforge_compile.masks import NMPattern, nm_mask
 
 

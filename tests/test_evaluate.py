@@ -21,3 +21,21 @@ def test_perplexity_splits_by_position_and_agrees_with_the_whole():
     assert "position_nll" not in res.as_dict()
     with pytest.raises(ValueError, match="no predicted positions"):
         res.ppl_between(40, 50)
+
+
+def test_perplexity_equals_scoring_each_next_token_from_its_prefix():
+    """Independent of the batched code: every token predicted from a forward over its own prefix."""
+    from sparseforge_compile.models import tiny_model
+
+    model = tiny_model("tiny-llama").eval()
+    windows = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            for t in range(1, window.numel()):
+                logits = model(window[None, :t]).logits[0, -1].double()
+                nll -= float(torch.log_softmax(logits, -1)[window[t]])
+                count += 1
+    got = perplexity(model, windows, batch_size=2, progress=False)
+    assert got.tokens == count == 3 * 11
+    assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
