@@ -25,12 +25,39 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def write_results(name: str, rows: list[dict], out: str | Path | None = None, extra: dict | None = None) -> Path:
-    """``benchmarks/results/NAME.json`` = {command, device, torch, date, rows} (flat rows)."""
+def command_line() -> str:
+    """The command that is running, as a user would type it (``python -m benchmarks.X ...`` for a module)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name else f"python {shlex.quote(sys.argv[0])}"
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def git_commit() -> str:
+    """The checkout's commit, ``-dirty`` when files differ from it (a rerun then needs that diff too)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+def write_results(name: str, rows: list[dict], out: str | Path | None = None, extra: dict | None = None,
+                  settings: dict | None = None) -> Path:
+    """``benchmarks/results/NAME.json`` = {command, commit, settings, device, torch, date, rows} (flat rows);
+    ``settings``: the resolved arguments, defaults included, so a rerun can be matched."""
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
+        "commit": git_commit(),
+        "settings": settings or {},
         "device": device_name(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -323,3 +323,18 @@ def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeyp
     assert [r["config"].split()[3] for r in rows] == ["hidden_weight=0", "hidden_weight=3"]
     assert "plain_kd_past_decay_end_ms" not in rows[0] and rows[1]["plain_kd_past_decay_end_ms"] > 0
     assert all(r["plain_kd_ms"] > 0 and r["anneal_soft_ms"] > 0 and r["anneal_final_ms"] > 0 for r in rows)
+
+
+def test_results_record_the_command_commit_and_settings(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.common import ROOT, write_results
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "x.py"), "--steps", "3"])
+    path = write_results("x", [{"a": 1}], tmp_path / "x.json", settings={"steps": 3, "lr": 0.1})
+    payload = json.loads(path.read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert payload["commit"].startswith(head) and payload["settings"] == {"steps": 3, "lr": 0.1}
+    assert payload["command"].endswith("x.py --steps 3") and payload["rows"] == [{"a": 1}]
