@@ -332,9 +332,12 @@ def test_results_record_the_command_commit_and_settings(tmp_path, monkeypatch):
 
     from benchmarks.common import ROOT, write_results
 
+    from types import SimpleNamespace
+
     monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "x.py"), "--steps", "3"])
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="benchmarks.x")))
     path = write_results("x", [{"a": 1}], tmp_path / "x.json", settings={"steps": 3, "lr": 0.1})
     payload = json.loads(path.read_text())
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert payload["commit"].startswith(head) and payload["settings"] == {"steps": 3, "lr": 0.1}
-    assert payload["command"].endswith("x.py --steps 3") and payload["rows"] == [{"a": 1}]
+    assert payload["command"] == "python -m benchmarks.x --steps 3" and payload["rows"] == [{"a": 1}]
