@@ -329,10 +329,9 @@ def test_results_record_the_command_commit_and_settings(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
+    from types import SimpleNamespace
 
     from benchmarks.common import ROOT, write_results
-
-    from types import SimpleNamespace
 
     monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "x.py"), "--steps", "3"])
     monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="benchmarks.x")))
