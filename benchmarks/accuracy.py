@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
         for key in ("steps", "train_tokens", "teacher_tokens", "teacher_sample_batch", "flips_vs_warm_start",
-                    "measured_flip_groups", "measured_flip_seconds", "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES, "compile_frames"):
+                    "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES, "compile_frames"):
             if key in info:
                 row[key] = info[key]
         sampling_s = info.get("phases", {}).get("teacher_sampling", 0.0)

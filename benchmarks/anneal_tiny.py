@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                          "kl_weight": acfg.kl_weight, "hidden_weight": acfg.hidden_weight,
                          "steps": args.steps, "heldout_kl": round(kl, 4),
                          "flips_vs_warm_start": result.anneal.flips_vs_warm_start,
-                         "measured_flip_groups": result.anneal.measured_flip_groups,
                          "wall_s": round(time.perf_counter() - t0, 1), "wikitext2_ppl": None, "budget_s": None})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
     write_results("anneal_tiny", rows, out=args.out)

@@ -36,7 +36,7 @@ gpus=${GPUS:-1}
 for step in "$@"; do
   case $step in
     numerics) cmd=(python -m benchmarks.graph_numerics --batch 4 --seqlen 512 --check --out "$out/graph_numerics.json") ;;
-    gputests) cmd=(bash -c "python -m benchmarks.nested_region_check; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
+    gputests) cmd=(bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
     lowered) cmd=(python -m benchmarks.lowered_model --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python -m benchmarks.accuracy --methods "$trained" --budget-minutes "$budget"
                   --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;
@@ -48,7 +48,7 @@ for step in "$@"; do
                 --anneal "steps=${SWEEP_STEPS:-800}" --teacher-sample-rows "${SWEEP_ROWS:-4096}" --warm-compile-caches
                 --split valid --tasks '' --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_sweep.json") ;;
     step_time) cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on
-                    --outline "${STEP_OUTLINE:-on,regional}"
+                    --outline "${STEP_OUTLINE:-regional}"
                     --sample-batches 4096 --profile "$out/profile/step" --out "$out/step_time.json") ;;
     trained_best)  # the sweep's best SparseForge row and best peer row (valid), side by side at the full budget
       best=$(python3 -c "
@@ -62,7 +62,7 @@ print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best"
            --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained_best.json") ;;
     step_loop)  # today's GPU mode only (regional), both layer-wise weights, loop pace and where the host waits
       cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 0,3 --compile on
-           --outline regional --teacher-graphs off --repeats 10 --sample-batches ''
+           --outline regional --repeats 10 --sample-batches ''
            --host-report "$out/host/step" --out "$out/step_time_regional_loop.json") ;;
     step_interleaved)  # the loops side by side, round by round, at the default layer-wise weight
       cmd=(python -m benchmarks.step_time --batch-sizes "${STEP_BATCHES:-32}" --hidden-weights 3 --compile on

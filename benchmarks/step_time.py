@@ -42,7 +42,7 @@ from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
-          outline: str = "off", teacher_graphs: str = "off", steps: int = 4000, **anneal):
+          outline: str = "off", steps: int = 4000, **anneal):
     """A plain KD (``fixed``) or SparseForge annealer on a copy of ``base``, for a ``steps``-step schedule
     (long enough that every timed soft-phase step falls inside the soft phase: 200 steps at the default
     ``anneal_end``)."""
@@ -50,7 +50,7 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
     method = "sparsegpt+kd" if fixed else "sparseforge"
     acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
                         teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs, **anneal)
+                        compile=compile, outline_blocks=outline, **anneal)
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -208,9 +208,8 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     # The soft loop is timed as users get it (outline_blocks="auto": regional where the loop compiles on
     # CUDA, flat on the CPU), and each other setting --outline lists that way too.
     auto_cfg = AnnealConfig(compile=compile, outline_blocks="auto")
-    auto = ("regional" if auto_cfg.compiles_blocks_alone(torch.device(device))
-            else "on" if auto_cfg.outlines(torch.device(device)) else "off")
-    labels = {"off": "flat", "on": "outlined", "regional": "regional"}
+    auto = "regional" if auto_cfg.outlines(torch.device(device)) else "off"
+    labels = {"off": "flat", "regional": "regional"}
     for other in [o for o in args.outline.split(",") if o and o != auto] if compile == "on" else []:
         _, alt = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline=other)
@@ -218,16 +217,6 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
         extra_cols.update({f"anneal_soft_{labels[other]}_ms": round(alt_ms, 2),
                            f"anneal_{labels[other]}_first_step_s": round(alt_first_s, 1)})
         alt = None
-    if device == "cuda" and "on" in args.teacher_graphs.split(","):
-        # the same two loops with the teacher's forward replayed as one CUDA graph (--teacher-graphs on)
-        graphed = {}
-        for fixed in (True, False):
-            _, ann = build(base, tok, calib, batch, args.seqlen, fixed=fixed, hidden_weight=hidden_weight,
-                           compile=compile, outline="auto", teacher_graphs="on")
-            graphed[fixed] = first_and_median(ann, args.repeats)[1]
-            ann = None
-        extra_cols.update(plain_kd_teacher_graphs_ms=round(graphed[True], 2),
-                          anneal_soft_teacher_graphs_ms=round(graphed[False], 2))
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile,
                   outline="auto")
     sf_first_s, soft_ms = first_and_median(sf, args.repeats)
@@ -337,12 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
-    p.add_argument("--outline", default="off,on,regional",
+    p.add_argument("--outline", default="off,regional",
                    help="the soft loop is timed as users get it (outline_blocks auto: regional where it compiles "
                         "on CUDA); the other settings listed are timed too (first-step seconds and step time)")
-    p.add_argument("--teacher-graphs", default="on",
-                   help="on: also time both loops with the teacher replayed as one CUDA graph (GPU only; the "
-                        "soft loop outlined when compiled)")
     p.add_argument("--profile", default=None, metavar="PREFIX",
                    help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
     p.add_argument("--trace", action="store_true",

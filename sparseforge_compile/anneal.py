@@ -3,13 +3,10 @@
 Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks.MaskState``) with
 
     score = D / mean|D| + margin(p) * (2 * warm_mask - 1)
-    D     = 1/2 H_ii w_ii^2  [- first_order * E[dL/dm] * (2 m - 1)]
+    D     = 1/2 H_ii w_ii^2
 
 ``D`` is the OBD saliency of each weight, computed with its latent value whether the mask keeps it
-or not: what the loss would lose without it. (The optional first-order term is the mask gradient
-``dL/dm = g * w``, an EMA kept by a hook; measured on tiny models it made flips worse, so it is off
-by default.) ``evidence="regrow"`` scores each weight instead by ``1/2 H w*^2``, ``w*`` its best value
-given the others, and starts a revived weight there (``Annealer._regrow_evidence``; experimental).
+or not: what the loss would lose without it.
 The Hessian diagonal is estimated every ``importance_every`` steps either by the
 Fisher information of the student's own predictions (labels *sampled from the student*, so the
 batch-mean gradient has mean zero and tokens x its square estimates the per-token Fisher, which is
@@ -51,9 +48,9 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .distill import GraphedForward, hidden_state_loss, kd_loss
+from .distill import hidden_state_loss, kd_loss
 from .errors import AnnealError
-from .masks import MaskState, add_importances, best_group_swaps, make_masks
+from .masks import MaskState, add_importances, make_masks
 from .passes.inline_masks import InlineMaskOps
 from .passes.outline_blocks import SharedBlock
 from .passes.tap_blocks import BlockOutputRecorder
@@ -63,8 +60,6 @@ log = logging.getLogger(__name__)
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
 SOURCE_METRICS = ("ce_real", "teacher_ce_real", "kl_real", "ce_sampled", "kl_sampled")  # see distill.kd_loss
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
-EVIDENCE = ("obd", "regrow")
-HELD_ASIDE_BATCHES = 1 << 30  # batch indices of the measured-flip rounds' text: beyond any run's steps
 
 
 @dataclass
@@ -100,23 +95,9 @@ class AnnealConfig:
     # Layer-wise distillation: weight of the normalized block-output MSE. None: the method's default
     # (SparsifyConfig: DEFAULT_HIDDEN_WEIGHT for sparseforge, 0 for the logit-KD peer sparsegpt+kd).
     hidden_weight: float | None = None
-    # None: the layer-wise weight stays constant. A fraction f of the schedule: it falls linearly from
-    # hidden_weight to 0 at f, and past f no block output is recorded (saving its host time: CPU proxy
-    # 2.5 % of a plain step, results/host_overhead_cpu_hidden_weight.json). Not the default: on the
-    # whole SmolLM2 (CPU, 100 steps) decaying by half the run cost 0.5 % of held-out KL
-    # (results/anneal_proxy_smollm2_full_100steps_hidden_decay.json); the H200 runs' late paired KL
-    # excess is the time-based LR schedule at fewer steps, larger without the layer-wise loss (README).
-    hidden_decay_end: float | None = None
     importance: str = "fisher"
     importance_every: int = 8
     importance_beta: float = 0.9
-    first_order: float = 0.0  # weight of the first-order term -E[dL/dm] in the evidence (0: pure OBD)
-    # obd: every weight scored by 1/2 H w^2 with its latent value (a pruned one: its dense value).
-    # regrow: every weight by 1/2 H w*^2, w* its best value given the others (w_eff - g/H): for a kept
-    # weight what removing it costs, for a pruned one what reviving it gains, and a revived weight
-    # starts at that value, -g/H, not at its dense value, which the warm start's compensation of the
-    # kept weights (SparseGPT) already accounts for.
-    evidence: str = "obd"
     t_start: float = 0.3
     t_end: float = 0.02
     # The soft phase runs the masked graph with its evidence probes, slower than a plain KD step
@@ -138,18 +119,6 @@ class AnnealConfig:
     # Curvature probes before the evidence counts fully (it is scaled by probes / evidence_probes):
     # one probe is noise, and on SmolLM2 a single-probe refresh flipped 190k weights at step 8.
     evidence_probes: int = 8
-    # Measured flips (Annealer._confirm_flips): ``confirm_rounds`` times over the soft phase, the
-    # ``confirm_pool`` groups whose best support the OBD evidence rates most above their present one
-    # are each tried alone, hard mask, on held-aside training text; of those that lower the KL there,
-    # the best (at most ``confirm_keep``, as many as lower it most together) join the anchor mask.
-    # Why: estimated evidence picks harmful flips beyond its first ~10 on SmolLM2, measured ones
-    # helped at the moment of flipping (results/evidence_check_smollm2_4layers_confirmed.json). Off (0)
-    # by default: after training they did not help (4-block proxy, 120 steps: 0.5429 with 3 rounds,
-    # 0.5418 without, results/anneal_proxy_smollm2_4layers_measured_flips.json).
-    confirm_rounds: int = 0
-    confirm_pool: int = 256
-    confirm_keep: int = 32
-    confirm_rows: int | None = None  # rows of held-aside text each trial runs on; None: batch_size
     fixed_mask: bool = False  # the peer: KD fine-tuning with the warm-start mask held fixed
     teacher_data_ratio: float = 0.7
     seed: int = 0
@@ -157,31 +126,17 @@ class AnnealConfig:
     # torch.compile the teacher, the student's graph and the loss: auto = on CUDA only (on the CPU the
     # compile time outweighs a small budget); a compile failure falls back to eager with one warning.
     compile: str = "auto"  # auto | on | off
-    # Compile the masked graph with its identical decoder blocks outlined into one shared block
-    # (passes/outline_blocks.py). on: the whole graph compiled, the block a nested compile region.
-    # Measured (benchmarks/results/step_time*.json): H200, SmolLM2 b32x512, first (compiling) step 91.7
-    # flat -> 66.5 s and soft steps 157 -> 127 ms. Inductor reused a buffer of a region's
-    # first call in later calls (wrong gradients, benchmarks/nested_region_check.py), so that compile runs
-    # with allow_buffer_reuse off. regional: only the block's body is compiled, called for every block,
-    # the graph around it eager, as the peer compiles the plain model (one decoder block at a time). The
-    # 10-minute H200 run spent 65 s to its 10th step outlined against the peer's 15 s; on the CPU
-    # (SmolLM2 1x64, step_time_cpu_compile.json) the first step took 75.5 s flat, 33.1 s outlined and
-    # 14.2 s regional (plain KD 39.7 s). auto = regional
-    # where the loop compiles on CUDA (the CPU compiles off by default). If the outlined graph fails to
-    # compile, the flat graph is compiled instead.
-    outline_blocks: str = "auto"  # off | on | regional | auto
-    # Replay the teacher's forward as one CUDA graph (distill.GraphedForward): the steps are host-bound
-    # on a GPU; the teacher is then compiled whole (Annealer._compile). auto = on CUDA; off until
-    # benchmarks/step_time.py has measured it there (its first GPU run found the capture bug now fixed).
-    teacher_graphs: str = "off"  # off | on | auto
+    # Outline the masked graph's identical decoder blocks into one shared block (passes/outline_blocks.py)
+    # and compile that block's body alone, the graph around it eager, as the peer compiles the plain
+    # model: its first step compiles in a fraction of the flat graph's time (results/step_time_cpu_compile.json).
+    # auto = regional where the loop compiles on CUDA. If it fails to compile, the flat graph is compiled.
+    outline_blocks: str = "auto"  # off | regional | auto
     checkpoint_every: int = 0
     log_every: int = 10
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE_ESTIMATORS:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(IMPORTANCE_ESTIMATORS)}")
-        if self.evidence not in EVIDENCE:
-            raise ValueError(f"evidence {self.evidence!r}: choose one of {', '.join(EVIDENCE)}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}")
         if not 0 <= self.anneal_end <= self.harden_end <= 1:
@@ -192,28 +147,17 @@ class AnnealConfig:
             raise ValueError(f"teacher_data_ratio {self.teacher_data_ratio} must be in [0, 1]")
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        if self.hidden_decay_end is not None and not 0 < self.hidden_decay_end <= 1:
-            raise ValueError(f"hidden_decay_end must be in (0, 1] (a fraction of the schedule), got {self.hidden_decay_end}")
-        if self.confirm_rounds and self.warm_start == "none":
-            raise ValueError("confirm_rounds > 0 commits flips to the warm-start mask: pick a warm_start "
-                             "(sparsegpt, wanda or magnitude) or set confirm_rounds 0")
-        for name in ("confirm_rounds", "confirm_keep"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.confirm_rows is not None and self.confirm_rows < 1:
-            raise ValueError(f"confirm_rows must be >= 1, got {self.confirm_rows}")
-        for name in ("batch_size", "seqlen", "importance_every", "evidence_probes", "confirm_pool"):
+        for name in ("batch_size", "seqlen", "importance_every", "evidence_probes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast {self.autocast!r}: use auto, bf16 or off")
-        for name in ("compile", "teacher_graphs"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                raise ValueError(f"{name} {getattr(self, name)!r}: use auto, on or off")
-        if self.outline_blocks not in ("auto", "on", "regional", "off"):
-            raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, on, regional or off")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile {self.compile!r}: use auto, on or off")
+        if self.outline_blocks not in ("auto", "regional", "off"):
+            raise ValueError(f"outline_blocks {self.outline_blocks!r}: use auto, regional or off")
 
     def compiles(self, device: torch.device) -> bool:
         """Whether the loop runs compiled on ``device`` (Hutchinson's double backward cannot)."""
@@ -227,15 +171,7 @@ class AnnealConfig:
     def outlines(self, device: torch.device) -> bool:
         """Whether the compiled masked graph has its blocks outlined into one shared block."""
         return self.compiles(device) and (
-            self.outline_blocks in ("on", "regional") or (self.outline_blocks == "auto" and device.type == "cuda"))
-
-    def compiles_blocks_alone(self, device: torch.device) -> bool:
-        """Whether the outlined graph's shared block is compiled on its own (regional), not the graph."""
-        return self.outlines(device) and self.outline_blocks in ("regional", "auto")
-
-    def graphs_teacher(self, device: torch.device) -> bool:
-        """Whether the loop replays the teacher as a CUDA graph (CUDA only)."""
-        return device.type == "cuda" and self.teacher_graphs in ("on", "auto")
+            self.outline_blocks == "regional" or (self.outline_blocks == "auto" and device.type == "cuda"))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,7 +193,6 @@ class SchedulePoint:
     margin: float
     lr_scale: float
     soft_phase: bool  # scores still move
-    hidden_scale: float = 1.0  # of hidden_weight (AnnealConfig.hidden_decay_end)
 
 
 def _cosine(cfg: AnnealConfig, r: float) -> float:
@@ -294,10 +229,9 @@ def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = 
         lr_scale = max(p / cfg.warmup_frac, 1e-3)
     else:
         lr_scale = _cosine(cfg, (p - cfg.warmup_frac) / max(1 - cfg.warmup_frac, 1e-9))
-    hidden_scale = 1.0 if cfg.hidden_decay_end is None else max(1.0 - p / cfg.hidden_decay_end, 0.0)
     if cfg.fixed_mask:
-        return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False, hidden_scale)
-    return SchedulePoint(temperature, blend, margin, lr_scale, p < harden_start, hidden_scale)
+        return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False)
+    return SchedulePoint(temperature, blend, margin, lr_scale, p < harden_start)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -346,12 +280,6 @@ class AnnealResult:
     metrics_path: str | None
     history: list[dict] = field(default_factory=list)
     compiled: bool = False  # the run ended compiled (False: eager by choice or after a compile failure)
-    confirm_log: list[dict] = field(default_factory=list)  # the measured-flip rounds (Annealer._confirm_flips)
-
-    @property
-    def measured_flip_groups(self) -> int:
-        """Groups the measured-flip rounds committed, all rounds together."""
-        return sum(r["committed"] for r in self.confirm_log)
 
 
 class Annealer:
@@ -362,9 +290,8 @@ class Annealer:
     ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
     ``teacher(input_ids) -> logits`` is the dense model; ``regions`` the modules behind ``teacher``
     and ``plain_forward``, in that order, whose decoder blocks are compiled (with ``cfg.compile``) one
-    block at a time (without them those two run eagerly; a teacher replayed as a CUDA graph is
-    compiled whole instead);
-    ``compile_forward`` what to compile in place of ``forward`` (the same graph, blocks outlined).
+    block at a time (without them those two run eagerly);
+    ``compile_forward`` the same graph with its blocks outlined, whose shared block is compiled alone.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
@@ -381,10 +308,6 @@ class Annealer:
         self.weight_views, self.teacher, self.batches, self.cfg = weight_views, teacher, batches, cfg
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
-        # The mask the score's prior pulls toward: the warm start plus the flips measured to help.
-        self.anchor = {k: v.clone() for k, v in self.warm.items()}
-        self.confirm_round = 0
-        self.confirm_log: list[dict] = []  # one row per measured-flip round
         self.hutchinson_curv: dict[str, torch.Tensor] = {}
         self.hutchinson_probes = 0
         for name, ms in masks.items():
@@ -421,8 +344,6 @@ class Annealer:
         self._compile_tried = False
         if self.compiled:
             self._compile()
-        if cfg.graphs_teacher(device):
-            self.teacher = GraphedForward(self.teacher, self.taps.teacher if self.taps is not None else None)
         if not cfg.fixed_mask:
             self._refresh_scores(margin=cfg.prior_margin)
 
@@ -450,7 +371,7 @@ class Annealer:
         fisher_loss = torch.nn.functional.cross_entropy(
             s_logits[:, :-1].reshape(-1, s_logits.shape[-1]).float(), sampled.reshape(-1))
         for ms in masks:
-            ms.hook_enabled = False  # this backward must not enter the first-order EMA
+            ms.hook_enabled = False  # this backward must not enter the mask-gradient EMA
         try:
             grads = torch.autograd.grad(fisher_loss, [ms.last_mask for ms in masks], retain_graph=True,
                                         allow_unused=True)
@@ -472,52 +393,15 @@ class Annealer:
     @torch.no_grad()
     def _refresh_scores(self, margin: float) -> None:
         for name, ms in self.masks.items():
-            def present(name: str = name, ms: MaskState = ms) -> torch.Tensor:  # only some terms need it
-                return (ms.hard_mask() if self.step else self.warm.get(name, ms.hard_mask())).float()
-            if self.cfg.evidence == "regrow":
-                before = present()
-                evidence = self._regrow_evidence(name, ms, before)
-            else:
-                # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
-                # not having the weight. The first-order term (optional) adds the sign-aware gain of
-                # bringing a pruned weight back / of removing a kept one at the current point.
-                evidence, before = self._curvature(name, ms), None
-                if self.cfg.first_order:
-                    evidence = evidence - self.cfg.first_order * ms.corrected("grad_ema") * (2 * present() - 1)
+            # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
+            # not having the weight.
+            evidence = self._curvature(name, ms)
             score = evidence / evidence.abs().mean().clamp_min(1e-30) * self._evidence_weight(ms)
-            if name in self.anchor:
-                score += margin * (2 * self.anchor[name].float() - 1)
+            if name in self.warm:
+                score += margin * (2 * self.warm[name].float() - 1)
             elif not self.step:
-                score += margin * (2 * present() - 1)  # no warm start: keep magnitude's choice until evidence
+                score += margin * (2 * ms.hard_mask().float() - 1)  # no warm start: keep magnitude's choice until evidence
             ms.set_scores(score)
-            if before is not None:
-                self._start_revived(name, ms, before)
-
-    def _regrow_evidence(self, name: str, ms: MaskState, present: torch.Tensor) -> torch.Tensor:
-        """Loss units, the larger the more the weight should be kept: 1/2 H w*^2, what the loss loses
-        without the weight at its best value w* = w_eff - g/H, all other weights as they are (a kept
-        weight: what its removal costs; a pruned one, w_eff = 0: what reviving it gains).
-
-        From the two EMAs the loop keeps per weight, with the latent value w as the probe direction
-        (it cancels): c = 1/2 H w^2 (the curvature term) and e = E[dL/dm] = g w, so that
-        1/2 H w*^2 = (2 c m - e)^2 / 4c with m the present mask (1 kept, 0 pruned)."""
-        curvature, grad = self._curvature(name, ms), ms.corrected("grad_ema")
-        return (2 * curvature * present - grad).square() / (4 * curvature).clamp_min(1e-30)
-
-    @torch.no_grad()
-    def _start_revived(self, name: str, ms: MaskState, before: torch.Tensor) -> None:
-        """Weights this refresh brought back start at their Newton value -g/H = -e w / 2c, bounded by
-        their latent (dense) magnitude: noisy curvature must not launch one far out."""
-        if not self.step:  # the first refresh only sets the warm start
-            return
-        revived = ms.hard_mask() & ~before.bool()
-        if not bool(revived.any()):
-            return
-        weight = self.weight_views[name]()
-        w = weight.detach().float()
-        newton = -ms.corrected("grad_ema") * w / (2 * self._curvature(name, ms)).clamp_min(1e-30)
-        newton = torch.maximum(torch.minimum(newton, w.abs()), -w.abs())
-        weight.copy_(torch.where(revived, newton, w).to(weight.dtype))
 
     def _hutchinson(self, ids: torch.Tensor) -> None:
         """E[(Hv) * v] per weight, one Rademacher probe, by double backward (needs eager attention)."""
@@ -542,16 +426,12 @@ class Annealer:
         self.hutchinson_probes += 1
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss(self, ids: torch.Tensor, plain: bool, eager: bool = False,
-              hidden_weight: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """The training loss of the masked graph (or, ``plain``, of the plain model) on ``ids``; the
-        layer-wise term weighs ``hidden_weight`` (None: the configured one). Block outputs are recorded
-        while ``self.taps`` is set: from the start with a layer-wise weight, until ``_stop_recording``."""
+    def _loss(self, ids: torch.Tensor, plain: bool, eager: bool = False) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The training loss of the masked graph (or, ``plain``, of the plain model) on ``ids``. Block
+        outputs are recorded while ``self.taps`` is set (a layer-wise weight)."""
         forward, plain_forward, teacher = self._eager if eager else (self.forward, self.plain_forward, self.teacher)
         masked = not plain or plain_forward is None
         forward = forward if masked else plain_forward
-        if hidden_weight is None:
-            hidden_weight = self.cfg.hidden_weight or 0.0
         taps = self.taps
         student_rec = None
         if taps is not None:
@@ -576,7 +456,7 @@ class Annealer:
         loss, parts = loss_terms(s_logits, t_logits, ids, hidden, self.cfg.kd_temperature, self.cfg.ce_weight,
                                  self.cfg.kl_weight, self.batches.n_teacher)
         if hidden is not None:  # weighed outside the compiled function: a changing weight recompiles nothing
-            loss = loss + hidden_weight * parts["hidden"]
+            loss = loss + self.cfg.hidden_weight * parts["hidden"]
             parts["hidden"] = parts["hidden"].detach()
         return loss, parts, s_logits
 
@@ -586,9 +466,9 @@ class Annealer:
         Compiled whole (or outlined), SparseForge stays on its masked graph with the hard mask fed: a
         second whole-graph compile (tens of seconds) would cost more than it saves. Compiled block by
         block (regional) the plain model's blocks compile in seconds, and its steps are the peer's:
-        H200, 10 min, the hard-mask graph ran 9.72 / 8.97 steps/s over its last two quarters against
-        the peer's 11.73 / 9.92 (benchmarks/curves.py on runs_h200/trained_10min_measured_flips_*)."""
-        if self.compiled and not self.cfg.fixed_mask and not self.cfg.compiles_blocks_alone(self.device):
+        the hard-mask graph ran slower than the peer's plain steps (benchmarks/curves.py on
+        runs_h200/trained_10min_measured_flips_*)."""
+        if self.compiled and not self.cfg.fixed_mask and not self.cfg.outlines(self.device):
             return False
         return point.blend >= 1.0 and (self.cfg.fixed_mask or self.plain_forward is not None)
 
@@ -630,23 +510,14 @@ class Annealer:
 
         compiled = functools.partial(torch.compile, dynamic=False)
         if not self.cfg.fixed_mask:
-            if self._compile_forward is not None and self.cfg.compiles_blocks_alone(self.device):
+            if self._compile_forward is not None:
                 self.forward = _inlined_masks(self._compile_forward, copy=False)  # eager around the blocks
                 for module in self.forward.modules():
                     if isinstance(module, SharedBlock):
                         module.compile_body()
-            elif self._compile_forward is not None:  # see AnnealConfig.outline_blocks
-                self.forward = compiled(_inlined_masks(self._compile_forward, copy=False),
-                                        options={"allow_buffer_reuse": False})
             else:
                 self.forward = compiled(_inlined_masks(self.forward))
-        regions = self.regions
-        if self.cfg.graphs_teacher(self.device) and regions:
-            # The teacher is replayed as a CUDA graph: compiled whole, transformers' mask checks that
-            # read device values on the host are traced away (eager, they break the capture).
-            self.teacher = compiled(self.teacher)
-            regions = regions[1:]
-        for model in regions:
+        for model in self.regions:
             try:
                 blocks = find_decoder_blocks(model)[1]
             except PruneError:
@@ -668,17 +539,6 @@ class Annealer:
         self._loss_terms = _loss_terms
         self.compiled = False
 
-    def _stop_recording(self) -> None:
-        """The layer-wise weight reached 0 for good (``hidden_decay_end``): the hooks on the teacher's
-        and the plain student's blocks go (they run in Python on every block call, outside the
-        compiled regions, so nothing recompiles), and the loss stops asking for block outputs."""
-        for hooks in self.taps.hooks:
-            hooks.remove()
-        for rec in (self.taps.teacher, self.taps.graph, self.taps.plain):
-            rec.enabled = False
-            rec.clear()
-        self.taps = None
-
     def _reset_failed_step(self) -> None:
         """Forget what a step that raised half-way left behind (gradients, masks, recordings)."""
         self.opt.zero_grad(set_to_none=True)
@@ -694,16 +554,11 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
-        hidden_weight = (cfg.hidden_weight or 0.0) * point.hidden_scale
-        if hidden_weight == 0 and self.taps is not None:
-            self._stop_recording()
         probe = point.soft_phase and cfg.importance == "fisher" and self.step % cfg.importance_every == 0
-        # The mask gradient feeds the Fisher probe and the (optional) first-order evidence only; other
-        # steps skip its weight-sized backward and EMA update in every layer.
-        collect = probe or (point.soft_phase and (cfg.first_order != 0 or cfg.evidence == "regrow"))
+        # The mask gradient feeds the Fisher probe only; other steps skip its weight-sized backward.
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
-            ms.collecting = collect
+            ms.collecting = probe
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * point.lr_scale
         ids = self.batches.batch(self.step)
@@ -715,7 +570,7 @@ class Annealer:
         if plain and not self._weights_folded:
             self._reapply_masks()  # the step the phase starts: fold the hard mask into the weights
             self._weights_folded = True
-        loss, parts, s_logits = self._loss(ids, plain, hidden_weight=hidden_weight)
+        loss, parts, s_logits = self._loss(ids, plain)
         if probe:
             self._fisher_probe(s_logits)
         loss.backward()
@@ -737,100 +592,10 @@ class Annealer:
         if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
             self._refresh_scores(point.margin)
         self.step += 1
-        if self._confirm_due():
-            self._confirm_flips(point.margin)
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
-                "blend": point.blend, "hidden_weight": hidden_weight,
+                "blend": point.blend, "hidden_weight": cfg.hidden_weight or 0.0,
                 "margin": point.margin, "lr": cfg.lr * point.lr_scale}
-
-    # -- measured flips --------------------------------------------------------------------------
-    def _confirm_due(self) -> bool:
-        """Whether the next measured-flip round is due: rounds sit evenly over the soft phase, the
-        last where it ends (progress ``anneal_end * i / confirm_rounds``)."""
-        cfg = self.cfg
-        if cfg.fixed_mask or self.confirm_round >= cfg.confirm_rounds:
-            return False
-        progress = self.schedule_progress()
-        progress = self.step / max(self.total_steps, 1) if progress is None else progress
-        return progress >= cfg.anneal_end * (self.confirm_round + 1) / cfg.confirm_rounds
-
-    @torch.no_grad()
-    def _confirm_flips(self, margin: float) -> None:
-        """One round of "measure, then flip": the groups whose best support the OBD evidence rates
-        most above their present one are tried one at a time on held-aside training rows (every layer
-        on its hard mask, a pruned weight revived at its latent value); of those that lower the KL
-        to the teacher there, the best prefix that lowers it most together joins the anchor mask.
-
-        Why measured: single-flip gains stop adding up past a few dozen and the estimated evidence
-        ranks harmful flips among its best (benchmarks/results/evidence_check_*.json)."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        self.confirm_round += 1
-        entry = {"round": self.confirm_round, "step": self.step, "tried": 0, "lowered": 0, "committed": 0}
-        if self._weights_folded:  # pruned weights were zeroed: nothing left to revive
-            self.confirm_log.append({**entry, "skipped": "weights folded into the hard mask"})
-            return
-        hard = {n: ms._hard_float().clone() for n, ms in self.masks.items()}
-        candidates = []
-        for name, ms in self.masks.items():
-            gains, index, new = best_group_swaps(self._curvature(name, ms), hard[name].bool(), ms.pattern,
-                                                 cfg.confirm_pool)
-            candidates += [(g, name, i, m) for g, i, m in zip(gains.tolist(), index.tolist(), new)]
-        candidates = sorted(candidates, key=lambda c: -c[0])[: cfg.confirm_pool]
-        ids = self._held_aside_rows()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            t_logits = self.teacher(ids)
-        groups = {n: hard[n].view(-1, ms.pattern.m) for n, ms in self.masks.items()}
-
-        def measure(flips: list[tuple[str, int, torch.Tensor]]) -> float:
-            """The trial KL with ``flips`` (layer, group, new group mask) applied, then undone."""
-            old = [groups[name][index].clone() for name, index, _ in flips]
-            for name, index, new in flips:
-                groups[name][index] = new.to(hard[name].dtype)
-            kl = self._trial_kl(ids, t_logits)
-            for (name, index, _), saved in zip(flips, old):
-                groups[name][index] = saved
-            return kl
-
-        for name, ms in self.masks.items():
-            ms.feed(hard[name])
-        try:
-            base = self._trial_kl(ids, t_logits)
-            tried = [(measure([flip]) - base, flip) for flip in (c[1:] for c in candidates)]
-            lowered = sorted((c for c in tried if c[0] < 0), key=lambda c: c[0])
-            ranked = [flip for _, flip in lowered]
-            # Single-flip gains do not simply add: measure the best k together, k halving from confirm_keep.
-            best_k, best_kl, k = 0, base, min(cfg.confirm_keep, len(ranked))
-            while k >= 1:
-                kl = measure(ranked[:k])
-                if kl < best_kl:
-                    best_k, best_kl = k, kl
-                k //= 2
-        finally:
-            for ms in self.masks.values():
-                ms.feed(None)
-        for name, index, new in ranked[:best_k]:
-            self.anchor[name].view(-1, self.masks[name].pattern.m)[index] = new
-        self._refresh_scores(margin)
-        entry.update(tried=len(candidates), lowered=len(lowered), committed=best_k, kl_before=round(base, 6),
-                     kl_after=round(best_kl, 6), seconds=round(time.perf_counter() - t0, 2))
-        self.confirm_log.append(entry)
-        log.info("measured flips, round %d (step %d): %d of %d tried lowered the KL, %d committed (%.5f -> %.5f), "
-                 "%.1fs", self.confirm_round, self.step, len(lowered), len(candidates), best_k, base, best_kl,
-                 entry["seconds"])
-
-    def _held_aside_rows(self) -> torch.Tensor:
-        """Rows of training text no step draws (batch indices far past any run's steps), new each round."""
-        rows = self.cfg.confirm_rows or self.cfg.batch_size
-        first = HELD_ASIDE_BATCHES + 1000 * self.confirm_round
-        ids = torch.cat([self.batches.batch(first + i) for i in range(-(-rows // self.cfg.batch_size))])[:rows]
-        return ids.to(self.device)
-
-    def _trial_kl(self, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
-        """KL to the teacher of the masked graph on ``ids``, with the masks fed to it."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            s_logits = self.forward(ids)
-        return float(kd_loss(s_logits, t_logits, ids, temperature=1.0, ce_weight=0.0)[0])
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
@@ -923,8 +688,6 @@ class Annealer:
                 "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
                 "hutchinson": dict(self.hutchinson_curv), "hutchinson_probes": self.hutchinson_probes, "opt": self.opt.state_dict(),
                 "weights_folded": self._weights_folded, "history": list(self.history),
-                "anchor": {n: m.clone() for n, m in self.anchor.items()}, "confirm_round": self.confirm_round,
-                "confirm_log": list(self.confirm_log),
                 "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
     def save_checkpoint(self, directory: Path) -> None:
@@ -959,8 +722,6 @@ class Annealer:
         self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self._weights_folded = state["weights_folded"]
-        self.anchor = {n: m.clone() for n, m in state["anchor"].items()}
-        self.confirm_round, self.confirm_log = state["confirm_round"], list(state["confirm_log"])
 
     def _open_metrics(self) -> TextIO:
         """metrics.jsonl for appending: a fresh run starts it empty (a reused out dir held another run's
@@ -1034,7 +795,7 @@ class Annealer:
                             final_loss=float(last["loss"]) if last else float("nan"),
                             flips_vs_warm_start=self.flips() if self.warm else 0,
                             metrics_path=str(self.out_dir / "metrics.jsonl") if self.out_dir else None,
-                            history=self.history, compiled=self.compiled, confirm_log=list(self.confirm_log))
+                            history=self.history, compiled=self.compiled)
 
     def _log_row(self, last: dict, metrics_file) -> dict:
         now = time.perf_counter()

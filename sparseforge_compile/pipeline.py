@@ -106,9 +106,7 @@ class SparsifyResult:
         if self.anneal:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
-                       compiled=self.anneal.compiled,
-                       measured_flip_groups=self.anneal.measured_flip_groups,
-                       measured_flip_seconds=round(sum(r.get("seconds", 0.0) for r in self.anneal.confirm_log), 2))
+                       compiled=self.anneal.compiled)
         return out
 
 
@@ -361,8 +359,8 @@ def verify_graph(gm: torch.fx.GraphModule, model: nn.Module, ids: torch.Tensor, 
     (NaN, without checking, where the model's own logits are not finite).
 
     Export can drop what a model does at run time only (an autocast-off region, say): training such
-    a graph trains another function, which no loss curve shows (it cost every SparseForge GPU run
-    until session 8). Two forwards of two rows are cheap insurance."""
+    a graph trains another function, which no loss curve shows. Two forwards of two rows are cheap
+    insurance."""
     from .distill import kd_loss
     from .errors import CaptureError
     from .evaluate import logits_of
