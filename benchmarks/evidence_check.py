@@ -71,7 +71,7 @@ def row_curvature(annealer, name: str, ms, correlation: torch.Tensor) -> torch.T
     G_r the row median of the probes' H_ii / A_ii: one noisy number per weight becomes one per row."""
     w = annealer.weight_views[name]().detach().float()
     a = correlation.diagonal(dim1=-2, dim2=-1).reshape(-1)  # (in,)
-    h = 2 * annealer._curvature(name, ms) / w.square().clamp_min(1e-30)
+    h = 2 * annealer.evidence.curvature(name, ms) / w.square().clamp_min(1e-30)
     g_row = (h / a.clamp_min(1e-30)).median(dim=1, keepdim=True).values
     return 0.5 * g_row * a * w.square()
 
@@ -115,7 +115,7 @@ def candidates(annealer, criterion: str, gen: torch.Generator, correlations: dic
         rowwise = "_rows" in criterion
         grad = clean[name] if criterion.endswith("_clean") else ms.corrected("grad_ema")
         curvature = (row_curvature(annealer, name, ms, correlations[name]) if rowwise
-                     else annealer._curvature(name, ms))
+                     else annealer.evidence.curvature(name, ms))
         if criterion.startswith("group_obs"):
             costs, steps = group_support_costs(mask, grad, curvature,
                                                torch.sign(w), correlations[name], refits=True)

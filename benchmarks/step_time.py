@@ -223,7 +223,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     soft_loop = loop_ms(sf.train_step)
     if args.host_report:
         host_report(sf.train_step, f"{args.host_report}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", steps=10)
-    extra_cols["soft_outlined"] = sf._compile_forward is not None  # False also where the outlined compile failed
+    extra_cols["soft_outlined"] = sf.compilation.outlined is not None  # False also where the outlined compile failed
     extra_cols["soft_auto_is"] = labels[auto]
     if args.profile:
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
@@ -300,7 +300,7 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
     per_step = {name: value / INTERLEAVED_STEPS for name, value in ms.items()}
     row = {"bench": "train_loop", "config": f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} "
            f"compile={compile}", "batch": batch, "seq": args.seqlen, "hidden_weight": hidden_weight,
-           "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft._compile_forward is not None,
+           "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft.compilation.outlined is not None,
            "plain_kd_ms": round(per_step["peer"], 2), "anneal_soft_ms": round(per_step["soft"], 2),
            "anneal_final_ms": round(per_step["final"], 2),
            "soft_over_plain_kd": round(per_step["soft"] / per_step["peer"], 3),

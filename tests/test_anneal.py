@@ -156,20 +156,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
 
 
 def _run_until(loaded, cfg, out_dir, data_dir, stop_after: int):
-    from sparseforge_compile import anneal
+    from sparseforge_compile.anneal import Annealer
 
-    original = anneal.Annealer.train_step
+    original = Annealer.train_step
 
     def train_step(self):
         if self.step == stop_after:
             raise KeyboardInterrupt
         return original(self)
 
-    anneal.Annealer.train_step = train_step
+    Annealer.train_step = train_step
     try:
         sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, out_dir=out_dir, progress=False)
     finally:
-        anneal.Annealer.train_step = original
+        Annealer.train_step = original
 
 
 def test_nonfinite_loss_stops_with_step_and_layer(data_dir):
@@ -194,18 +194,18 @@ def test_budget_too_small_for_one_step(data_dir):
 
 
 def test_a_budget_eaten_by_compilation_says_so(data_dir, monkeypatch):
-    from sparseforge_compile import anneal
+    from sparseforge_compile.anneal import Annealer, loop
 
     clock = {"now": 0.0}
-    real_step = anneal.Annealer._train_step
+    real_step = Annealer._train_step
 
     def slow_first_step(self):  # the first (compiling) step takes 50 s of a fake clock, later ones 1 s
         clock["now"] += 50.0 if not self.step and not clock.get("compiled") else 1.0
         clock["compiled"] = True
         return real_step(self)
 
-    monkeypatch.setattr(anneal.Annealer, "_train_step", slow_first_step)
-    monkeypatch.setattr(anneal.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(Annealer, "_train_step", slow_first_step)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["now"])
     annealer = _annealer(data_dir, steps=None, compile="on")
     with pytest.raises(AnnealError, match=r"the first step, which compiles, took 50s \(--compile off"):
         annealer._training_budget(deadline=40.0)
@@ -298,7 +298,7 @@ def test_compiled_annealing_follows_the_eager_run(data_dir, outline, device):
                              outline_blocks=outline, autocast="off")
         runs[mode] = ([float(annealer.train_step()["loss"]) for _ in range(10)], annealer)
     assert not runs["off"][1].compiled and runs["on"][1].compiled
-    assert (runs["on"][1]._compile_forward is not None) == (outline == "regional")
+    assert (runs["on"][1].compilation.outlined is not None) == (outline == "regional")
     assert runs["on"][0] == pytest.approx(runs["off"][0], rel=2e-3), runs
     # The scores (fed by Fisher probes through the compiled backward) agree too.
     eager, comp = runs["off"][1], runs["on"][1]
@@ -330,8 +330,8 @@ def test_compiled_peer_follows_the_eager_run(data_dir):
         runs[mode] = annealer.run().history, annealer
     assert [r["loss"] for r in runs["on"][0]] == pytest.approx([r["loss"] for r in runs["off"][0]], rel=2e-3)
     compiled = runs["on"][1]
-    assert compiled.compiled and not compiled._compiled_blocks
-    blocks = find_decoder_blocks(compiled.regions[1])[1]
+    assert compiled.compiled and not compiled.compilation.blocks
+    blocks = find_decoder_blocks(compiled.compilation.regions[1])[1]
     assert all(block._compiled_call_impl is None for block in blocks)  # evaluation runs them eagerly
 
 
@@ -347,7 +347,7 @@ def test_an_outlined_graph_that_fails_to_compile_is_compiled_flat(data_dir, monk
     annealer = _annealer(data_dir, steps=3, compile="on", outline_blocks="regional", hidden_weight=0.0)
     with caplog.at_level("WARNING"):
         losses = [float(annealer.train_step()["loss"]) for _ in range(3)]
-    assert annealer.compiled and annealer._compile_forward is None and all(math.isfinite(v) for v in losses)
+    assert annealer.compiled and annealer.compilation.outlined is None and all(math.isfinite(v) for v in losses)
     assert "compiling it flat" in caplog.text and "training eagerly" not in caplog.text
 
 
@@ -370,11 +370,9 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
     """The CUDA path (fused AdamW, no host sync per step), run on the CPU: from step 3 on the loss is
     NaN; the fused optimizer skips those updates on the device, and the next check (log step 4) stops
     the run naming step 3, with the weights as step 2 left them."""
-    from sparseforge_compile import anneal
-
     annealer = _annealer(data_dir, steps=10, log_every=4, warm_start="magnitude")
     annealer.opt = torch.optim.AdamW(annealer.params, lr=annealer.cfg.lr, betas=(0.9, 0.95), fused=True)
-    annealer._deferred_check = True
+    annealer.guard.deferred = True
     real_loss = annealer._loss
     snapshots = {}
 
@@ -385,7 +383,7 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
         return (loss * math.nan if annealer.step >= 3 else loss), parts, logits
 
     annealer._loss = loss_going_nan
-    with pytest.raises(anneal.AnnealError, match=r"loss is nan at step 3; first non-finite gradient in"):
+    with pytest.raises(AnnealError, match=r"loss is nan at step 3; first non-finite gradient in"):
         annealer.run()
     assert annealer.step == 4  # stopped at the first check after the bad step
     assert all(torch.equal(p, q) for p, q in zip(annealer.params, snapshots["before"]))
