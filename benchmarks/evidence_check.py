@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
     calib_n, calib_len = calib.shape
     student = copy.deepcopy(teacher)
-    acfg = AnnealConfig(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt", seed=args.seed,
-                        prior_margin=1e6, **{"hidden_weight": args.hidden_weight, **train})
+    acfg = AnnealConfig.from_flat(dict(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt",
+                                       seed=args.seed, prior_margin=1e6,
+                                       **{"hidden_weight": args.hidden_weight, **train}))
     cfg = SparsifyConfig(method="sparseforge", kernel_constraints=None, calib_samples=calib_n,
                          calib_seqlen=calib_len, budget_s=None, anneal=acfg)
     captured = capture(student, (calib[:2, :32],))

@@ -48,9 +48,9 @@ def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight:
     ``anneal_end``)."""
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
-    acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
-                        teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile, outline_blocks=outline, **anneal)
+    acfg = AnnealConfig.from_flat(dict(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
+                                       teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
+                                       compile=compile, outline_blocks=outline, **anneal))
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -207,7 +207,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     extra_cols: dict = {}
     # The soft loop is timed as users get it (outline_blocks="auto": regional where the loop compiles on
     # CUDA, flat on the CPU), and each other setting --outline lists that way too.
-    auto_cfg = AnnealConfig(compile=compile, outline_blocks="auto")
+    auto_cfg = AnnealConfig.from_flat({"compile": compile, "outline_blocks": "auto"})
     auto = "regional" if auto_cfg.outlines(torch.device(device)) else "off"
     labels = {"off": "flat", "regional": "regional"}
     for other in [o for o in args.outline.split(",") if o and o != auto] if compile == "on" else []:
@@ -229,7 +229,7 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
             sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device, trace=args.trace)
     total = sf.total_steps
-    sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
+    sf.step = int(sf.cfg.schedule.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
     harden_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     # the final phase (training with the hard mask), far enough from the end for every timed step
@@ -273,7 +273,7 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
         loops[phase] = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                              compile=compile, outline="auto")[1]
     soft, final = loops["soft"], loops["final"]
-    starts = {"soft": soft.cfg.importance_every,  # past step 0, inside the soft phase for every timed step
+    starts = {"soft": soft.cfg.evidence.importance_every,  # past step 0, inside the soft phase for every timed step
               "final": final.total_steps - 2 * INTERLEAVED_STEPS}
     first_s = {}
     for name, ann in loops.items():  # the compiling first step, outside the timing

@@ -129,11 +129,9 @@ def _flag(name: str) -> str:
 
 
 def _anneal_fields():
-    import dataclasses
+    from .anneal.config import flat_fields
 
-    from .anneal import AnnealConfig
-
-    return [f for f in dataclasses.fields(AnnealConfig)]
+    return list(flat_fields().values())
 
 
 def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: dict) -> dict:
@@ -153,7 +151,6 @@ def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: d
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from .anneal import AnnealConfig
     from .data import eval_windows, load_wikitext2, tokenize
@@ -168,7 +165,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     anneal_kwargs = {f.name: getattr(args, f.name) for f in _anneal_fields() if getattr(args, f.name) is not None}
-    anneal_cfg = AnnealConfig(**anneal_kwargs)
+    anneal_cfg = AnnealConfig.from_flat(anneal_kwargs)
     pattern = None if args.pattern in ("none", "unstructured") else args.pattern
     cfg = SparsifyConfig(method=args.method, pattern=pattern, sparsity=args.sparsity, exclude=tuple(args.exclude),
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
@@ -206,7 +203,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         density = {r["name"]: r["density"] for r in report.as_dict()["layers"] if r.get("eligible")}
         plot_curves(result.anneal.history, density, out / "anneal_curves.png")
     summary = {**result.summary(), "model": args.model, "device": device, "out": str(out),
-               "config": dataclasses.asdict(cfg), "saved": saved}
+               "config": cfg.to_json(), "saved": saved}
     rows = [["model", args.model], ["method", f"{args.method} ({pattern or f'unstructured {args.sparsity}'})"],
             ["pruned layers", f"{len(result.layers)} ({len(result.skipped)} left dense)"],
             ["wall time", f"{result.seconds:.1f} s " + ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())]]

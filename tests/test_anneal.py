@@ -1,7 +1,6 @@
 """The annealing loop on tiny models: schedule, quality against one-shot, resume, and bad input."""
 
 import copy
-import dataclasses
 import json
 import math
 
@@ -23,7 +22,7 @@ def tiny_config(method: str = "sparseforge", **anneal) -> SparsifyConfig:
                 warm_start="magnitude")
     base.update(anneal)
     return SparsifyConfig(method=method, kernel_constraints=None, calib_samples=4, calib_seqlen=64, budget_s=None,
-                          anneal=AnnealConfig(**base))
+                          anneal=AnnealConfig.from_flat(base))
 
 
 def sharpened_tiny_llama():
@@ -48,27 +47,35 @@ def heldout_kl(student, teacher, data_dir) -> float:
 
 
 def test_schedule_anneals_then_hardens():
-    cfg = AnnealConfig(steps=100, anneal_end=0.5, harden_end=0.7)
+    cfg = AnnealConfig.from_flat({"steps": 100, "anneal_end": 0.5, "harden_end": 0.7})
     points = [schedule(cfg, s, 100) for s in range(100)]
     temps = [p.temperature for p in points]
-    assert temps[0] == pytest.approx(cfg.t_start) and min(temps) == pytest.approx(cfg.t_end)
+    assert temps[0] == pytest.approx(cfg.schedule.t_start) and min(temps) == pytest.approx(cfg.schedule.t_end)
     assert all(a >= b for a, b in zip(temps, temps[1:]))
     assert points[10].blend == 0 and points[10].soft_phase
     assert 0 < points[60].blend < 1 and not points[60].soft_phase
     assert all(p.blend == 1 for p in points[70:])
-    assert points[0].margin == pytest.approx(cfg.prior_margin)
-    assert points[99].margin == pytest.approx(cfg.prior_margin * cfg.prior_floor)
+    assert points[0].margin == pytest.approx(cfg.evidence.prior_margin)
+    assert points[99].margin == pytest.approx(cfg.evidence.prior_margin * cfg.evidence.prior_floor)
 
 
 def test_config_validates_and_round_trips_json():
-    cfg = AnnealConfig(lr=3e-4, importance="hutchinson")
+    cfg = AnnealConfig.from_flat({"lr": 3e-4, "importance": "hutchinson"})
+    assert cfg.runtime.lr == 3e-4 and cfg.evidence.importance == "hutchinson"
     assert AnnealConfig.from_json(cfg.to_json()) == cfg
+    assert AnnealConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg  # through a file
+    assert AnnealConfig.from_flat(cfg.flat()) == cfg and cfg.replace(lr=1e-3).runtime.lr == 1e-3
+    assert cfg.replace(anneal_end=0.04).flat() == {**cfg.flat(), "anneal_end": 0.04}
     with pytest.raises(ValueError, match="importance"):
-        AnnealConfig(importance="psychic")
+        AnnealConfig.from_flat({"importance": "psychic"})
     with pytest.raises(ValueError, match="anneal_end"):
-        AnnealConfig(anneal_end=0.8, harden_end=0.5)
-    with pytest.raises(ValueError, match="unknown AnnealConfig fields"):
-        AnnealConfig.from_json({"lr": 1.0, "lerning_rate": 2.0})
+        AnnealConfig.from_flat({"anneal_end": 0.8, "harden_end": 0.5})
+    with pytest.raises(ValueError, match="unknown AnnealConfig setting 'lerning_rate'"):
+        AnnealConfig.from_flat({"lr": 1.0, "lerning_rate": 2.0})
+    with pytest.raises(ValueError, match="unknown AnnealConfig setting runtime.lerning_rate"):
+        AnnealConfig.from_json({"runtime": {"lr": 1.0, "lerning_rate": 2.0}})
+    # resume compares everything but the checkpoint cadence
+    assert cfg.same_run(cfg.replace(checkpoint_every=5).to_json()) and not cfg.same_run(cfg.replace(lr=1.0).to_json())
 
 
 def test_annealing_gives_exact_nm_and_beats_one_shot_magnitude(data_dir):
@@ -138,7 +145,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     # An interrupted run: the same configuration stopped two steps after its step-6 checkpoint...
     part = load_model("tiny-llama")
     stop = copy.deepcopy(cfg)
-    stop.anneal = dataclasses.replace(cfg.anneal, steps=12)
+    stop.anneal = cfg.anneal.replace(steps=12)
     with pytest.raises(KeyboardInterrupt):
         _run_until(part, stop, tmp_path / "resumed", data_dir, stop_after=8)
     # ...then resumed from it, in a fresh process state.
@@ -222,7 +229,7 @@ def test_a_budget_run_spans_its_schedule_over_time_and_keeps_the_budget(data_dir
     assert result.seconds <= cfg.budget_s + 1.0, result.phases
     assert result.anneal.steps >= 10 and history[-1]["step"] == result.anneal.steps
     temps = [r["temperature"] for r in history]
-    assert temps[0] > 0.5 * cfg.anneal.t_start and temps[-1] == pytest.approx(cfg.anneal.t_end)
+    assert temps[0] > 0.5 * cfg.anneal.schedule.t_start and temps[-1] == pytest.approx(cfg.anneal.schedule.t_end)
     assert all(a >= b for a, b in zip(temps, temps[1:]))
     assert history[0]["blend"] == 0 and history[-1]["blend"] == 1
     # the hard phase (the last 30 % of the time) holds a share of the steps, not a share of zero
@@ -371,7 +378,7 @@ def test_deferred_nonfinite_check_skips_bad_updates_and_names_the_step(data_dir)
     NaN; the fused optimizer skips those updates on the device, and the next check (log step 4) stops
     the run naming step 3, with the weights as step 2 left them."""
     annealer = _annealer(data_dir, steps=10, log_every=4, warm_start="magnitude")
-    annealer.opt = torch.optim.AdamW(annealer.params, lr=annealer.cfg.lr, betas=(0.9, 0.95), fused=True)
+    annealer.opt = torch.optim.AdamW(annealer.params, lr=annealer.cfg.runtime.lr, betas=(0.9, 0.95), fused=True)
     annealer.guard.deferred = True
     real_loss = annealer._loss
     snapshots = {}

@@ -10,9 +10,9 @@ def test_method_brackets_override_the_flags_and_anneal_options():
     args = accuracy.parse_args(["--batch-size", "16", "--anneal", "lr=1e-3", "--anneal", "seqlen=256"])
     overrides = accuracy.anneal_overrides(args.anneal)
     cfg = accuracy.anneal_config(args, overrides, "sparseforge[batch_size=64,lr=2e-4]")
-    assert (cfg.batch_size, cfg.seqlen, cfg.lr) == (64, 256, 2e-4)
+    assert (cfg.runtime.batch_size, cfg.runtime.seqlen, cfg.runtime.lr) == (64, 256, 2e-4)
     plain = accuracy.anneal_config(args, overrides, "sparseforge")
-    assert (plain.batch_size, plain.seqlen, plain.lr) == (16, 256, 1e-3)
+    assert (plain.runtime.batch_size, plain.runtime.seqlen, plain.runtime.lr) == (16, 256, 1e-3)
 
 
 def test_method_brackets_may_set_the_sampling_share_and_calibration_windows():
@@ -20,7 +20,7 @@ def test_method_brackets_may_set_the_sampling_share_and_calibration_windows():
     spec = "sparseforge[teacher_sample_share=0.1,calib_samples=64,lr=5e-4]"
     assert accuracy.run_settings(args, spec) == {"teacher_sample_share": 0.1, "calib_samples": 64}
     assert accuracy.run_settings(args, "sparseforge") == {"teacher_sample_share": 0.2, "calib_samples": 128}
-    assert accuracy.anneal_config(args, {}, spec).lr == 5e-4
+    assert accuracy.anneal_config(args, {}, spec).runtime.lr == 5e-4
 
 
 def test_bad_method_settings_stop_before_the_model_loads(monkeypatch):
@@ -285,7 +285,7 @@ def test_step_time_interleaved_times_each_loop_in_its_phase(tmp_path, data_dir, 
     assert row["soft_over_plain_kd"] == pytest.approx(row["anneal_soft_ms"] / row["plain_kd_ms"], abs=2e-3)
     assert row["soft_over_same_loss"] == pytest.approx(row["anneal_soft_ms"] / row["plain_kd_same_loss_ms"], abs=2e-3)
     peer, same_loss, soft, final = built
-    assert not peer.cfg.hidden_weight and same_loss.cfg.hidden_weight == 3 and same_loss.cfg.fixed_mask
+    assert not peer.cfg.loss.hidden_weight and same_loss.cfg.loss.hidden_weight == 3 and same_loss.cfg.evidence.fixed_mask
     steps = 1 + (1 + 2) * step_time.INTERLEAVED_STEPS  # the compiling step, a warm-up round, 2 timed rounds
     for ann in built:
         assert sum(a is ann for a, _ in phases) == steps

@@ -91,7 +91,7 @@ class Compilation:
         from ..layers import find_decoder_blocks
 
         compiled = functools.partial(torch.compile, dynamic=False)
-        if not self.cfg.fixed_mask:
+        if not self.cfg.evidence.fixed_mask:
             if self.outlined is not None:
                 self.active.forward = inlined_masks(self.outlined, copy=False)  # eager around the blocks
                 for module in self.active.forward.modules():

@@ -49,7 +49,7 @@ class Evidence:
 
     def weight(self, ms: MaskState) -> float:
         """How much the evidence counts yet: one probe is noise, ``evidence_probes`` count fully."""
-        return min(self.probes(ms) / self.cfg.evidence_probes, 1.0)
+        return min(self.probes(ms) / self.cfg.evidence.evidence_probes, 1.0)
 
     def state_dict(self) -> dict:
         return {}
@@ -72,7 +72,7 @@ class FisherEvidence(Evidence):
             return
         logits = s_logits[:, :-1].detach().float()
         # Seeded per step: the same seed gives the same probes, resumed or not, whatever ran before.
-        gen = torch.Generator(device=logits.device).manual_seed(self.cfg.seed * 1_000_003 + step + 17)
+        gen = torch.Generator(device=logits.device).manual_seed(self.cfg.runtime.seed * 1_000_003 + step + 17)
         race = torch.empty_like(logits).exponential_(generator=gen)
         sampled = (torch.softmax(logits, dim=-1) / race).argmax(dim=-1)
         fisher_loss = torch.nn.functional.cross_entropy(
@@ -117,11 +117,11 @@ class HutchinsonEvidence(Evidence):
         for ms in self.masks.values():
             ms.hook_enabled = False
         try:
-            diag = hutchinson_diagonal(value, params, seed=self.cfg.seed + step)
+            diag = hutchinson_diagonal(value, params, seed=self.cfg.runtime.seed + step)
         finally:
             for ms in self.masks.values():
                 ms.hook_enabled = True
-        beta = self.cfg.importance_beta
+        beta = self.cfg.evidence.importance_beta
         for n, d in diag.items():
             curv = 0.5 * (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()
             old = self.curv.get(n)
@@ -143,7 +143,7 @@ class HutchinsonEvidence(Evidence):
 
 
 def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState]) -> Evidence:
-    return (HutchinsonEvidence if cfg.importance == "hutchinson" else FisherEvidence)(cfg, masks)
+    return (HutchinsonEvidence if cfg.evidence.importance == "hutchinson" else FisherEvidence)(cfg, masks)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ class Annealer:
     ``plain_forward`` runs the model without mask nodes (the final, hard-mask phase);
     ``weight_views`` maps each layer name to its weight in the mask's (out, in) layout;
     ``teacher(input_ids) -> logits`` is the dense model; ``regions`` the modules behind ``teacher``
-    and ``plain_forward``, in that order, whose decoder blocks are compiled (with ``cfg.compile``) one
+    and ``plain_forward``, in that order, whose decoder blocks are compiled (with ``cfg.runtime.compile``) one
     block at a time (without them those two run eagerly);
     ``compile_forward`` the same graph with its blocks outlined, whose shared block is compiled alone.
     """
@@ -63,23 +63,23 @@ class Annealer:
                  plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  taps: LayerTaps | None = None, out_dir: Path | None = None, progress: bool = True,
                  regions: Sequence[nn.Module] = (), compile_forward: Callable | None = None) -> None:
-        if cfg.hidden_weight and taps is None:
+        if cfg.loss.hidden_weight and taps is None:
             raise AnnealError("hidden_weight > 0 needs block-output taps on the teacher and the student")
         self.params, self.masks, self.weight_views, self.batches, self.cfg = params, masks, weight_views, batches, cfg
-        self.taps = taps if cfg.hidden_weight else None
+        self.taps = taps if cfg.loss.hidden_weight else None
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
         self.evidence = make_evidence(cfg, masks)
         for name, ms in masks.items():
-            ms.importance_beta = cfg.importance_beta
-            if cfg.fixed_mask:
+            ms.importance_beta = cfg.evidence.importance_beta
+            if cfg.evidence.fixed_mask:
                 if name not in self.warm:
                     raise AnnealError(f"{name}: a fixed-mask run needs a warm-start mask for every layer")
                 ms.set_hard(self.warm[name])
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+        self.opt = torch.optim.AdamW(params, lr=cfg.runtime.lr, weight_decay=cfg.runtime.weight_decay, betas=(0.9, 0.95),
                                      **({"fused": True} if device.type == "cuda" else {}))
         self.step = 0
-        self.total_steps = cfg.steps or 0  # 0: sized by time (train_budget_s), not by steps
+        self.total_steps = cfg.schedule.steps or 0  # 0: sized by time (train_budget_s), not by steps
         self.train_budget_s = 0.0  # budget runs: training seconds the schedule spans
         self.train_seconds = 0.0  # budget runs: training seconds spent so far (kept across --resume)
         self.history: list[dict] = []
@@ -89,12 +89,12 @@ class Annealer:
         # Each masked layer's parameter, and whether its (out, in) weight view is the parameter
         # transposed (GPT-2's Conv1D): for gradients and names, which live on the parameter.
         self._layer_params = {n: _parameter_of(self.weight_views[n]()) for n in masks}
-        self.guard = FiniteGuard(params, {id(p): n for n, (p, _) in self._layer_params.items()}, cfg.grad_clip,
+        self.guard = FiniteGuard(params, {id(p): n for n, (p, _) in self._layer_params.items()}, cfg.runtime.grad_clip,
                                  device, deferred=bool(self.opt.defaults.get("fused")), out_dir=out_dir)
         self.compilation = Compilation(Forwards(forward, plain_forward, teacher), cfg, device, regions,
                                        outlined=compile_forward)
-        if not cfg.fixed_mask:
-            refresh_scores(self.masks, self.evidence, self.warm, cfg.prior_margin, self.step)
+        if not cfg.evidence.fixed_mask:
+            refresh_scores(self.masks, self.evidence, self.warm, cfg.evidence.prior_margin, self.step)
 
     @property
     def compiled(self) -> bool:
@@ -131,10 +131,10 @@ class Annealer:
             for ms in self.masks.values():
                 ms.feed(None)
         hidden = (student_rec.take(), taps.teacher.take()) if taps is not None else None
-        loss, parts = fns.loss_terms(s_logits, t_logits, ids, hidden, self.cfg.kd_temperature, self.cfg.ce_weight,
-                                     self.cfg.kl_weight, self.batches.n_teacher)
+        loss, parts = fns.loss_terms(s_logits, t_logits, ids, hidden, self.cfg.loss.kd_temperature, self.cfg.loss.ce_weight,
+                                     self.cfg.loss.kl_weight, self.batches.n_teacher)
         if hidden is not None:  # weighed outside the compiled function: a changing weight recompiles nothing
-            loss = loss + self.cfg.hidden_weight * parts["hidden"]
+            loss = loss + self.cfg.loss.hidden_weight * parts["hidden"]
             parts["hidden"] = parts["hidden"].detach()
         return loss, parts, s_logits
 
@@ -145,9 +145,9 @@ class Annealer:
         whole-graph compile (tens of seconds) would cost more than it saves. Compiled block by block
         (regional) the plain model's blocks compile in seconds, and its steps are the peer's, faster
         than the hard-mask graph's (benchmarks/curves.py on runs_h200/trained_10min_measured_flips_*)."""
-        if self.compiled and not self.cfg.fixed_mask and not self.cfg.outlines(self.device):
+        if self.compiled and not self.cfg.evidence.fixed_mask and not self.cfg.outlines(self.device):
             return False
-        return point.blend >= 1.0 and (self.cfg.fixed_mask or self.compilation.eager.plain is not None)
+        return point.blend >= 1.0 and (self.cfg.evidence.fixed_mask or self.compilation.eager.plain is not None)
 
     def schedule_progress(self) -> float | None:
         """Where a budget run is in its schedule (training time spent / budget); None for step runs."""
@@ -182,13 +182,13 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
-        probing = point.soft_phase and self.step % cfg.importance_every == 0
+        probing = point.soft_phase and self.step % cfg.evidence.importance_every == 0
         # Only a probe reads the mask gradient; other steps skip its weight-sized backward.
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
             ms.collecting = probing and self.evidence.reads_step
         for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * point.lr_scale
+            group["lr"] = cfg.runtime.lr * point.lr_scale
         ids = self.batches.batch(self.step)
         # Pinned and non-blocking: a copy from pageable memory waits for the GPU to drain first.
         ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids
@@ -219,13 +219,13 @@ class Annealer:
         self.opt.zero_grad(set_to_none=True)
         if plain:
             self._reapply_masks()
-        if point.soft_phase and (self.step + 1) % cfg.importance_every == 0:
+        if point.soft_phase and (self.step + 1) % cfg.evidence.importance_every == 0:
             refresh_scores(self.masks, self.evidence, self.warm, point.margin, self.step)
         self.step += 1
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
-                "blend": point.blend, "hidden_weight": cfg.hidden_weight or 0.0,
-                "margin": point.margin, "lr": cfg.lr * point.lr_scale}
+                "blend": point.blend, "hidden_weight": cfg.loss.hidden_weight or 0.0,
+                "margin": point.margin, "lr": cfg.runtime.lr * point.lr_scale}
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
@@ -320,7 +320,7 @@ class Annealer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, deadline: float | None = None, resume_from: Path | None = None) -> AnnealResult:
-        """Train until ``cfg.steps`` steps, or, without them, until the time budget (``deadline``) is spent."""
+        """Train until ``cfg.schedule.steps`` steps, or, without them, until the time budget (``deadline``) is spent."""
         cfg = self.cfg
         start = time.perf_counter()
         if resume_from is not None:
@@ -334,7 +334,7 @@ class Annealer:
                        disable=not self.progress, unit="step")
             self._t_last, self._tok_last, self._start = time.perf_counter(), self.tokens, start
             last = {}
-            every = cfg.log_every if budget_mode else max(1, min(cfg.log_every, self.total_steps // 50))
+            every = cfg.runtime.log_every if budget_mode else max(1, min(cfg.runtime.log_every, self.total_steps // 50))
             seconds_before, loop_t0 = self.train_seconds, time.perf_counter()
 
             recent: collections.deque[float] = collections.deque(maxlen=5)  # step seconds
@@ -356,7 +356,7 @@ class Annealer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.3f}",
                                     undecided=f"{row['undecided']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
-                if cfg.checkpoint_every and self.out_dir and self.step % cfg.checkpoint_every == 0:
+                if cfg.runtime.checkpoint_every and self.out_dir and self.step % cfg.runtime.checkpoint_every == 0:
                     self.check_finite()  # a checkpoint is only ever written from finite steps
                     self.save_checkpoint(self.out_dir / "checkpoint")
                 self.train_seconds = seconds_before + time.perf_counter() - loop_t0
@@ -371,7 +371,7 @@ class Annealer:
             self.compilation.uncompile_blocks()
         for ms in self.masks.values():
             ms.collecting = False
-            ms.set_schedule(cfg.t_end, 1.0)
+            ms.set_schedule(cfg.schedule.t_end, 1.0)
         return AnnealResult(steps=self.step, seconds=time.perf_counter() - start, tokens=self.tokens,
                             final_loss=float(last["loss"]) if last else float("nan"),
                             flips_vs_warm_start=self.flips() if self.warm else 0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import AnnealConfig
+from .config import AnnealConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,9 @@ class SchedulePoint:
     soft_phase: bool  # scores still move
 
 
-def _cosine(cfg: AnnealConfig, r: float) -> float:
+def _cosine(sched: ScheduleConfig, r: float) -> float:
     """Cosine decay from 1 to ``min_lr_frac`` over r in [0, 1]."""
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
+    return sched.min_lr_frac + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(r, 1.0)))
 
 
 def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = None) -> SchedulePoint:
@@ -34,28 +34,29 @@ def schedule(cfg: AnnealConfig, step: int, total: int, progress: float | None = 
     the schedule over its *time* (``elapsed / budget``), so its phases and LR warm-up keep their
     shares of the budget however fast each phase's steps turn out to be.
     """
+    sched, evidence = cfg.schedule, cfg.evidence
     p = step / max(total, 1) if progress is None else min(max(progress, 0.0), 1.0)
-    harden_start = cfg.anneal_end
+    harden_start = sched.anneal_end
     # Temperature: geometric from t_start to t_end over the soft + hardening phases.
-    t_span = max(cfg.harden_end, 1e-9)
+    t_span = max(sched.harden_end, 1e-9)
     q = min(p / t_span, 1.0)
-    temperature = cfg.t_start * (cfg.t_end / cfg.t_start) ** q
-    if cfg.harden_end > harden_start:
-        blend = min(max((p - harden_start) / (cfg.harden_end - harden_start), 0.0), 1.0)
+    temperature = sched.t_start * (sched.t_end / sched.t_start) ** q
+    if sched.harden_end > harden_start:
+        blend = min(max((p - harden_start) / (sched.harden_end - harden_start), 0.0), 1.0)
     else:
         blend = 1.0 if p >= harden_start else 0.0
-    margin_q = min(p / max(cfg.anneal_end, 1e-9), 1.0)
-    margin = cfg.prior_margin * (1 - (1 - cfg.prior_floor) * margin_q)
+    margin_q = min(p / max(sched.anneal_end, 1e-9), 1.0)
+    margin = evidence.prior_margin * (1 - (1 - evidence.prior_floor) * margin_q)
     if progress is None:
-        warm = max(int(cfg.warmup_frac * total), 1)
+        warm = max(int(sched.warmup_frac * total), 1)
         if step < warm:
             lr_scale = (step + 1) / warm
         else:
-            lr_scale = _cosine(cfg, (step - warm) / max(total - warm, 1))
-    elif p < cfg.warmup_frac:
-        lr_scale = max(p / cfg.warmup_frac, 1e-3)
+            lr_scale = _cosine(sched, (step - warm) / max(total - warm, 1))
+    elif p < sched.warmup_frac:
+        lr_scale = max(p / sched.warmup_frac, 1e-3)
     else:
-        lr_scale = _cosine(cfg, (p - cfg.warmup_frac) / max(1 - cfg.warmup_frac, 1e-9))
-    if cfg.fixed_mask:
-        return SchedulePoint(cfg.t_end, 1.0, 0.0, lr_scale, False)
+        lr_scale = _cosine(sched, (p - sched.warmup_frac) / max(1 - sched.warmup_frac, 1e-9))
+    if evidence.fixed_mask:
+        return SchedulePoint(sched.t_end, 1.0, 0.0, lr_scale, False)
     return SchedulePoint(temperature, blend, margin, lr_scale, p < harden_start)
