@@ -38,6 +38,7 @@ from tabulate import tabulate
 from benchmarks import curves
 from benchmarks.common import RESULTS_DIR, ROOT, write_results
 from sparseforge_compile.anneal import AnnealConfig
+from sparseforge_compile.anneal.config import flat_fields
 from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.distill import TEACHER_DECODES
 from sparseforge_compile.evaluate import perplexity
@@ -86,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def anneal_overrides(pairs: list[str]) -> dict:
-    import dataclasses
-
-    types = {f.name: f.type for f in dataclasses.fields(AnnealConfig)}
+    types = {name: f.type for name, f in flat_fields().items()}
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -191,7 +190,7 @@ def anneal_config(args: argparse.Namespace, overrides: dict, spec: str) -> Annea
     (``sparseforge[batch_size=64]`` overrides ``--batch-size``)."""
     own = [pair for pair in spec_overrides(spec) if pair.partition("=")[0] not in RUN_FIELDS]
     fields = {"batch_size": args.batch_size, "seqlen": args.train_seqlen, **overrides, **anneal_overrides(own)}
-    return AnnealConfig(**fields)
+    return AnnealConfig.from_flat(fields)
 
 
 def method_of(spec: str) -> str:
@@ -222,9 +221,7 @@ TRAINED = ("sparsegpt+kd", "sparseforge")
 def isolates(args: argparse.Namespace, methods: list[str]) -> bool:
     """Whether each method runs in a process of its own. Auto: on a GPU, when two or more trained methods
     share a run: in one process the second inherits the first's allocator and compile state (warm caches
-    included). Run that way, its teacher sampling once took 157 s against 110 s for the same rows (H200,
-    accuracy_*_trained_10min_kd_t1.json); an isolated run sampled as slowly (153 s), so the shared process
-    was not shown to be the cause; isolated and at equal sampling batches, runs sample alike (~112 s)."""
+    included; accuracy_*_trained_10min_kd_t1.json)."""
     if args.isolate is not None:
         return args.isolate
     trained = [spec for spec in methods if method_of(spec) in TRAINED]
@@ -375,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             row["wikitext2_ppl_within_train_len"] = round(ppl.ppl_between(0, args.train_seqlen - 1), 3)
             row["wikitext2_ppl_beyond_train_len"] = round(ppl.ppl_between(args.train_seqlen - 1, args.seqlen), 3)
         if method != "dense" and budget_s:
-            row["train_seqlen"], row["hidden_weight"] = cfg.anneal.seqlen, cfg.anneal.hidden_weight
+            row["train_seqlen"], row["hidden_weight"] = cfg.anneal.runtime.seqlen, cfg.anneal.loss.hidden_weight
             row["teacher_sample_share"], row["calib_samples"] = cfg.teacher_sample_share, cfg.calib_samples
         if args.also_valid and args.split != "valid":
             valid = eval_windows(tokenize(tok, load_wikitext2("valid")), args.seqlen)
             row["wikitext2_valid_ppl"] = round(perplexity(model, valid, progress=not args.quiet).ppl, 3)
         for key in ("steps", "train_tokens", "teacher_tokens", "teacher_sample_batch", "flips_vs_warm_start",
-                    "measured_flip_groups", "measured_flip_seconds", "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES, "compile_frames"):
+                    "tokens_per_s_median", "first_log_step", "first_log_elapsed_s", "compiled", "attention_masks", *COMPILE_PHASES, "compile_frames"):
             if key in info:
                 row[key] = info[key]
         sampling_s = info.get("phases", {}).get("teacher_sampling", 0.0)

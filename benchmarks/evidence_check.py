@@ -13,9 +13,7 @@ Criteria: ``obd`` (the loop's evidence: a pruned weight revived at its latent va
 cost ``1/2 H w^2``, diagonal curvature from the Fisher probes), ``group_obs`` (every support costed with
 the group re-fitted, off-diagonals from the input correlation, the loop's mask-gradient EMA, the new
 support at its Newton values; ``hessian.group_support_costs``; not offered by the loop: measured
-harmful, see results/evidence_check_*.json), ``_confirmed`` (the criterion's ``--confirm-pool`` best flips
-tried one at a time on fresh training batches, those that lowered the KL there ranked by how much: does
-"measure, then flip" find flips that also help on held-out text?), ``_rows`` variants (the curvature K-FAC-smoothed to one
+harmful, see results/evidence_check_*.json), ``_rows`` variants (the curvature K-FAC-smoothed to one
 output factor per row), ``_clean`` (the gradient of ``--grad-batches`` fresh batches) and ``random`` (as many random flips, each group to a random other
 support, revived weights at their latent values), the floor any criterion has to beat.
 Rows: criterion, flips, predicted and measured change of the held-out KL (negative: better).
@@ -73,7 +71,7 @@ def row_curvature(annealer, name: str, ms, correlation: torch.Tensor) -> torch.T
     G_r the row median of the probes' H_ii / A_ii: one noisy number per weight becomes one per row."""
     w = annealer.weight_views[name]().detach().float()
     a = correlation.diagonal(dim1=-2, dim2=-1).reshape(-1)  # (in,)
-    h = 2 * annealer._curvature(name, ms) / w.square().clamp_min(1e-30)
+    h = 2 * annealer.evidence.curvature(name, ms) / w.square().clamp_min(1e-30)
     g_row = (h / a.clamp_min(1e-30)).median(dim=1, keepdim=True).values
     return 0.5 * g_row * a * w.square()
 
@@ -117,7 +115,7 @@ def candidates(annealer, criterion: str, gen: torch.Generator, correlations: dic
         rowwise = "_rows" in criterion
         grad = clean[name] if criterion.endswith("_clean") else ms.corrected("grad_ema")
         curvature = (row_curvature(annealer, name, ms, correlations[name]) if rowwise
-                     else annealer._curvature(name, ms))
+                     else annealer.evidence.curvature(name, ms))
         if criterion.startswith("group_obs"):
             costs, steps = group_support_costs(mask, grad, curvature,
                                                torch.sign(w), correlations[name], refits=True)
@@ -151,25 +149,6 @@ def candidates(annealer, criterion: str, gen: torch.Generator, correlations: dic
     return out
 
 
-@torch.no_grad()
-def confirmed(ranked: list, pruned, transposed, annealer, teacher, pool: int, batches: int) -> list:
-    """``ranked``'s first ``pool`` flips, each tried alone on ``batches`` fresh training batches (the
-    same batches with and without it), kept where the measured KL drops, re-ranked by that drop."""
-    ids = torch.cat([annealer.batches.batch(20_000 + i) for i in range(batches)])
-    t_logits = logits_of(teacher, ids)
-    base = heldout_kl(pruned, ids, t_logits)
-    out = []
-    for _, name, r, g, new in ranked[:pool]:
-        weight = weight_of(pruned, name, transposed[name])
-        old = weight[r, 4 * g : 4 * g + 4].clone()
-        weight[r, 4 * g : 4 * g + 4] = new
-        change = heldout_kl(pruned, ids, t_logits) - base
-        weight[r, 4 * g : 4 * g + 4] = old
-        if change < 0:
-            out.append((change, name, r, g, new))
-    return sorted(out, key=lambda c: c[0])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-llama-x8", choices=sorted(PROXIES))
@@ -179,10 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--criteria", default="obd,obd_rows,group_obs,group_obs_rows,group_obs_rows_clean,random")
     p.add_argument("--grad-batches", type=int, default=32, help="fresh batches behind the _clean criteria's gradient")
-    p.add_argument("--confirm-pool", type=int, default=300,
-                   help="_confirmed criteria: how many of the criterion's best flips are tried one by one")
-    p.add_argument("--confirm-batches", type=int, default=4,
-                   help="_confirmed criteria: fresh training batches each tried flip is measured on")
     p.add_argument("--hidden-weight", type=float, default=3.0,
                    help="the loop's layer-wise loss weight (its curvature is not in the Fisher probes)")
     p.add_argument("--out", default=None)
@@ -192,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
     calib_n, calib_len = calib.shape
     student = copy.deepcopy(teacher)
-    acfg = AnnealConfig(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt", seed=args.seed,
-                        prior_margin=1e6, **{"hidden_weight": args.hidden_weight, **train})
+    acfg = AnnealConfig.from_flat(dict(steps=args.steps * 4, teacher_data_ratio=0.0, warm_start="sparsegpt",
+                                       seed=args.seed, prior_margin=1e6,
+                                       **{"hidden_weight": args.hidden_weight, **train}))
     cfg = SparsifyConfig(method="sparseforge", kernel_constraints=None, calib_samples=calib_n,
                          calib_seqlen=calib_len, budget_s=None, anneal=acfg)
     captured = capture(student, (calib[:2, :32],))
@@ -218,13 +194,8 @@ def main(argv: list[str] | None = None) -> int:
              if any(c.endswith("_clean") for c in args.criteria.split(",")) else None)
     rows = []
     for criterion in args.criteria.split(","):
-        base_criterion = criterion.removesuffix("_confirmed")
-        limit = max(max(int(t) for t in args.top.split(",")), args.confirm_pool)
-        ranked = candidates(annealer, base_criterion, gen, correlations, clean, limit=limit)
-        if criterion.endswith("_confirmed"):
-            ranked = confirmed(ranked, pruned, transposed, annealer, teacher, args.confirm_pool, args.confirm_batches)
-            print(f"{criterion}: {len(ranked)} of {args.confirm_pool} tried flips lowered the training-batch KL",
-                  flush=True)
+        limit = max(int(t) for t in args.top.split(","))
+        ranked = candidates(annealer, criterion, gen, correlations, clean, limit=limit)
         for top in [int(t) for t in args.top.split(",")]:
             chosen = ranked[:top]
             if len(chosen) < top:
@@ -237,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": proxy.name,
                          "steps": args.steps, "hidden_weight": args.hidden_weight, "criterion": criterion, "flips": top,
                          "predicted_change": round(sum(c[0] for c in chosen), 6) if criterion != "random" else None,
-                         **({"pool": args.confirm_pool, "confirmed": len(ranked)} if criterion.endswith("_confirmed")
-                            else {}),
                          "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
                          "measured_change": round(after - before, 6)})
             print(tabulate(rows[-1:], headers="keys"), flush=True)

@@ -41,7 +41,7 @@ gpus=${GPUS:-1}
 for step in "$@"; do
   case $step in
     numerics) cmd=(python -m benchmarks.graph_numerics --batch 4 --seqlen 512 --check --out "$out/graph_numerics.json") ;;
-    gputests) cmd=(bash -c "python -m benchmarks.nested_region_check; python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
+    gputests) cmd=(bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider") ;;
     lowered) cmd=(python -m benchmarks.lowered_model --model smollm2-135m --out "$out/lowered_smollm2-135m.json") ;;
     trained) cmd=(python -m benchmarks.accuracy --methods "$trained" --budget-minutes "$budget"
                   --tasks "$tasks" --also-valid --gpus "$gpus" --quiet --out "$out/accuracy_smollm2-135m_trained.json") ;;

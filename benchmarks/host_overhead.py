@@ -4,12 +4,11 @@ A 30-layer LLaMA with hidden 64 (210 Linears, like SmolLM2-135M) at 2 x 32 token
 so small that a step's wall time is mostly dispatch, Python and launch overhead, the part that makes
 the compiled steps host-bound on an H200 (benchmarks/results/profile/: about half of a SmolLM2 step
 is kernel time). Times plain KD and SparseForge soft-phase steps (same loss, layer-wise term on),
-eager and compiled, flat and outlined.
+eager and compiled, flat and regional.
 
     python -m benchmarks.host_overhead          # writes benchmarks/results/host_overhead_cpu.json
 
-Also SparseForge's hard-phase step (``anneal_final_ms``) and, with a layer-wise weight, the plain KD step
-past ``hidden_decay_end`` (no block output recorded).
+Also SparseForge's hard-phase step (``anneal_final_ms``).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--configs", default="off/off,on/off,on/on", help="compile/outline pairs")
+    p.add_argument("--configs", default="off/off,on/off,on/regional", help="compile/outline pairs")
     p.add_argument("--hidden-weights", default="3", help="comma list: layer-wise distillation weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -62,21 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                           outline=outline)[1]
             final.step = int(0.6 * final.total_steps)  # SparseForge's hard phase (the plain model where regional)
             loops[hidden_weight, "final"] = final
-            if hidden_weight:  # the plain KD step past hidden_decay_end: the layer-wise loss and its hooks gone
-                past = build(base, tok, calib, 2, 32, fixed=True, hidden_weight=hidden_weight, compile=compile,
-                             outline=outline, hidden_decay_end=0.5)[1]
-                past.step = int(0.6 * past.total_steps)  # past hidden_decay_end 0.5
-                loops[hidden_weight, "past"] = past
         times = interleaved_median_ms({key: loop.train_step for key, loop in loops.items()}, args.repeats, warmup=3)
         for hidden_weight in weights:
             kd, soft = times[hidden_weight, True], times[hidden_weight, False]
-            extra = ({"plain_kd_past_decay_end_ms": round(times[hidden_weight, "past"], 2)}
-                     if (hidden_weight, "past") in times else {})
             rows.append({"bench": "host_overhead", "config": f"llama {args.layers}x64 b2x32 hidden_weight={hidden_weight:g} "
                          f"compile={compile} outline={outline}", "batch": 2, "seq": 32,
                          "plain_kd_ms": round(kd, 2), "anneal_soft_ms": round(soft, 2),
-                         "soft_over_kd": round(soft / kd, 3), "anneal_final_ms": round(times[hidden_weight, "final"], 2),
-                         **extra})
+                         "soft_over_kd": round(soft / kd, 3), "anneal_final_ms": round(times[hidden_weight, "final"], 2)})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
     write_results("host_overhead_cpu", rows, out=args.out)
     print(tabulate(rows, headers="keys", tablefmt="github"))

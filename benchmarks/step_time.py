@@ -42,15 +42,15 @@ from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",
-          outline: str = "off", teacher_graphs: str = "off", steps: int = 4000, **anneal):
+          outline: str = "off", steps: int = 4000, **anneal):
     """A plain KD (``fixed``) or SparseForge annealer on a copy of ``base``, for a ``steps``-step schedule
     (long enough that every timed soft-phase step falls inside the soft phase: 200 steps at the default
     ``anneal_end``)."""
     model = copy.deepcopy(base)
     method = "sparsegpt+kd" if fixed else "sparseforge"
-    acfg = AnnealConfig(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
-                        teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
-                        compile=compile, outline_blocks=outline, teacher_graphs=teacher_graphs, **anneal)
+    acfg = AnnealConfig.from_flat(dict(batch_size=batch, seqlen=seqlen, warm_start="magnitude", steps=steps,
+                                       teacher_data_ratio=0.0, fixed_mask=fixed, hidden_weight=hidden_weight,
+                                       compile=compile, outline_blocks=outline, **anneal))
     cfg = SparsifyConfig(method=method, budget_s=None, anneal=acfg)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=next(model.parameters()).device)
     captured = capture(model, (ids,))
@@ -207,10 +207,9 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
     extra_cols: dict = {}
     # The soft loop is timed as users get it (outline_blocks="auto": regional where the loop compiles on
     # CUDA, flat on the CPU), and each other setting --outline lists that way too.
-    auto_cfg = AnnealConfig(compile=compile, outline_blocks="auto")
-    auto = ("regional" if auto_cfg.compiles_blocks_alone(torch.device(device))
-            else "on" if auto_cfg.outlines(torch.device(device)) else "off")
-    labels = {"off": "flat", "on": "outlined", "regional": "regional"}
+    auto_cfg = AnnealConfig.from_flat({"compile": compile, "outline_blocks": "auto"})
+    auto = "regional" if auto_cfg.outlines(torch.device(device)) else "off"
+    labels = {"off": "flat", "regional": "regional"}
     for other in [o for o in args.outline.split(",") if o and o != auto] if compile == "on" else []:
         _, alt = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                        compile=compile, outline=other)
@@ -218,29 +217,19 @@ def measure_batch(base, tok, calib, batch: int, args: argparse.Namespace, device
         extra_cols.update({f"anneal_soft_{labels[other]}_ms": round(alt_ms, 2),
                            f"anneal_{labels[other]}_first_step_s": round(alt_first_s, 1)})
         alt = None
-    if device == "cuda" and "on" in args.teacher_graphs.split(","):
-        # the same two loops with the teacher's forward replayed as one CUDA graph (--teacher-graphs on)
-        graphed = {}
-        for fixed in (True, False):
-            _, ann = build(base, tok, calib, batch, args.seqlen, fixed=fixed, hidden_weight=hidden_weight,
-                           compile=compile, outline="auto", teacher_graphs="on")
-            graphed[fixed] = first_and_median(ann, args.repeats)[1]
-            ann = None
-        extra_cols.update(plain_kd_teacher_graphs_ms=round(graphed[True], 2),
-                          anneal_soft_teacher_graphs_ms=round(graphed[False], 2))
     _, sf = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight, compile=compile,
                   outline="auto")
     sf_first_s, soft_ms = first_and_median(sf, args.repeats)
     soft_loop = loop_ms(sf.train_step)
     if args.host_report:
         host_report(sf.train_step, f"{args.host_report}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", steps=10)
-    extra_cols["soft_outlined"] = sf._compile_forward is not None  # False also where the outlined compile failed
+    extra_cols["soft_outlined"] = sf.compilation.outlined is not None  # False also where the outlined compile failed
     extra_cols["soft_auto_is"] = labels[auto]
     if args.profile:
         busy["anneal_soft_gpu_busy_ms"] = profile_steps(
             sf.train_step, f"{args.profile}.anneal_soft_{compile}_hw{hidden_weight:g}.txt", device, trace=args.trace)
     total = sf.total_steps
-    sf.step = int(sf.cfg.anneal_end * total) + 1  # into the hardening phase
+    sf.step = int(sf.cfg.schedule.anneal_end * total) + 1  # into the hardening phase
     assert schedule(sf.cfg, sf.step, total).blend > 0
     harden_ms = median_ms(sf.train_step, args.repeats, warmup=2)
     # the final phase (training with the hard mask), far enough from the end for every timed step
@@ -284,7 +273,7 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
         loops[phase] = build(base, tok, calib, batch, args.seqlen, fixed=False, hidden_weight=hidden_weight,
                              compile=compile, outline="auto")[1]
     soft, final = loops["soft"], loops["final"]
-    starts = {"soft": soft.cfg.importance_every,  # past step 0, inside the soft phase for every timed step
+    starts = {"soft": soft.cfg.evidence.importance_every,  # past step 0, inside the soft phase for every timed step
               "final": final.total_steps - 2 * INTERLEAVED_STEPS}
     first_s = {}
     for name, ann in loops.items():  # the compiling first step, outside the timing
@@ -311,7 +300,7 @@ def measure_interleaved(base, tok, calib, batch: int, args: argparse.Namespace, 
     per_step = {name: value / INTERLEAVED_STEPS for name, value in ms.items()}
     row = {"bench": "train_loop", "config": f"{args.model} b{batch}x{args.seqlen} hidden_weight={hidden_weight:g} "
            f"compile={compile}", "batch": batch, "seq": args.seqlen, "hidden_weight": hidden_weight,
-           "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft._compile_forward is not None,
+           "rounds": args.rounds, "steps_per_round": INTERLEAVED_STEPS, "soft_outlined": soft.compilation.outlined is not None,
            "plain_kd_ms": round(per_step["peer"], 2), "anneal_soft_ms": round(per_step["soft"], 2),
            "anneal_final_ms": round(per_step["final"], 2),
            "soft_over_plain_kd": round(per_step["soft"] / per_step["peer"], 3),
@@ -337,12 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-weights", default="0",
                    help="comma list: layer-wise distillation weights to time (both loops use the same loss)")
     p.add_argument("--compile", default="on,off", help="comma list: time the loops compiled and/or eager")
-    p.add_argument("--outline", default="off,on,regional",
+    p.add_argument("--outline", default="off,regional",
                    help="the soft loop is timed as users get it (outline_blocks auto: regional where it compiles "
                         "on CUDA); the other settings listed are timed too (first-step seconds and step time)")
-    p.add_argument("--teacher-graphs", default="on",
-                   help="on: also time both loops with the teacher replayed as one CUDA graph (GPU only; the "
-                        "soft loop outlined when compiled)")
     p.add_argument("--profile", default=None, metavar="PREFIX",
                    help="also write torch.profiler tables of 8 plain-KD and 8 soft-phase steps to PREFIX.*.txt")
     p.add_argument("--trace", action="store_true",

@@ -8,12 +8,9 @@ same computation (same ops in the same order, same constants; only the parameter
 read differ) and returns a new graph in which each block is a call of one function taking the
 block's activations, parameters and masks as inputs, marked ``torch.compiler.nested_compile_region``
 so that the compiler builds it once and reuses it for every block. In eager mode the region is a
-plain call: the outlined graph computes exactly what the flat one does (tested). Caveat: with
-torch 2.13, Inductor on the CPU returns wrong gradients for the first call of a region
-(``benchmarks/nested_region_check.py`` shows it without this code), so the loop compiles the whole
-outlined graph (``--outline-blocks on``) with Inductor's buffer reuse off; its GPU default
-(``regional``) instead compiles the block's body alone (:meth:`SharedBlock.compile_body`), no nested
-region involved.
+plain call: the outlined graph computes exactly what the flat one does (tested). The loop
+(``--outline-blocks regional``) compiles the block's body alone (:meth:`SharedBlock.compile_body`):
+Inductor differentiated wrongly through a nested region's first call with buffer reuse on.
 
 The input graph is left as it is (hardening, lowering and the report keep working on it); the
 outlined one shares its parameters, mask modules and taps. Inputs of a block: ``get_attr`` and

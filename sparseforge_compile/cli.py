@@ -1,4 +1,4 @@
-"""``sparseforge-compile``: eval, report, prune, generate.
+"""``sparseforge-compile``: eval, report, prune, recipe, generate.
 
 Each subcommand parses its flags here and calls one function of the room that owns the work, so
 the CLI and the Python API stay one code path. Errors users can act on (bad model name, missing
@@ -15,8 +15,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .distill import TEACHER_DECODES
-from .errors import SparseForgeError, UsageError
+from .errors import RecipeError, SparseForgeError, UsageError
 from .models import SMOLLM2_NAME
 
 USER_ERRORS: tuple[type[BaseException], ...] = (SparseForgeError, ValueError, FileNotFoundError)
@@ -124,16 +123,35 @@ CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seql
 GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512}
 
 
+# The settings prune takes as flags; every other one comes from --recipe (defaults < recipe < flags).
+PRUNE_FLAGS = ("method", "pattern", "sparsity", "exclude", "calib_samples", "calib_seqlen", "steps", "lr", "seed",
+               "batch_size", "seqlen", "warm_start", "compile", "autocast")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _anneal_fields():
-    import dataclasses
+def prune_config(args: argparse.Namespace, device: str):
+    """The SparsifyConfig of a prune: the defaults, the device's sizing (CPU_DEFAULTS / GPU_DEFAULTS),
+    the recipe file, then the flags given; a bad setting is one line naming the recipe or the flag."""
+    from .recipe import build_config, read_recipe
 
-    from .anneal import AnnealConfig
-
-    return [f for f in dataclasses.fields(AnnealConfig)]
+    base = {"budget_s": None, **(GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS)}
+    recipe = read_recipe(args.recipe) if args.recipe else {}
+    flags = {name: getattr(args, name) for name in PRUNE_FLAGS if getattr(args, name) is not None}
+    if "pattern" in flags and flags["pattern"].lower() in ("none", "unstructured"):
+        flags["pattern"] = None
+    if "exclude" in flags:
+        flags["exclude"] = tuple(flags["exclude"])
+    if args.budget_minutes is not None:
+        flags["budget_s"] = args.budget_minutes * 60
+    try:
+        return build_config({**base, **recipe, **flags}, source="prune flags")
+    except RecipeError:
+        if recipe:
+            build_config({**base, **recipe}, source=str(args.recipe))  # a bad recipe is named as such
+        raise
 
 
 def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: dict, overwrite: bool) -> dict:
@@ -153,32 +171,19 @@ def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: d
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .anneal import AnnealConfig
     from .checkpoint import check_output_dir
     from .data import eval_windows, load_wikitext2, tokenize
     from .evaluate import perplexity, perplexity_unsupported
     from .models import load_model
-    from .pipeline import ONE_SHOT, SparsifyConfig, sparsify
+    from .pipeline import ONE_SHOT, sparsify
     from .report import plot_curves
 
     device = pick_device(args.device)
-    defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    anneal_kwargs = {f.name: getattr(args, f.name) for f in _anneal_fields() if getattr(args, f.name) is not None}
-    anneal_cfg = AnnealConfig(**anneal_kwargs)
-    pattern = None if args.pattern in ("none", "unstructured") else args.pattern
-    cfg = SparsifyConfig(method=args.method, pattern=pattern, sparsity=args.sparsity, exclude=tuple(args.exclude),
-                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         budget_s=args.budget_minutes * 60 if args.budget_minutes else None,
-                         teacher_sample_share=args.teacher_sample_share,
-                         teacher_sample_batch=args.teacher_sample_batch, teacher_decode=args.teacher_decode,
-                         anneal=anneal_cfg)
-    if args.method not in ONE_SHOT and not args.budget_minutes and not args.steps:
-        raise UsageError(f"--method {args.method} trains: give --budget-minutes or --steps")
+    cfg = prune_config(args, device)
+    pattern = cfg.pattern
+    if cfg.method not in ONE_SHOT and not cfg.budget_s and not cfg.anneal.schedule.steps:
+        raise UsageError(f"--method {cfg.method} trains: give --budget-minutes or --steps (or budget_s / "
+                         f"[schedule] steps in the recipe)")
     out = check_output_dir(args.out, overwrite=args.overwrite)  # before any training
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
@@ -194,7 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)
-    provenance = {"method": args.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
+    provenance = {"method": cfg.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
     saved = _save_pruned(model, tok, out, pattern, provenance, args.overwrite)  # before anything else can fail
     after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None
 
@@ -207,8 +212,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         density = {r["name"]: r["density"] for r in report.as_dict()["layers"] if r.get("eligible")}
         plot_curves(result.anneal.history, density, out / "anneal_curves.png")
     summary = {**result.summary(), "model": args.model, "device": device, "out": str(out),
-               "config": dataclasses.asdict(cfg), "saved": saved}
-    rows = [["model", args.model], ["method", f"{args.method} ({pattern or f'unstructured {args.sparsity}'})"],
+               "config": cfg.to_json(), "saved": saved}
+    rows = [["model", args.model], ["method", f"{cfg.method} ({pattern or f'unstructured {cfg.sparsity}'})"],
             ["pruned layers", f"{len(result.layers)} ({len(result.skipped)} left dense)"],
             ["wall time", f"{result.seconds:.1f} s " + ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())]]
     if result.anneal:
@@ -223,6 +228,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(tabulate(rows, tablefmt="simple"))
     if before and after:
         print(f"WikiText-2 test perplexity ({after.windows}/{after.total_windows} windows): {after.ppl:.4f}")
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from .pipeline import SparsifyConfig
+    from .recipe import render_recipe
+
+    text = render_recipe(SparsifyConfig(method=args.method))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -254,6 +271,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .anneal.config import flat_fields
+    from .pipeline import METHODS
+    from .recipe import setting_docs, top_fields
+
     parser = argparse.ArgumentParser(prog="sparseforge-compile", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,14 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("prune", help="prune a model to N:M (or unstructured) sparsity and save it")
+    p = sub.add_parser("prune", help="prune a model to N:M (or unstructured) sparsity and save it",
+                       description="Common settings are flags; every other one comes from --recipe FILE "
+                                   "(sparseforge-compile recipe prints the defaults). Flags override the recipe.")
+    docs = setting_docs()
     p.add_argument("--model", default=SMOLLM2_NAME)
-    p.add_argument("--method", default="sparseforge",
-                   choices=["magnitude", "wanda", "sparsegpt", "sparseforge", "sparsegpt+kd"])
-    p.add_argument("--pattern", default="2:4", help="N:M, or 'none' for unstructured (with --sparsity)")
-    p.add_argument("--sparsity", type=float, default=None, help="unstructured ratio for one-shot methods")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers to keep dense")
-    p.add_argument("--budget-minutes", type=float, default=None, help="wall budget of the whole prune")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="recipe file (TOML, or YAML where PyYAML is installed): any setting, laid out as "
+                        "'sparseforge-compile recipe' prints them")
+    p.add_argument("--method", default=None, choices=METHODS, help=docs["method"] + " Default: sparseforge.")
+    p.add_argument("--pattern", default=None, help="N:M (default 2:4), or 'none' for unstructured (with --sparsity)")
+    p.add_argument("--sparsity", type=float, default=None, help=docs["sparsity"])
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB", help=docs["exclude"])
+    p.add_argument("--budget-minutes", type=float, default=None, help="wall budget of the whole prune (minutes)")
     p.add_argument("--out", required=True, help="output folder (model, metrics, report, curves)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a sparse checkpoint already in --out")
@@ -300,25 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--eval-windows", type=int, default=4,
                    help="WikiText-2 test windows scored before and after (0: none, -1: all 148)")
-    p.add_argument("--calib-samples", type=int, default=None)
-    p.add_argument("--calib-seqlen", type=int, default=None)
-    p.add_argument("--teacher-sample-share", type=float, default=0.2)
-    p.add_argument("--teacher-sample-batch", type=int, default=None)
-    p.add_argument("--teacher-decode", default="auto", choices=TEACHER_DECODES,
-                   help="how teacher text is decoded: the model's forward, a static KV cache (LLaMA family), "
-                        "or its steps replayed as CUDA graphs; auto: graphs on a GPU, static on the CPU, "
-                        "forward for other families")
     p.add_argument("--quiet", action="store_true")
-    for f in _anneal_fields():
-        kind = str(f.type)
-        if "bool" in kind:
-            p.add_argument(_flag(f.name), dest=f.name, default=None,
-                           type=lambda v: v.lower() in ("1", "true", "yes"), help=f"annealing: {f.name}")
-        else:
-            conv = int if ("int" in kind and "float" not in kind) else float if "float" in kind else str
-            p.add_argument(_flag(f.name), dest=f.name, type=conv, default=None,
-                           help=f"annealing: {f.name} (default {f.default})")
+    kinds = {**{n: f.type for n, f in top_fields().items()}, **{n: f.type for n, f in flat_fields().items()}}
+    for name in PRUNE_FLAGS[4:]:  # method, pattern, sparsity and exclude have their own above
+        kind = str(kinds[name])
+        conv = int if ("int" in kind and "float" not in kind) else float if "float" in kind else str
+        p.add_argument(_flag(name), dest=name, type=conv, default=None, help=docs[name])
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("recipe", help="print the default settings of a method as a recipe file for prune --recipe")
+    p.add_argument("--method", default="sparseforge", choices=METHODS)
+    p.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of printing it")
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("report", help="per-layer N:M eligibility, mask state, density and estimated savings")
     p.add_argument("--model", default=SMOLLM2_NAME, help="any --model of eval (a pruned checkpoint shows density)")

@@ -10,14 +10,13 @@ import inspect
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowering.cuda_graphs import capture, check_no_host_syncs, warm_up
+from .lowering.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
 
@@ -378,64 +377,6 @@ class GraphedDecoder:
         self.position.fill_(position)
         graph.replay()
         return logits
-
-
-class GraphedForward:
-    """An inference-only forward (the training loop's teacher) replayed as one CUDA graph.
-
-    A compiled training step of a small model is host-bound (SmolLM2 on an H200: ~63 ms of kernels in a
-    133 ms plain KD step, benchmarks/results/profile/); the teacher's part is ~450 kernel launches and 30
-    compiled-region calls a step, for a computation whose inputs differ only in their values. The first
-    call of a shape runs ``fn`` twice on a side stream (compilation, cuBLAS set-up), captures one call and
-    replays it; later calls copy ``ids`` into the captured input and replay. Block outputs that hooks
-    record into ``recorder`` during the capture are graph memory too: after each replay the recorder is
-    handed those same tensors, now holding this call's values. Another shape, or no CUDA, calls ``fn``.
-    The returned tensors are overwritten by the next call: use them before calling again (the loop
-    does: the loss consumes them within the step). If capturing fails, one warning and ``fn`` from then on;
-    a forward that synchronizes with the host (an eager Hugging Face forward's mask checks, in some
-    transformers versions) is found before the capture (``cuda_graphs.check_no_host_syncs``), since a
-    failed capture breaks later random ops in the process. The training loop hands in the teacher
-    compiled whole, which has no such checks left.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], recorder: object | None = None) -> None:
-        self.fn, self.recorder = fn, recorder
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_ids: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
-        self.recorded: dict[int, torch.Tensor] = {}
-        self.failed = False
-
-    def _recording(self) -> bool:
-        return self.recorder is not None and self.recorder.enabled
-
-    def _capture(self, ids: torch.Tensor) -> None:
-        self.static_ids = ids.clone()
-        warm_up(lambda: self.fn(self.static_ids), times=2)
-        check_no_host_syncs(lambda: self.fn(self.static_ids), "the teacher's forward")
-        if self.recorder is not None:
-            self.recorder.clear()  # the warm-ups' recordings: the capture's are the ones replays refill
-        self.graph, self.out = capture(lambda: self.fn(self.static_ids), warmup=0)
-        self.recorded = dict(self.recorder.outputs) if self._recording() else {}
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        usable = not self.failed and ids.is_cuda
-        if usable and self.graph is None:
-            try:
-                self._capture(ids)
-            except Exception as exc:  # whatever the capture met: the plain forward still works
-                self.failed, self.graph = True, None
-                warnings.warn(f"teacher CUDA graph: capture failed ({type(exc).__name__}: {exc}); "
-                              f"running the teacher without it", stacklevel=2)
-                torch.cuda.synchronize()
-        if self.graph is None or ids.shape != self.static_ids.shape or ids.dtype != self.static_ids.dtype \
-                or self._recording() != bool(self.recorded):
-            return self.fn(ids)
-        self.static_ids.copy_(ids)
-        self.graph.replay()
-        if self._recording():
-            self.recorder.outputs = dict(self.recorded)
-        return self.out
 
 
 @torch.no_grad()

@@ -35,6 +35,10 @@ class AnnealError(SparseForgeError, RuntimeError):
     """The annealing run cannot go on; the message says why and what was kept."""
 
 
+class RecipeError(SparseForgeError, ValueError):
+    """A recipe or setting is unknown or out of range; the message names the file (or flag) and the key."""
+
+
 class CheckpointError(SparseForgeError, ValueError):
     """A checkpoint cannot be written or read; the message names the file or tensor and the fix."""
 

@@ -76,22 +76,6 @@ def count_nm_violations(weight: torch.Tensor, pattern: NMPattern) -> int:
     return int((nonzeros > pattern.n).sum())
 
 
-def best_group_swaps(saliency: torch.Tensor, mask: torch.Tensor, pattern: NMPattern,
-                     limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``limit`` groups whose best N:M support (the top-N ``saliency``) beats their present one
-    (``mask``) by most: (predicted gain > 0, group index into the ``(-1, M)`` view, the new group
-    mask), best first. The gain is the saliency the new support keeps minus what the present keeps."""
-    groups = _groups(saliency.detach().float(), pattern)
-    present = _groups(mask, pattern)
-    best = nm_mask(groups, pattern)
-    gain = (groups * best).sum(-1) - (groups * present).sum(-1)
-    gain = torch.where((best != present).any(-1), gain, torch.zeros_like(gain))
-    top = torch.topk(gain, min(limit, gain.numel()))
-    keep = top.values > 0
-    index = top.indices[keep]
-    return top.values[keep], index, best[index]
-
-
 def group_thresholds(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Per-group cut between the N-th and (N+1)-th largest score, broadcast to the weight's shape.
 

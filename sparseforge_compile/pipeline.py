@@ -38,20 +38,34 @@ class SparsifyConfig:
     """What to prune and how. ``anneal`` holds the training loop's settings (trained methods)."""
 
     method: str = "sparseforge"
+    """Pruning method: magnitude, wanda, sparsegpt (one-shot), sparseforge or sparsegpt+kd (trained)."""
     pattern: str | None = "2:4"
-    sparsity: float | None = None  # unstructured ratio (one-shot methods, pattern=None)
+    """N:M pattern; None (or "none") for unstructured sparsity (one-shot methods, with sparsity)."""
+    sparsity: float | None = None
+    """Unstructured sparsity ratio (one-shot methods, no pattern)."""
     exclude: tuple[str, ...] = ()
-    kernel_constraints: str | None = "cusparselt"  # sparse-kernel shape rules; None: N:M math only
+    """Layers to keep dense (fnmatch globs, or re:REGEX)."""
+    kernel_constraints: str | None = "cusparselt"
+    """Sparse-kernel shape rules a layer must meet (cusparselt, cutlass); None: the N:M math only."""
     calib_samples: int = 128
+    """Calibration windows of the one-shot methods and the warm start."""
     calib_seqlen: int = 2048
+    """Tokens per calibration window."""
     budget_s: float | None = 600.0
-    teacher_sample_share: float = 0.2  # of the budget, for sampling text from the dense teacher
-    teacher_sample_rows: int | None = None  # sample exactly this many sequences instead (no time limit)
-    teacher_sample_batch: int | None = None  # None: from free GPU memory (distill.sample_batch_size)
+    """Wall budget of the whole prune in seconds; None: no limit (trained methods then need steps)."""
+    teacher_sample_share: float = 0.2
+    """Share of the budget spent sampling training text from the dense teacher."""
+    teacher_sample_rows: int | None = None
+    """Sample exactly this many teacher sequences instead (no time limit)."""
+    teacher_sample_batch: int | None = None
+    """Teacher sequences sampled at once; None: from free GPU memory."""
     teacher_prompt_tokens: int = 8
-    # How teacher text is decoded (distill.sample_from_teacher): auto | forward | static | graphs.
+    """Tokens of calibration text each teacher sample continues."""
     teacher_decode: str = "auto"
+    """How teacher text is decoded: forward, static (KV cache, LLaMA family), graphs (CUDA graphs), or
+    auto (graphs on a GPU, static on the CPU, forward for other families)."""
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    """The training loop's settings (trained methods)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,13 +82,13 @@ class SparsifyConfig:
             raise ValueError(f"teacher_sample_share {self.teacher_sample_share} must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
             raise ValueError("calibration needs at least one window of two tokens")
-        if self.method == "sparsegpt+kd" and not self.anneal.fixed_mask:
-            self.anneal = dataclasses.replace(self.anneal, fixed_mask=True, warm_start="sparsegpt")
-        if self.anneal.hidden_weight is None:
-            # The peer is KD fine-tuning as its recipe defines it (logits only); --hidden-weight
+        if self.method == "sparsegpt+kd" and not self.anneal.evidence.fixed_mask:
+            self.anneal = self.anneal.replace(fixed_mask=True, warm_start="sparsegpt")
+        if self.anneal.loss.hidden_weight is None:
+            # The peer is KD fine-tuning as its recipe defines it (logits only); hidden_weight
             # given explicitly applies to either method (the ablation in benchmarks/accuracy.py).
             default = DEFAULT_HIDDEN_WEIGHT if self.method == "sparseforge" else 0.0
-            self.anneal = dataclasses.replace(self.anneal, hidden_weight=default)
+            self.anneal = self.anneal.replace(hidden_weight=default)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,9 +120,7 @@ class SparsifyResult:
         if self.anneal:
             out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
-                       compiled=self.anneal.compiled,
-                       measured_flip_groups=self.anneal.measured_flip_groups,
-                       measured_flip_seconds=round(sum(r.get("seconds", 0.0) for r in self.anneal.confirm_log), 2))
+                       compiled=self.anneal.compiled)
         return out
 
 
@@ -122,18 +134,18 @@ def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConf
     from .distill import sample_batch_size, sample_from_teacher
     from .evaluate import not_a_causal_lm
 
-    if cfg.anneal.teacher_data_ratio <= 0 or (time_limit <= 0 and not cfg.teacher_sample_rows):
+    if cfg.anneal.loss.teacher_data_ratio <= 0 or (time_limit <= 0 and not cfg.teacher_sample_rows):
         return None, 0
     problem = not_a_causal_lm(teacher)
     if problem:  # a masked LM samples no text: train on the real text alone
         log.warning("no teacher-sampled text: %s; training on C4 alone (teacher_data_ratio ignored)", problem)
         return None, 0
-    gen = torch.Generator().manual_seed(cfg.anneal.seed)
+    gen = torch.Generator().manual_seed(cfg.anneal.runtime.seed)
     rows = cfg.teacher_sample_rows or 1 << 15  # without a row count the time limit decides
     starts = torch.randint(0, stream.numel() - cfg.teacher_prompt_tokens, (rows,), generator=gen)
     prompts = torch.stack([stream[s : s + cfg.teacher_prompt_tokens] for s in starts.tolist()])
-    batch = cfg.teacher_sample_batch or sample_batch_size(teacher, cfg.anneal.seqlen)
-    return sample_from_teacher(teacher, prompts, cfg.anneal.seqlen, batch_size=batch, seed=cfg.anneal.seed,
+    batch = cfg.teacher_sample_batch or sample_batch_size(teacher, cfg.anneal.runtime.seqlen)
+    return sample_from_teacher(teacher, prompts, cfg.anneal.runtime.seqlen, batch_size=batch, seed=cfg.anneal.runtime.seed,
                                time_limit_s=None if cfg.teacher_sample_rows else time_limit,
                                progress=progress, decode=cfg.teacher_decode), batch
 
@@ -168,14 +180,13 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
-    if cfg.method == "sparseforge" and cfg.anneal.importance == "hutchinson":
+    if cfg.method == "sparseforge" and cfg.anneal.evidence.importance == "hutchinson":
         # Hutchinson differentiates twice; fused SDPA kernels have no double backward.
         if not hasattr(model, "set_attn_implementation"):
-            raise ValueError("--importance hutchinson needs a model whose attention can be set to 'eager'")
+            raise ValueError("importance 'hutchinson' needs a model whose attention can be set to 'eager'")
         model.set_attn_implementation("eager")
-        log.warning("--importance hutchinson: one Rademacher probe per refresh is noisy; on SmolLM2's first 4 blocks "
-                    "it swapped 334k weights and more than tripled the held-out KL of the Fisher default "
-                    "(benchmarks/results/anneal_proxy_smollm2_4layers_hutchinson_margin12.json)")
+        log.warning("importance 'hutchinson': one Rademacher probe per refresh is noisy; it did far worse than the "
+                    "Fisher default (benchmarks/results/anneal_proxy_smollm2_4layers_hutchinson_margin12.json)")
     vocab = _vocab_size(model)
     if not vocab and example_inputs is None:
         raise ValueError(f"{type(model).__name__} is not a language model (no vocabulary): pass "
@@ -184,7 +195,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
     if example_inputs is None:
-        batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.batch_size, cfg.anneal.seqlen)
+        batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
     captured = capture(model, tuple(example_inputs))
     report = analyze_eligibility(captured, pattern or NMPattern(1, 1), exclude=cfg.exclude,
@@ -198,11 +209,11 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
             f"{k}: {v}" for k, v in list(skipped.items())[:5]))
 
     needs_calib = cfg.method in ("wanda", "sparsegpt") or (
-        cfg.method in TRAINED and cfg.anneal.warm_start in ("wanda", "sparsegpt"))
+        cfg.method in TRAINED and cfg.anneal.evidence.warm_start in ("wanda", "sparsegpt"))
     if calib is None and needs_calib:
         if tokenizer is None:
             raise ValueError(f"{cfg.method} needs calibration text: pass a tokenizer or calib windows")
-        calib = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.anneal.seed,
+        calib = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.anneal.runtime.seed,
                                     data_dir=data_dir)
 
     if cfg.method in ONE_SHOT:
@@ -291,10 +302,10 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     t = time.perf_counter()
     dense = {n: weight_of(model, n, transposed[n]).detach().clone() for n in layers}
     warm_masks = None
-    if acfg.warm_start != "none":
-        warm = prune_oneshot(model, acfg.warm_start, pattern=pattern, calib=calib, layers=layers, progress=progress)
+    if acfg.evidence.warm_start != "none":
+        warm = prune_oneshot(model, acfg.evidence.warm_start, pattern=pattern, calib=calib, layers=layers, progress=progress)
         warm_masks = {n: m.to(device) for n, m in warm.masks.items()}
-        if not acfg.fixed_mask:
+        if not acfg.evidence.fixed_mask:
             # Pruned weights keep their dense values underneath the mask, so a group can flip back.
             with torch.no_grad():
                 for n in layers:
@@ -312,7 +323,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     else:
         share = cfg.teacher_sample_share * (cfg.budget_s or 0)
         teacher_rows, sample_batch = _teacher_samples(teacher, stream, cfg, share, progress)
-        if rows_file is not None and teacher_rows is not None and acfg.checkpoint_every:
+        if rows_file is not None and teacher_rows is not None and acfg.runtime.checkpoint_every:
             _save_rows(rows_file, teacher_rows)  # a resumed run trains on the same text
     phases["teacher_sampling"] = time.perf_counter() - t
     batches = TrainingBatches(stream, teacher_rows, acfg)
@@ -323,7 +334,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
     check_ids = batches.batch(0)[-2:].to(device)  # two rows the checks below run the models on
-    if not acfg.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
+    if not acfg.evidence.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
         verify_graph(captured.gm, model, check_ids, autocast=acfg.autocasts(device))
     masks = InsertMasks(pattern)(captured.gm, report).masks
     attention = {who: MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device))
@@ -336,7 +347,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
         return logits_of(model, ids)
 
     # The peer trains the plain model throughout; SparseForge runs the masked graph until the mask is hard.
-    forward = plain_forward if acfg.fixed_mask else captured.gm
+    forward = plain_forward if acfg.evidence.fixed_mask else captured.gm
     params = list(dict.fromkeys(p for p in model.parameters()))
     for p in params:
         p.requires_grad_(True)
@@ -345,11 +356,11 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
         return logits_of(teacher, ids)
 
-    taps = _layer_taps(model, teacher, captured.gm) if acfg.hidden_weight else None
+    taps = _layer_taps(model, teacher, captured.gm) if acfg.loss.hidden_weight else None
     annealer = Annealer(forward, params, masks, views, teacher_logits, batches, acfg, device=device,
                         warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
                         progress=progress, regions=(teacher, model),
-                        compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.fixed_mask
+                        compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.evidence.fixed_mask
                         else None)
     return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention)
 
@@ -361,8 +372,8 @@ def verify_graph(gm: torch.fx.GraphModule, model: nn.Module, ids: torch.Tensor, 
     (NaN, without checking, where the model's own logits are not finite).
 
     Export can drop what a model does at run time only (an autocast-off region, say): training such
-    a graph trains another function, which no loss curve shows (it cost every SparseForge GPU run
-    until session 8). Two forwards of two rows are cheap insurance."""
+    a graph trains another function, which no loss curve shows. Two forwards of two rows are cheap
+    insurance."""
     from .distill import kd_loss
     from .errors import CaptureError
     from .evaluate import logits_of

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from sparseforge_compile.cli import main
 
 
@@ -79,3 +81,90 @@ def test_eval_windows_longer_than_the_position_table_are_refused(capsys, data_di
                  str(data_dir)])
     assert code == 2
     assert "exceed LlamaForCausalLM's" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+def _prune_args(*argv):
+    from sparseforge_compile.cli import build_parser
+
+    return build_parser().parse_args(["prune", "--out", "unused", *argv])
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("method", ["sparseforge", "sparsegpt+kd", "magnitude"])
+def test_printed_recipe_reads_back_to_the_defaults(tmp_path, capsys, method):
+    from sparseforge_compile.pipeline import SparsifyConfig
+    from sparseforge_compile.recipe import build_config, read_recipe
+
+    assert main(["recipe", "--method", method]) == 0
+    printed = _write(tmp_path / "recipe.toml", capsys.readouterr().out)
+    assert "[schedule]" in printed.read_text() and "# Peak learning rate" in printed.read_text()
+    assert build_config(read_recipe(printed)) == SparsifyConfig(method=method)
+    assert main(["recipe", "--method", method, "--out", str(tmp_path / "out.toml")]) == 0
+    assert (tmp_path / "out.toml").read_text() == printed.read_text()
+
+
+def test_a_recipe_sets_what_the_flags_leave_and_the_flags_win(tmp_path):
+    from sparseforge_compile.cli import prune_config
+
+    recipe = _write(tmp_path / "r.toml", 'method = "sparsegpt+kd"\nteacher_decode = "forward"\npattern = "none"\n'
+                    'sparsity = 0.5\nexclude = ["lm_head"]\n[schedule]\nanneal_end = 0.1\nharden_end = 0.2\n'
+                    '[runtime]\nlr = 1e-3\nseed = 5\n[loss]\nhidden_weight = 2\n')
+    cfg = prune_config(_prune_args("--recipe", str(recipe), "--lr", "2e-3", "--method", "magnitude"), "cpu")
+    assert cfg.method == "magnitude" and cfg.anneal.runtime.lr == 2e-3  # flags over the recipe
+    assert cfg.pattern is None and cfg.sparsity == 0.5 and cfg.exclude == ("lm_head",) and cfg.teacher_decode == "forward"
+    assert (cfg.anneal.schedule.anneal_end, cfg.anneal.runtime.seed, cfg.anneal.loss.hidden_weight) == (0.1, 5, 2.0)
+    assert cfg.anneal.runtime.batch_size == 4 and cfg.calib_samples == 16  # the CPU sizing where neither says
+    assert cfg.budget_s is None  # no budget unless one is given
+    plain = prune_config(_prune_args(), "cpu")
+    assert plain.method == "sparseforge" and plain.anneal.evidence.warm_start == "wanda"  # CPU_DEFAULTS
+
+
+def test_a_yaml_recipe_reads_like_toml(tmp_path):
+    pytest.importorskip("yaml")
+    from sparseforge_compile.recipe import read_recipe
+
+    recipe = _write(tmp_path / "r.yaml", "method: sparseforge\nbudget_s: null\nschedule:\n  steps: 40\n"
+                                         "evidence:\n  prior_margin: 100\n")
+    assert read_recipe(recipe) == {"method": "sparseforge", "budget_s": None, "steps": 40, "prior_margin": 100.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[runtime]\nlerning_rate = 1e-3\n", "unknown key runtime.lerning_rate"),
+    ("[runtime]\nanneal_end = 0.1\n", r"unknown key runtime.anneal_end \(it belongs in \[schedule\]\)"),
+    ("colour = 1\n", "unknown key colour"),
+    ("[evidence]\nimportance = \"psychic\"\n", "importance 'psychic': choose one of fisher, hutchinson"),
+    ("[runtime]\nlr = \"fast\"\n", "runtime.lr = 'fast': expected a number"),
+    ("[schedule]\nanneal_end = 0.5\nharden_end = 0.2\n", "need 0 <= anneal_end"),
+    ("[schedule\n", "not valid TOML"),
+])
+def test_a_bad_recipe_is_one_line_naming_the_file_and_the_key(tmp_path, capsys, text, message):
+    import re
+
+    recipe = _write(tmp_path / "bad.toml", text)
+    assert main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(recipe) in err[0] and re.search(message, err[0]), err
+
+
+def test_a_bad_flag_value_is_one_line_naming_the_setting(tmp_path, capsys):
+    recipe = _write(tmp_path / "ok.toml", "[runtime]\nseed = 1\n")
+    assert main(["prune", "--recipe", str(recipe), "--warm-start", "bogus", "--out", str(tmp_path / "run"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prune flags: warm_start 'bogus'" in err[0], err
+
+
+def test_prune_runs_from_a_recipe(tmp_path, data_dir):
+    recipe = _write(tmp_path / "r.toml", 'method = "magnitude"\nexclude = ["*.mlp.down_proj"]\n')
+    out = tmp_path / "run"
+    assert main(["prune", "--model", "tiny-llama", "--recipe", str(recipe), "--out", str(out), "--device", "cpu",
+                 "--eval-windows", "0", "--quiet", "--data-dir", str(data_dir)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "magnitude" and summary["config"]["exclude"] == ["*.mlp.down_proj"]
+    assert summary["pruned_layers"] == 12  # two layers' down_proj kept dense

@@ -54,7 +54,7 @@ def run_digest(method: str, data_dir: Path) -> dict:
     model = tiny_model("tiny-llama", seed=0)
     hidden = {"hidden_weight": 3.0} if method == "sparseforge" else {}
     cfg = SparsifyConfig(method=method, budget_s=None, calib_samples=4, calib_seqlen=32, teacher_sample_rows=4,
-                         teacher_sample_batch=4, anneal=AnnealConfig(**ANNEAL, **hidden))
+                         teacher_sample_batch=4, anneal=AnnealConfig.from_flat({**ANNEAL, **hidden}))
     result = sparsify(model, cfg, tokenizer=ByteTokenizer(), data_dir=data_dir, progress=False)
     weights = {n: model.get_submodule(n).weight.detach().float() for n in result.layers}
     out = {"cpu": torch.backends.cpu.get_cpu_capability(), "layers": len(result.layers),

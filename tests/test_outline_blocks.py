@@ -89,19 +89,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_inductor_gradients_of_the_outlined_graph(device):
-    """Inductor, as the training loop compiles the outlined graph (buffer reuse off: with it on,
-    torch 2.13 gave the first block wrong gradients through nested_compile_region)."""
-    model, gm, masks, ids = masked_graph(device)
-    outlined = outline(model, gm).gm
-    _, g_flat = grads(model, gm, masks, ids)
-    compiled = torch.compile(outlined, dynamic=False, options={"allow_buffer_reuse": False})
-    _, g_compiled = grads(model, compiled, masks, ids)
-    for name, g in g_flat.items():
-        torch.testing.assert_close(g_compiled[name], g, rtol=1e-3, atol=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_inductor_gradients_of_the_regionally_compiled_block(device):
     """outline_blocks="regional": the shared block's body compiled alone and called for every block,
     the graph around it eager; the same gradients as the flat graph, and one compiled frame for all

@@ -45,8 +45,8 @@ def test_a_masked_lm_trains_on_real_text_without_sampling(caplog, data_dir):
 
     loaded = load_model("tiny-bert")
     cfg = SparsifyConfig(method="sparseforge", budget_s=None, calib_samples=4, calib_seqlen=32, teacher_sample_rows=4,
-                         anneal=AnnealConfig(steps=3, batch_size=2, seqlen=32, warm_start="magnitude",
-                                             teacher_data_ratio=0.5))
+                         anneal=AnnealConfig.from_flat(dict(steps=3, batch_size=2, seqlen=32, warm_start="magnitude",
+                                                            teacher_data_ratio=0.5)))
     with caplog.at_level(logging.WARNING, logger="sparseforge_compile.pipeline"):
         result = sparsify(loaded.model, cfg, tokenizer=loaded.tokenizer, data_dir=data_dir, progress=False)
     assert "BertForMaskedLM is not a causal language model" in caplog.text

@@ -1,5 +1,5 @@
-"""CUDA-graph capture, one way for every user: teacher decode (``distill.GraphedDecoder``), the training
-loop's teacher forward (``distill.GraphedForward``) and kernel timing (``lowering.dispatch.graph_times_ms``).
+"""CUDA-graph capture, one way for every user: teacher decode (``distill.GraphedDecoder``) and kernel
+timing (``lowering.dispatch.graph_times_ms``).
 
 Work that must not happen inside a capture (compilation, cuBLAS/cuSPARSELt handles and workspaces,
 lazy allocations) happens in warm-up calls on a side stream first, as the CUDA-graph docs prescribe.
