@@ -158,7 +158,7 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise DataError(f"{path}: holds no text")
+        raise DataError(f"{path}: holds no documents (no text in it)")
     return docs
 
 

@@ -142,7 +142,7 @@ def test_user_text_files_become_documents(tmp_path):
     ("x.jsonl", '{"text": "ok"}\nnot json\n', r"x.jsonl:2: not a JSON line"),
     ("x.txt", b"\xff\xfe bad bytes", r"x.txt: not UTF-8 text"),
     ("x.jsonl", b'{"text": "\xff"}\n', r"x.jsonl: not UTF-8 text"),
-    ("x.txt", "   \n", r"x.txt: holds no text"),
+    ("x.txt", "   \n", r"x.txt: holds no documents"),
     ("x.parquet", b"PAR1 not really", r"x.parquet: not a readable parquet file"),
 ])
 def test_bad_calibration_files_name_the_file_and_line(tmp_path, name, content, message):
