@@ -87,8 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--layout {args.layout} applies to sparse checkpoints; {args.model} is not one (drop it)")
     if args.layout:  # a sparse checkpoint lowered to the layout asked for
         from .checkpoint import load
-        from .lowering.dispatch import DispatchConfig
         from .loaded import DTYPES
+        from .lowering.dispatch import DispatchConfig
 
         loaded = load(path, device=device, dtype=DTYPES[args.dtype], dispatch=DispatchConfig(layout=args.layout))
     else:

@@ -323,3 +323,39 @@ def test_host_overhead_times_every_loop_of_a_setting(tmp_path, data_dir, monkeyp
     assert [r["config"].split()[3] for r in rows] == ["hidden_weight=0", "hidden_weight=3"]
     assert "plain_kd_past_decay_end_ms" not in rows[0] and rows[1]["plain_kd_past_decay_end_ms"] > 0
     assert all(r["plain_kd_ms"] > 0 and r["anneal_soft_ms"] > 0 and r["anneal_final_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script, bench", [("decode_table", "kernel"), ("fp8_table", "fp8"), ("generate", "generate"),
+                                           ("e2e", "e2e")])
+def test_gpu_benchmarks_run_end_to_end_with_smoke(script, bench, tmp_path):
+    """Each GPU benchmark's --smoke on the CPU: tiny shapes, rows in the results schema (speed rows with
+    dense_ms, sparse_ms, speedup), written where --out says."""
+    import importlib
+    import json
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    out = tmp_path / f"{script}.json"
+    extra = ["--layout", "compact", "--paths", "lower"] if script == "e2e" else []
+    module.main(["--smoke", "--out", str(out), *extra])
+    payload = json.loads(out.read_text())
+    assert {"command", "device", "torch", "date", "rows"} <= set(payload) and "partial" not in payload
+    rows = [r for r in payload["rows"] if r["bench"] == bench]
+    assert rows and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    if script == "decode_table":
+        assert all(r["kernel"].startswith("decode") and r["memory_ratio"] == pytest.approx(0.53125, abs=1e-4) for r in rows)
+        assert all(r["rel_err_vs_fp32"] < 1e-5 for r in rows)
+    if script == "fp8_table":
+        assert all(r["kernel"] == "fp8 emulated" and 0 < r["rel_err_vs_bf16"] < 0.1 for r in rows)
+    if script == "generate":
+        assert {r["layout"] for r in rows} == {"cusparselt", "compact"} and all(r["tokens_equal_dense"] for r in rows)
+        assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    if script == "e2e":
+        assert all(r["memory_ratio"] == pytest.approx(0.53125, abs=1e-4) and r["layout"] == "compact" for r in rows)
+        assert {r["phase"] for r in rows} == {"prefill", "decode"} and all(r["logits_rel_err"] < 1e-5 for r in rows)
+
+
+def test_smoke_writes_to_a_temporary_file_without_out():
+    from benchmarks.common import RESULTS_DIR, results_path
+
+    assert results_path("x", None, smoke=True).parent != RESULTS_DIR
+    assert results_path("x", None, smoke=False) == RESULTS_DIR / "x.json"

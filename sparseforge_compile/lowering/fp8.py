@@ -61,7 +61,7 @@ def _torchao_ops():
     """torchao's op namespace with the sparse FP8 ops, or None where torchao or its CUTLASS build is absent."""
     try:
         importlib.import_module("torchao")  # registers torch.ops.torchao.*
-    except Exception:  # noqa: BLE001 - any import failure means: not available
+    except Exception:  # any import failure (missing, or built for another torch) means: not available
         return None
     ops = getattr(torch.ops, "torchao", None)
     needed = ("rowwise_scaled_linear_sparse_cutlass_f8f8", "to_sparse_semi_structured_cutlass_sm9x_f8")
