@@ -101,3 +101,25 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int, wa
         for name, fn in fns.items():
             times[name].append(_once_ms(fn))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def results_path(name: str, out: str | Path | None, smoke: bool) -> Path:
+    """Where a run writes: ``--out``, else a temporary file for ``--smoke`` (a check, not a result), else
+    ``results/NAME.json``."""
+    if out:
+        return Path(out)
+    if smoke:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="sparseforge-smoke-")) / f"{name}.json"
+    return RESULTS_DIR / f"{name}.json"
+
+
+def time_variants(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms of each variant: CUDA-graph replays, interleaved round by round, on a GPU (device time
+    only); interleaved perf_counter calls on the CPU (a smoke check: CPU times are no kernel speed)."""
+    if torch.cuda.is_available():
+        from sparseforge_compile.lowering.dispatch import graph_times_ms
+
+        return dict(zip(fns, graph_times_ms([[fn] for fn in fns.values()], replays=repeats)))
+    return interleaved_median_ms(fns, repeats)

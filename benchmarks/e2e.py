@@ -14,7 +14,13 @@ time only, both models compiled without Inductor's own CUDA graphs) or of CUDA-e
 each call (``--timing calls``, with ``--mode reduce-overhead``); inputs rotated. Also reports the weight memory of the
 lowered layers (dispatch as measured, and with ``keep_dense="never"``) and checks the logits.
 
+``--layout compact`` lowers to the decode layout alone (0.5625x the dense bytes, the decode kernel at
+every token count); ``--layout both`` measures it per bucket against cuSPARSELt and dense. Every speed
+row carries the lowered layers' ``memory_ratio``.
+
     python -m benchmarks.e2e                 # writes benchmarks/results/e2e.json
+    python -m benchmarks.e2e --layout compact --paths lower --out benchmarks/results/e2e_compact.json
+    python -m benchmarks.e2e --smoke         # tiny model on the CPU, a temporary results file
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 
 import sparseforge_compile
-from benchmarks.common import write_results
+from benchmarks.common import results_path, write_results
 from sparseforge_compile.lowering.cuda_graphs import capture
 from sparseforge_compile.lowering.dispatch import DispatchConfig
 from sparseforge_compile.lowering.lower import lower_model
@@ -140,12 +146,12 @@ def decode_fn(model, cache):
     return run
 
 
-def recording_backend():
+def recording_backend(dispatch: DispatchConfig):
     """--dry-run: the lowering pass alone (no Inductor), to check the backend path on the CPU."""
     from sparseforge_compile.passes.lower_sparse import LowerSparseLinears
 
     def backend(gm, example_inputs):
-        LowerSparseLinears()(gm, example_inputs)
+        LowerSparseLinears(dispatch=dispatch)(gm, example_inputs)
         return gm.forward
     return backend
 
@@ -174,8 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny model on the CPU, Dynamo without Inductor: checks the script, times nothing real")
+    parser.add_argument("--layout", default="cusparselt", choices=["cusparselt", "compact", "both"],
+                        help="DispatchConfig.layout of ours (compact: the decode layout alone)")
+    parser.add_argument("--keep-dense", default="auto", choices=["auto", "never"])
+    parser.add_argument("--smoke", action="store_true",
+                        help="--dry-run at tiny sizes, 2 iterations, written to a temporary file unless --out")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/e2e.json)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.dry_run, args.iters, args.prefill, args.decode_batches, args.kv = True, 2, "2x32", "1,4", 16
+    dispatch = DispatchConfig(layout=args.layout, keep_dense=args.keep_dense)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("e2e.py needs a CUDA GPU; use --dry-run to check it on the CPU")
@@ -194,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize()
         return {name: timed(fn, inputs[name], iters=iters) for name, fn in runs.items()}, "calls"
     name_out = "e2e_dry_run" if args.dry_run else "e2e"
+    out_path = results_path(name_out, args.out, args.smoke) if (args.out or args.smoke) else None
 
     dense = build_model(args.layers, device, dtype, tiny=args.dry_run)
     vocab = dense.config.vocab_size
@@ -212,21 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     # which then ran eager (0.73x). Six shapes x three models need more room than that.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     dense_c = torch.compile(dense, backend=backend, mode=mode, dynamic=dynamic)
-    ours_c = sparseforge_compile.compile(ours, backend=backend, mode=mode, dynamic=dynamic)
+    ours_c = sparseforge_compile.compile(ours, backend=backend, mode=mode, dynamic=dynamic, dispatch=dispatch)
     report = ours_c._sparseforge_report
     paths = args.paths.split(",")
     variants = {"lower": ours_c} if "lower" in paths else {}
     if "backend" in paths:
         graph_model = copy.deepcopy(dense)
-        variants["backend"] = (torch.compile(graph_model, backend=recording_backend(), dynamic=dynamic)
+        variants["backend"] = (torch.compile(graph_model, backend=recording_backend(dispatch), dynamic=dynamic)
                                if args.dry_run else
-                               sparseforge_compile.compile(graph_model, via="backend", mode=mode, dynamic=dynamic))
+                               sparseforge_compile.compile(graph_model, via="backend", mode=mode, dynamic=dynamic,
+                                                           dispatch=dispatch))
     lean_report = lower_model(lean, config=DispatchConfig(keep_dense="never"))
     lower_s = time.perf_counter() - t0
     print(report.summary(), flush=True)
 
     rows = []
-    for name, rep in (("measured dispatch", report), ("sparse only (keep_dense='never')", lean_report)):
+    for name, rep in ((f"layout {args.layout}, keep_dense {args.keep_dense}", report),
+                      ("cusparselt only (keep_dense='never')", lean_report)):
         rows.append({"bench": "memory", "config": f"llama-7b-shaped x{args.layers} layers, {name}",
                      "lowered_layers": len(rep.layers), "sparse_layers": rep.sparse_layers,
                      "dense_copies": sum(layer.dense_copy for layer in rep.layers),
@@ -245,10 +262,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"bench": "e2e", "config": f"llama-7b-shaped x{args.layers} via {path}", "path": path,
                              "phase": "prefill", "batch": batch, "seq": seq, "dense_ms": round(ms["dense"], 4),
                              "sparse_ms": round(ms[path], 4), "speedup": round(ms["dense"] / ms[path], 4),
-                             "timing": timing, "logits_rel_err": err,
+                             "timing": timing, "logits_rel_err": err, "layout": args.layout,
+                             "memory_ratio": round(report.memory_ratio, 4),
                              "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
-            write_results(name_out, rows, args.out, extra={"partial": True})
+            write_results(name_out, rows, out_path or args.out, extra={"partial": True})
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             t1 = time.perf_counter()
             steps = 3 + 2 * args.iters + 1
@@ -269,13 +287,14 @@ def main(argv: list[str] | None = None) -> None:
                              "phase": "decode", "batch": batch, "seq": 1, "kv_len": args.kv,
                              "dense_ms": round(ms["dense"], 4), "sparse_ms": round(ms[path], 4),
                              "speedup": round(ms["dense"] / ms[path], 4), "timing": timing,
-                             "logits_rel_err": err, "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
+                             "logits_rel_err": err, "layout": args.layout, "memory_ratio": round(report.memory_ratio, 4),
+                             "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
-            write_results(name_out, rows, args.out, extra={"partial": True})
+            write_results(name_out, rows, out_path or args.out, extra={"partial": True})
             del caches, runs
 
     extra = {"mode": mode, "timing": args.timing, "dynamic": dynamic, "lowering_s": round(lower_s, 1), "lowering": report.to_dict()}
-    path = write_results(name_out, rows, args.out, extra=extra)
+    path = write_results(name_out, rows, out_path or args.out, extra=extra)
     print(f"\nwrote {path}")
     for r in rows:
         if r["bench"] == "e2e":

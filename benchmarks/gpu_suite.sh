@@ -22,6 +22,11 @@
 #   lowered           lowered_model.py on SmolLM2-135M
 #   kernels           kernel_table.py
 #   e2e               e2e.py
+#   decode_kernels    decode_table.py: the 2:4 decode kernel against cuBLAS (and cuSPARSELt) at 1-64 tokens
+#   e2e_compact       e2e.py --layout compact: every layer in the decode layout alone (0.5625x the dense bytes)
+#   e2e_both          e2e.py --layout both: decode, cuSPARSELt and dense measured per bucket
+#   fp8               fp8_table.py --accuracy: FP8 x 2:4 vs FP8 dense vs bf16 at >= 4096 tokens, SmolLM2 FP8 ppl
+#   generate          generate.py: static-cache greedy tokens/s, dense vs lowered (cusparselt, compact)
 #
 # Settings: TASKS (zero-shot tasks of the trained steps; default piqa,arc_easy, empty for none), STEP_BATCHES
 # (step_time's batch sizes), STEP_ROUNDS (step_interleaved), GPUS=N (default 1: the trained and sweep steps run
@@ -73,6 +78,11 @@ print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best"
            --timing interleaved --rounds "${STEP_ROUNDS:-7}" --sample-batches '' --out "$out/step_time_interleaved.json") ;;
     kernels) cmd=(python -m benchmarks.kernel_table --out "$out/kernels.json") ;;
     e2e) cmd=(python -m benchmarks.e2e --out "$out/e2e.json") ;;
+    decode_kernels) cmd=(python -m benchmarks.decode_table --out "$out/decode_kernels.json") ;;
+    e2e_compact) cmd=(python -m benchmarks.e2e --layout compact --paths lower,backend --out "$out/e2e_compact.json") ;;
+    e2e_both) cmd=(python -m benchmarks.e2e --layout both --paths lower --out "$out/e2e_both.json") ;;
+    fp8) cmd=(python -m benchmarks.fp8_table --accuracy --out "$out/fp8.json") ;;
+    generate) cmd=(python -m benchmarks.generate --out "$out/generate.json") ;;
     *) echo "unknown step $step" >> "$out/suite.log"; continue ;;
   esac
   echo "== $(date -u +%H:%M:%S) $step: ${cmd[*]}" >> "$out/suite.log"

@@ -8,7 +8,7 @@ exported/ATen graphs. Matched calls: ``torch._C._nn.linear`` / ``F.linear`` / ``
 
 A weight is hardened if it carries ``_sparseforge_pattern`` (then it must be N:M: otherwise an
 error names the layer and the number of violating groups) or if it is exactly N:M. The compressed
-weight becomes a buffer of the graph module; the dense weight stays an operand only where dispatch
+weight (cuSPARSELt and/or the decode layout, ``DispatchConfig.layout``) becomes buffers of the graph module; the dense weight stays an operand only where dispatch
 needs it (some token bucket measured faster dense) or where the sparse kernel does not apply
 (CPU, fp32, odd shapes: the op then is a dense matmul, identical to the hardened model).
 """
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from sparseforge_compile.errors import UsageError
 from sparseforge_compile.lowering.dispatch import DispatchConfig
 from sparseforge_compile.lowering.sparse_linear import (
     KernelState,
@@ -132,6 +133,15 @@ def _declare_to_aot(gm: fx.GraphModule, attr: str) -> None:
         sources[attr] = ConstantSource(f"sparseforge_packed_weight:{attr}:{id(gm)}")
 
 
+def _buffer_node(gm: fx.GraphModule, attr: str, tensor: torch.Tensor | None) -> fx.Node | None:
+    """``tensor`` as a new buffer ``attr`` of ``gm`` read by a ``get_attr`` node (None for None)."""
+    if tensor is None:
+        return None
+    gm.register_buffer(attr, tensor, persistent=False)
+    _declare_to_aot(gm, attr)
+    return gm.graph.get_attr(attr)
+
+
 @dataclass
 class LowerSparseLinears(GraphPass):
     """Lower Linear calls on hardened N:M weights to the sparse op (``run(gm, example_inputs)``).
@@ -151,6 +161,9 @@ class LowerSparseLinears(GraphPass):
 
     def __post_init__(self) -> None:
         self._pattern = NMPattern.parse(self.pattern)
+        if self.dispatch.layout == "fp8":
+            raise UsageError("LowerSparseLinears: layout 'fp8' lowers by module swap; use "
+                             "sparseforge_compile.compile(model, dispatch=DispatchConfig(layout='fp8')) (via='lower')")
 
     def _hardened(self, weight: torch.Tensor, transposed: bool, name: str) -> bool:
         linear = weight.detach().t() if transposed else weight.detach()
@@ -162,11 +175,11 @@ class LowerSparseLinears(GraphPass):
 
     def _state(self, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> KernelState:
         cached = _STATE_CACHE.get(weight)
-        if cached is not None and cached[0] == weight._version and cached[1] == transposed:
-            return cached[2]
+        if cached is not None and cached[0] == (weight._version, transposed, self.dispatch.layout):
+            return cached[1]
         linear = weight.detach().t() if transposed else weight.detach()
         state = build_kernel_state(linear, bias, self.dispatch)
-        _STATE_CACHE[weight] = (weight._version, transposed, state)
+        _STATE_CACHE[weight] = ((weight._version, transposed, self.dispatch.layout), state)
         return state
 
     def run(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PassResult:
@@ -209,8 +222,9 @@ class LowerSparseLinears(GraphPass):
                 kept_dense.append(match.name)
                 continue
             self._rewrite(gm, match, state, packed_count)
-            packed_count += state.packed is not None
-            (lowered if state.packed is not None else fallback).append(match.name)
+            sparse = state.packed is not None or state.decode is not None
+            packed_count += sparse
+            (lowered if sparse else fallback).append(match.name)
         if lowered or fallback:
             gm.graph.lint()
             gm.recompile()
@@ -224,7 +238,7 @@ class LowerSparseLinears(GraphPass):
         weights = [m.weight for m, _ in group]
         biases = [b for _, b in group]
         key = weights[0]
-        fingerprint = (tuple(id(w) for w in weights), tuple(w._version for w in weights))
+        fingerprint = (tuple(id(w) for w in weights), tuple(w._version for w in weights), self.dispatch.layout)
         cached = _FUSED_CACHE.get(key)
         if cached is not None and cached[0] == fingerprint:
             weight, bias, state = cached[1:]
@@ -232,9 +246,10 @@ class LowerSparseLinears(GraphPass):
             weight = torch.cat([w.detach() for w in weights])
             bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
             state = build_kernel_state(weight, bias, self.dispatch)
-            weight = weight if state.keep_dense and state.packed is not None else None  # else unused: not kept
+            sparse = state.packed is not None or state.decode is not None
+            weight = weight if state.keep_dense and sparse else None  # else unused: not kept
             _FUSED_CACHE[key] = (fingerprint, weight, bias, state)
-        if state.packed is None or dense_wins_everywhere(state, self.dispatch):
+        if (state.packed is None and state.decode is None) or dense_wins_everywhere(state, self.dispatch):
             return False
         graph = gm.graph
         members = {m.node for m, _ in group}
@@ -242,18 +257,13 @@ class LowerSparseLinears(GraphPass):
         sizes = [int(w.shape[0]) for w in weights]  # the group's own weights: the fused one may be dropped
         with graph.inserting_before(first):
             attr = f"{PACKED_PREFIX}{index}"
-            gm.register_buffer(attr, state.packed, persistent=False)
-            _declare_to_aot(gm, attr)
-            operands = [graph.get_attr(attr)]
-            for suffix, tensor in (("dense", weight), ("bias", bias)):  # weight is None unless dispatch keeps it
-                if tensor is None:
-                    operands.append(None)
-                    continue
-                gm.register_buffer(f"{attr}_{suffix}", tensor, persistent=False)
-                _declare_to_aot(gm, f"{attr}_{suffix}")
-                operands.append(graph.get_attr(f"{attr}_{suffix}"))
-            new = graph.call_function(SPARSE_LINEAR, (group[0][0].x, operands[0], operands[1], operands[2],
-                                                      sum(sizes)))
+            values, meta = (None, None) if state.decode is None else (state.decode.values, state.decode.meta)
+            packed, dense, bias_node, values, meta = (
+                _buffer_node(gm, f"{attr}{suffix}", tensor)  # weight is None unless dispatch keeps it
+                for suffix, tensor in (("", state.packed), ("_dense", weight), ("_bias", bias), ("_values", values),
+                                       ("_meta", meta)))
+            new = graph.call_function(SPARSE_LINEAR, (group[0][0].x, packed, dense, bias_node, sum(sizes),
+                                                      values, meta))
             parts = graph.call_function(torch.ops.aten.split_with_sizes.default, (new, sizes, -1))
             outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(group))]
         new.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -273,17 +283,16 @@ class LowerSparseLinears(GraphPass):
                 match.weight_node = graph.get_attr(f"{target}.weight") if state.keep_dense else None
                 has_bias = gm.get_submodule(target).bias is not None
                 match.bias = graph.get_attr(f"{target}.bias") if has_bias else None
-            packed_node = None
-            if state.packed is not None:
-                attr = f"{PACKED_PREFIX}{index}"
-                gm.register_buffer(attr, state.packed, persistent=False)
-                _declare_to_aot(gm, attr)
-                packed_node = graph.get_attr(attr)
+            attr = f"{PACKED_PREFIX}{index}"
+            packed_node = _buffer_node(gm, attr, state.packed)
+            values, meta = (None, None) if state.decode is None else (state.decode.values, state.decode.meta)
+            values_node, meta_node = _buffer_node(gm, f"{attr}_values", values), _buffer_node(gm, f"{attr}_meta", meta)
             dense_node = None
             if state.keep_dense:
                 dense_node = graph.call_function(torch.t, (match.weight_node,)) if match.transposed \
                     else match.weight_node
-            new = graph.call_function(SPARSE_LINEAR, (match.x, packed_node, dense_node, match.bias, out_features))
+            new = graph.call_function(SPARSE_LINEAR, (match.x, packed_node, dense_node, match.bias, out_features,
+                                                      values_node, meta_node))
         new.meta.update(match.node.meta)
         match.node.replace_all_uses_with(new)
         graph.erase_node(match.node)

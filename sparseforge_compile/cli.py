@@ -74,15 +74,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- generate
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
     from .evaluate import not_a_causal_lm
     from .models import load_model
+    from .serving import Generator
 
     device = pick_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=args.dtype)
+    path = Path(args.model).expanduser()
+    if args.layout and not (path / "sparseforge.json").is_file():
+        raise UsageError(f"--layout {args.layout} applies to sparse checkpoints; {args.model} is not one (drop it)")
+    if args.layout:  # a sparse checkpoint lowered to the layout asked for
+        from .checkpoint import load
+        from .loaded import DTYPES
+        from .lowering.dispatch import DispatchConfig
+
+        loaded = load(path, device=device, dtype=DTYPES[args.dtype], dispatch=DispatchConfig(layout=args.layout))
+    else:
+        loaded = load_model(args.model, device=device, dtype=args.dtype)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.model} ships no tokenizer: generation needs one")
@@ -98,19 +107,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         encoded = tokenizer(args.prompt, return_tensors="pt")
     input_ids = (encoded["input_ids"] if hasattr(encoded, "keys") else encoded).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    compile_step = {"auto": None, "on": True, "off": False}[args.compile]
+    gen = Generator(loaded.model, input_ids.shape[1] + args.max_new_tokens, compile=compile_step)
     with torch.no_grad():
-        start = time.perf_counter()
-        output = loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    new_tokens = output[0, input_ids.shape[1]:]
+        result = gen.generate(input_ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    new_tokens = result.sequences[0, input_ids.shape[1]:]
     text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     print(text if args.chat else args.prompt + text)
-    sparse = sum(type(m).__name__ == "SparseLinear" for m in loaded.model.modules())
-    print(f"{len(new_tokens)} new tokens in {seconds:.2f} s: {len(new_tokens) / seconds:.1f} tokens/s "
-          f"(greedy, {device} / {args.dtype}, {sparse} sparse layers)")
+    lowered = [m for m in loaded.model.modules() if hasattr(m, "state") and hasattr(m, "materialize_weight")]
+    kernels = ",".join(sorted({m.state.kernel for m in lowered})) or "dense"
+    print(f"{result.new_tokens} new tokens (greedy, static cache{', compiled' if result.compiled else ''}, "
+          f"{device} / {args.dtype}, {len(lowered)} sparse layers: {kernels}): prefill "
+          f"{result.prefill_tokens_per_s:.1f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s")
     return 0
 
 
@@ -305,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="compile the decode step (auto: on CUDA, with CUDA graphs; off on the CPU)")
+    p.add_argument("--layout", default=None, choices=["cusparselt", "compact", "both", "fp8"],
+                   help="what a sparse checkpoint's layers store and run (DispatchConfig.layout; default cusparselt)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("prune", help="prune a model to N:M (or unstructured) sparsity and save it",
                        description="Common settings are flags; every other one comes from --recipe FILE "

@@ -202,3 +202,47 @@ def test_siblings_reading_one_input_become_one_sparse_op(monkeypatch, fuse):
     else:
         assert stats["fused"] == [] and len(ops) == 7
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pass_with_the_compact_layout_reads_the_decode_layout_buffers():
+    """layout="compact" through the graph pass: every op reads kept values + positions (sibling Linears
+    fused into one op on their concatenated weight), no dense weight, and the logits stay the hardened ones."""
+    model = tiny_model("tiny-llama")
+    harden(model)
+    x = ids()
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(LowerSparseLinears(dispatch=DispatchConfig(layout="compact"))(gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend=backend)(x).logits
+    result = results[0]
+    assert len(result.stats["sparse"]) == 14 and not result.stats["dense_fallback"]
+    assert sorted(len(group) for group in result.stats["fused"]) == [2, 2, 3, 3]  # q/k/v and gate/up per layer
+    ops = [n for n in result.gm.graph.nodes if n.op == "call_function" and n.target is SPARSE_LINEAR]
+    assert len(ops) == 14 - 6  # fused groups run as one op
+    for op in ops:
+        packed, dense, values, meta = op.args[1], op.args[2], op.args[5], op.args[6]
+        assert packed is None and dense is None and values is not None and meta is not None
+        assert getattr(result.gm, meta.target).dtype == torch.uint8
+    assert torch.equal(out, ref)
+
+
+def test_backend_option_picks_the_layout(monkeypatch):
+    import sparseforge_compile.lowering.backend as be
+
+    class Stop(Exception):
+        pass
+
+    def spy(pattern, dispatch):
+        seen.append(dispatch)
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(be, "LowerSparseLinears", spy)
+    with pytest.raises(Stop):
+        be.sparseforge_backend(None, [], options={"sparseforge_layout": "compact", "sparseforge_keep_dense": "never"})
+    assert seen[0].layout == "compact" and seen[0].keep_dense == "never"

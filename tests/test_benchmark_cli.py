@@ -322,3 +322,39 @@ def test_results_record_the_command_commit_and_settings(tmp_path, monkeypatch):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert payload["commit"].startswith(head) and payload["settings"] == {"steps": 3, "lr": 0.1}
     assert payload["command"] == "python -m benchmarks.x --steps 3" and payload["rows"] == [{"a": 1}]
+
+
+@pytest.mark.parametrize("script, bench", [("decode_table", "kernel"), ("fp8_table", "fp8"), ("generate", "generate"),
+                                           ("e2e", "e2e")])
+def test_gpu_benchmarks_run_end_to_end_with_smoke(script, bench, tmp_path):
+    """Each GPU benchmark's --smoke on the CPU: tiny shapes, rows in the results schema (speed rows with
+    dense_ms, sparse_ms, speedup), written where --out says."""
+    import importlib
+    import json
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    out = tmp_path / f"{script}.json"
+    extra = ["--layout", "compact", "--paths", "lower"] if script == "e2e" else []
+    module.main(["--smoke", "--out", str(out), *extra])
+    payload = json.loads(out.read_text())
+    assert {"command", "device", "torch", "date", "rows"} <= set(payload) and "partial" not in payload
+    rows = [r for r in payload["rows"] if r["bench"] == bench]
+    assert rows and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    if script == "decode_table":
+        assert all(r["kernel"].startswith("decode") and r["memory_ratio"] == pytest.approx(0.53125, abs=1e-4) for r in rows)
+        assert all(r["rel_err_vs_fp32"] < 1e-5 for r in rows)
+    if script == "fp8_table":
+        assert all(r["kernel"] == "fp8 emulated" and 0 < r["rel_err_vs_bf16"] < 0.1 for r in rows)
+    if script == "generate":
+        assert {r["layout"] for r in rows} == {"cusparselt", "compact"} and all(r["tokens_equal_dense"] for r in rows)
+        assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    if script == "e2e":
+        assert all(r["memory_ratio"] == pytest.approx(0.53125, abs=1e-4) and r["layout"] == "compact" for r in rows)
+        assert {r["phase"] for r in rows} == {"prefill", "decode"} and all(r["logits_rel_err"] < 1e-5 for r in rows)
+
+
+def test_smoke_writes_to_a_temporary_file_without_out():
+    from benchmarks.common import RESULTS_DIR, results_path
+
+    assert results_path("x", None, smoke=True).parent != RESULTS_DIR
+    assert results_path("x", None, smoke=False) == RESULTS_DIR / "x.json"

@@ -421,3 +421,32 @@ def test_lowered_generate_on_the_gpu(llama, saved):
         assert (got - want).norm() / want.norm() < 2e-2  # bf16 tensor-core sums in another order
         out = lowered.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert out.shape == (1, prompt.shape[1] + 16) and out.is_cuda
+
+
+def test_load_with_the_compact_layout_holds_the_decode_layout_and_generates_alike(llama, saved):
+    from sparseforge_compile.lowering.dispatch import DispatchConfig
+    from sparseforge_compile.serving import greedy_generate
+
+    path, _ = saved
+    model = ck.load(path, dispatch=DispatchConfig(layout="compact")).model
+    sparse = [m for m in model.modules() if type(m).__name__ == "SparseLinear"]
+    assert sparse and all(m.state.kernel == "decode" and m.dense_weight is None for m in sparse)
+    for name in llama._sparseforge_layers:
+        assert torch.equal(model.get_submodule(name).materialize_weight(), llama.get_submodule(name).weight)
+    kwargs = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(llama(PROMPT).logits, model(PROMPT).logits)
+        want = llama.generate(PROMPT, **kwargs)
+    assert torch.equal(greedy_generate(model, PROMPT, 16, pad_token_id=0).sequences, want)
+
+
+def test_cli_generate_with_a_layout_and_refuses_it_for_dense_models(saved, capsys):
+    from sparseforge_compile.cli import main
+
+    path, _ = saved
+    code = main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "6", "--device", "cpu",
+                 "--layout", "compact"])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert code == 0 and "sparse layers: decode)" in last and "prefill" in last and last.endswith("tokens/s")
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Hi", "--layout", "compact", "--device", "cpu"]) == 2
+    assert "applies to sparse checkpoints" in capsys.readouterr().err

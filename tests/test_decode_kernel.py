@@ -86,3 +86,31 @@ def test_cpu_fallback_computes_the_same_product(monkeypatch):
     torch.testing.assert_close(y, x @ w.t() + 1)
     with pytest.raises(ValueError, match="input has 95 features"):
         dk.decode_linear(torch.randn(2, 95), dk.pack(w))
+
+
+@triton_cpu
+@pytest.mark.parametrize("tokens", [65, 128, 130, 200])
+def test_triton_kernel_tiles_any_token_count_in_blocks_of_64(interpret, tokens):
+    """Beyond 64 tokens the grid runs more token blocks (the last one masked): a compact layer has no
+    other kernel, so prefill goes through it too."""
+    w = two_of_four(40, 64, torch.float16, seed=tokens)
+    x = torch.randn(tokens, 64).to(torch.float16)
+    y = dk.decode_linear(x, dk.pack(w), None, dk.DecodeTiles(block_n=32, block_k=32))
+    ref = x.float() @ w.float().t()
+    assert y.shape == (tokens, 40)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    assert dk._tokens_block(tokens) == dk.MAX_TOKENS
+
+
+@triton_cpu
+def test_no_tokens_launches_nothing(interpret):
+    w = two_of_four(16, 32, torch.float16)
+    y = dk.decode_linear(torch.empty(0, 32, dtype=torch.float16), dk.pack(w))
+    assert y.shape == (0, 16)
+
+
+def test_cpu_fallback_is_the_hardened_layers_product_bit_for_bit(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = two_of_four(24, 64, torch.bfloat16)
+    x, b = torch.randn(3, 64).to(torch.bfloat16), torch.randn(24).to(torch.bfloat16)
+    assert torch.equal(dk.decode_linear(x, dk.pack(w), b), torch.nn.functional.linear(x, w, b))

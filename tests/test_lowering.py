@@ -366,3 +366,160 @@ def test_small_token_calls_skip_the_op_where_dispatch_chose_dense(monkeypatch):
         targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
         assert (op in targets or torch.ops.sparseforge.sparse_linear in targets) == uses_op, tokens
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, layer.bias))
+
+
+# ------------------------------------------------------------------ layout="compact": the decode layout on the CPU
+
+COMPACT = DispatchConfig(layout="compact")
+
+
+def _two_four(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return (w * nm_mask(w.abs(), P24)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.bfloat16, 0.5625), (torch.float32, 0.53125)])
+def test_compact_layer_holds_only_the_decode_layout_and_computes_through_it(dtype, ratio, monkeypatch):
+    import sparseforge_compile.lowering.sparse_linear as sl
+
+    w, b = _two_four(48, 96, dtype), torch.randn(48).to(dtype)
+    layer = SparseLinear.from_dense(w, b, "2:4", layer="probe", config=COMPACT)
+    assert layer.state.kernel == "decode" and layer.state.fallback_reason is None
+    assert layer.dense_weight is None and layer.packed is None  # no dense copy anywhere
+    assert layer.values.shape == (48, 48) and layer.meta.shape == (48, 12) and layer.meta.dtype == torch.uint8
+    assert torch.equal(layer.materialize_weight(), w)
+    held = layer.weight_bytes()
+    assert held["compressed"] / held["dense_reference"] == ratio and held["dense_copy"] == held["dense_fallback"] == 0
+    unpacked = []  # the forward really goes through the decode layout (the kernel's unpacking fallback)
+    real_unpack = sl.decode_kernel.unpack
+    monkeypatch.setattr(sl.decode_kernel, "unpack", lambda p: unpacked.append(p) or real_unpack(p))
+    for shape in ((5, 96), (2, 3, 96), (1, 96)):
+        x = torch.randn(*shape).to(dtype)
+        assert torch.equal(layer(x), nn.functional.linear(x, w, b))
+    assert len(unpacked) == 3 and all(p.values is layer.values for p in unpacked)
+
+
+def test_compact_state_dict_round_trips_and_reinstalls_on_cast():
+    w, b = _two_four(32, 64), torch.randn(32)
+    layer = SparseLinear.from_dense(w, b, "2:4", config=COMPACT)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], w)  # the hardened layer's keys and values
+    other = SparseLinear.from_dense(_two_four(32, 64, seed=1), torch.zeros(32), "2:4", config=COMPACT)
+    other.load_state_dict(sd)
+    assert other.state.kernel == "decode" and torch.equal(other.materialize_weight(), w)
+    x = torch.randn(4, 64)
+    assert torch.equal(other(x), layer(x))
+    half = other.to(torch.bfloat16)  # a cast re-packs the weight in the new dtype
+    assert half.values.dtype == torch.bfloat16 and half.meta.dtype == torch.uint8
+    assert torch.equal(half.materialize_weight(), w.to(torch.bfloat16))
+
+
+def test_compact_gradient_reaches_the_input_through_the_unpacked_weight():
+    w = _two_four(16, 32)
+    layer = SparseLinear.from_dense(w, None, "2:4", config=COMPACT)
+    x = torch.randn(3, 32, requires_grad=True)
+    layer(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    nn.functional.linear(ref, w).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_compact_odd_shapes_fall_back_and_say_why():
+    w = _two_four(16, 12)  # 12 inputs: three groups of four, not two whole metadata bytes per row
+    model = nn.Sequential(nn.Linear(12, 16, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) run a dense matmul .*2:4 decode layout: in_features 12 "
+                                         r"is not a multiple of 8\): 0"):
+        report = lower_model(model, config=COMPACT)
+    layer = model[0]
+    assert report.fallback_layers == 1 and layer.state.kernel == "dense-fallback" and layer.values is None
+    x = torch.randn(2, 12)
+    assert torch.equal(layer(x), nn.functional.linear(x, w))
+
+
+def test_lowering_compact_model_matches_hardened_logits_and_bytes(hardened_llama):
+    model, names = hardened_llama
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    report = lower_model(model, config=COMPACT)  # no warning: nothing falls back
+    assert report.sparse_layers == 14 and report.fallback_layers == 0
+    assert {layer.kernel for layer in report.layers} == {"decode"} and "on decode" in report.summary()
+    assert report.memory_ratio == pytest.approx(0.53125)  # fp32 values + one byte per 8 inputs
+    for name in names:
+        module = model.get_submodule(name)
+        assert module.dense_weight is None and torch.equal(module.materialize_weight(), weights[name])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_layout_both_without_cusparselt_holds_the_decode_layout():
+    layer = SparseLinear.from_dense(_two_four(32, 64), None, "2:4", config=DispatchConfig(layout="both"))
+    assert layer.state.kernel == "decode" and layer.packed is None and layer.values is not None
+    with pytest.raises(ValueError, match="layout='sparse'"):
+        DispatchConfig(layout="sparse")
+
+
+def test_layout_both_measures_decode_among_the_candidates(monkeypatch, tmp_path):
+    """With a cuSPARSELt weight and the decode layout, the bucket's choice may name the decode kernel; a
+    call in that bucket then runs it (CUDA faked: compression the identity, the decode kernel spied on)."""
+    import sparseforge_compile.lowering.dispatch as dp
+    import sparseforge_compile.lowering.sparse_linear as sl
+
+    seen = {}
+
+    def fake_measure(weight, packed, bias, bucket, decode=None):
+        seen[bucket] = decode is not None
+        if bucket <= 32:
+            return KernelChoice(kernel="decode", block_n=32, block_k=128, dense_ms=1.0, sparse_ms=0.6)
+        return KernelChoice(alg_id=2, dense_ms=1.0, sparse_ms=0.7)
+
+    monkeypatch.setattr(sl, "sparse_unsupported_reason", lambda w: None)
+    monkeypatch.setattr(sl, "compress", lambda w: w.clone())
+    monkeypatch.setattr(dp, "measure_bucket", fake_measure)
+    monkeypatch.setattr(dp, "device_name", lambda device: "fake-gpu")
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))  # the default cache the op reads: a fresh one
+    config = DispatchConfig(layout="both", max_bucket=64)
+    w = _two_four(32, 64)
+    cache = dp.algorithm_cache()
+    layer = SparseLinear.from_dense(w, None, "2:4", config=config)
+    assert seen == {16: True, 32: True, 64: True} and layer.state.kernel == "cusparselt+decode"
+    skey = shape_key("fake-gpu", 32, 64, torch.float32, "both")
+    assert skey.endswith("|both") and cache.get(skey, 16).kernel == "decode" and cache.get(skey, 64).runs == "cusparselt"
+    ran = []
+    monkeypatch.setattr(dp, "decode_linear", lambda x, p, b, tiles: ran.append(("decode", tiles)) or x @ w.t())
+    monkeypatch.setattr(dp, "sparse_linear_2d", lambda x, p, b, c: ran.append(("cusparselt", c.alg_id)) or x @ w.t())
+    for tokens in (1, 20, 64):
+        x = torch.randn(tokens, 64)
+        torch.testing.assert_close(dp.run_choice(x, layer.packed, layer.state.decode, None,
+                                                 dp.choose_kernel(x, 32, "both")), x @ w.t())
+    assert ran == [("decode", dp.DecodeTiles(block_n=32, block_k=128)), ("decode", dp.DecodeTiles(block_n=32, block_k=128)),
+                   ("cusparselt", 2)]
+    assert "|both|bucket 16" in (tmp_path / "kernel_plans.json").read_text()
+
+
+def test_measure_bucket_times_decode_tiles_only_up_to_its_bucket_cap(monkeypatch):
+    import sparseforge_compile.lowering.dispatch as dp
+    from sparseforge_compile.lowering.decode_kernel import pack
+
+    timed = []
+    monkeypatch.setattr(dp, "rotation_copies", lambda nbytes, device, cap=4: 1)
+    monkeypatch.setattr(dp, "_candidate_choices", lambda packed, x, bias, bucket: [KernelChoice(alg_id=0)])
+    monkeypatch.setattr(dp, "_runs", lambda fn: True)
+
+    def fake_times(variants, **kw):  # dense (F.linear) 1.0 ms, cuSPARSELt 0.95, the decode tiles 0.5, 0.51, ...
+        timed.append(len(variants))
+        names = [getattr(v[0].func, "__name__", "") for v in variants]
+        decode = iter(0.5 + 0.01 * i for i in range(len(variants)))
+        return [1.0 if n == "linear" else 0.95 if n == "_cslt_linear_2d" else next(decode) for n in names]
+
+    monkeypatch.setattr(dp, "graph_times_ms", fake_times)
+    w = _two_four(32, 64)
+    choice = dp.measure_bucket(w, w, None, 16, decode=pack(w))
+    assert timed[0] == 2 + len(dp.DECODE_TILES) and choice.kernel == "decode" and not choice.use_dense
+    assert (choice.block_n, choice.block_k) == dp.DECODE_TILES[0]
+    timed.clear()
+    big = dp.measure_bucket(w, w, None, 2 * dp.DECODE_MAX_BUCKET, decode=pack(w))
+    assert timed[0] == 2 and big.kernel == "cusparselt"

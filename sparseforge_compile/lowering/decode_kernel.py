@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # Triton is optional: the CPU fallback below computes the same product
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 K_MULTIPLE = 8  # two groups of four per metadata byte
-MAX_TOKENS = 64  # beyond this the tensor-core kernels (cuSPARSELt / cuBLAS) win: it is a decode kernel
+MAX_TOKENS = 64  # the largest token block of one program: more tokens run as more blocks
 
 
 @dataclass
@@ -150,7 +151,7 @@ class DecodeTiles:
 
 
 def _tokens_block(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64  # tl.dot needs >= 16 rows
+    return 16 if m <= 16 else 32 if m <= 32 else MAX_TOKENS  # tl.dot needs >= 16 rows
 
 
 def triton_available(device: torch.device) -> bool:
@@ -161,22 +162,25 @@ def triton_available(device: torch.device) -> bool:
 
 
 def decode_linear(x: Tensor, packed: Packed24, bias: Tensor | None = None, tiles: DecodeTiles | None = None) -> Tensor:
-    """``x @ W.T + bias`` for a 2:4 ``W`` in decode layout; ``x`` is ``(..., K)`` with at most 64 tokens.
+    """``x @ W.T + bias`` for a 2:4 ``W`` in decode layout; ``x`` is ``(..., K)``, any number of tokens
+    (the grid tiles them in blocks of up to :data:`MAX_TOKENS`; it is built for few).
 
-    Runs the Triton kernel where :func:`triton_available`, else the same product from the unpacked weight.
+    Runs the Triton kernel where :func:`triton_available`, else ``F.linear`` with the unpacked weight (the
+    same product, bit for bit what the hardened layer computes).
     """
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.in_features}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, packed.in_features)
     if not triton_available(x.device):
-        y = x2d @ unpack(packed).to(x.dtype).t()
-        y = y + bias.to(y.dtype) if bias is not None else y
+        y = F.linear(x2d, unpack(packed).to(x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*lead, packed.out_features)
     tiles = tiles or DecodeTiles()
     x2d = x2d.contiguous()
     m, n = x2d.shape[0], packed.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:  # an empty grid is not a launch
+        return y.reshape(*lead, n)
     block_m = _tokens_block(m)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, block_m))
     _kernel()[grid](x2d, packed.values, packed.meta, bias if bias is not None else x2d, y, m, n,

@@ -1,5 +1,5 @@
-"""Which kernel a lowered layer runs: dense cuBLAS or a cuSPARSELt configuration, decided per
-token-count bucket (powers of two) from the static token count of the call, so a CUDA graph records
+"""Which kernel a lowered layer runs: dense cuBLAS, a cuSPARSELt configuration or the compressed-only
+2:4 decode kernel (:mod:`.decode_kernel`), decided per token-count bucket (powers of two) from the static token count of the call, so a CUDA graph records
 one fixed kernel and nothing syncs.
 
 The choice is measured once per (device, weight shape, bucket, dtype) with CUDA-graph replays and
@@ -28,7 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cuda_graphs import capture, warm_up
-from .kernels import DEFAULT_CHOICE, TOKEN_MULTIPLE, KernelChoice, _cslt_linear_2d, device_name, padded_tokens
+from .decode_kernel import DecodeTiles, Packed24, decode_linear
+from .kernels import (
+    DEFAULT_CHOICE,
+    TOKEN_MULTIPLE,
+    KernelChoice,
+    _cslt_linear_2d,
+    device_name,
+    padded_tokens,
+    sparse_linear_2d,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,13 @@ SPARSE_MIN_GAIN = 0.04  # the sparse kernel must be this much faster than dense 
 # (benchmarks/results/kernels.json)
 SPARSE_MIN_GAIN_SMALL = 0.10
 SMALL_BUCKET = 1024
-CACHE_VERSION = 5  # bump when the dispatch rule changes, so cached decisions are re-measured
+# The decode kernel is timed up to this bucket: it is built for few tokens, and beyond it the tensor-core
+# GEMMs run full tiles; timing it at large buckets would only lengthen calibration.
+DECODE_MAX_BUCKET = 256
+# Decode tile candidates (block_n, block_k): narrow row blocks give more programs for small N at 1 token.
+DECODE_TILES = ((32, 128), (64, 128), (64, 256), (128, 128))
+LAYOUTS = ("cusparselt", "compact", "both", "fp8")
+CACHE_VERSION = 6  # bump when the dispatch rule changes, so cached decisions are re-measured
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,18 @@ class DispatchConfig:
     dense; ``"never"`` always runs sparse (least memory: 0.5625x of dense for bf16).
     ``calibrate=False`` skips the measurements (cached choices are still used; otherwise the
     default algorithm, always sparse).
+
+    ``layout`` is what a lowered layer stores:
+
+    - ``"cusparselt"`` (default): the cuSPARSELt-compressed weight (plus the dense copy ``keep_dense``
+      allows); each bucket measured between cuSPARSELt and dense.
+    - ``"compact"``: only the decode layout (kept values + 2-bit positions, 0.5625x the dense bf16
+      bytes); the decode kernel runs at every token count, nothing is measured, no dense copy.
+    - ``"both"``: the cuSPARSELt weight and the decode layout; each bucket measured among cuSPARSELt,
+      the decode kernel (up to ``DECODE_MAX_BUCKET`` tokens) and dense (kept where ``keep_dense`` allows).
+    - ``"fp8"``: weights and activations in float8 e4m3 with per-row weight and per-token activation
+      scales (:mod:`.fp8`): torchao's CUTLASS 2:4 FP8 kernel, else ``torch._scaled_mm`` on the FP8
+      weight, else (CPU) the emulation that is their numerical reference.
     """
 
     min_bucket: int = 16
@@ -60,6 +87,7 @@ class DispatchConfig:
     keep_dense: str = "auto"
     calibrate: bool = True
     cache_dir: str | None = None
+    layout: str = "cusparselt"
 
     def __post_init__(self) -> None:
         for name in ("min_bucket", "max_bucket"):
@@ -70,6 +98,8 @@ class DispatchConfig:
             raise ValueError(f"DispatchConfig: max_bucket {self.max_bucket} < min_bucket {self.min_bucket}")
         if self.keep_dense not in ("auto", "never"):
             raise ValueError(f"DispatchConfig.keep_dense={self.keep_dense!r}: use 'auto' or 'never'")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"DispatchConfig.layout={self.layout!r}: use one of {', '.join(map(repr, LAYOUTS))}")
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -86,9 +116,13 @@ def token_bucket(tokens: int, min_bucket: int = 16) -> int:
 
 
 
-def shape_key(device_name: str, out_features: int, in_features: int, dtype: torch.dtype) -> str:
+def shape_key(device_name: str, out_features: int, in_features: int, dtype: torch.dtype,
+              layout: str = "cusparselt") -> str:
+    """The cache key of a weight shape; ``layout="both"`` keys its own choices (the decode kernel among the
+    candidates), which a cuSPARSELt-only layer, holding no decode layout, cannot run."""
     dt = str(dtype).replace("torch.", "")
-    return f"{device_name}|torch {torch.__version__}|{out_features}x{in_features}|{dt}"
+    key = f"{device_name}|torch {torch.__version__}|{out_features}x{in_features}|{dt}"
+    return key if layout == "cusparselt" else f"{key}|{layout}"
 
 
 class AlgorithmCache:
@@ -206,12 +240,12 @@ _UNCALIBRATED_WARNED: set[str] = set()
 _CHOICE_MEMO: dict[tuple, KernelChoice] = {}
 
 
-def choose_kernel(x2d: Tensor, out_features: int) -> KernelChoice:
-    key = (x2d.device.index, out_features, x2d.shape[1], x2d.dtype, token_bucket(x2d.shape[0]))
+def choose_kernel(x2d: Tensor, out_features: int, layout: str = "cusparselt") -> KernelChoice:
+    key = (x2d.device.index, out_features, x2d.shape[1], x2d.dtype, token_bucket(x2d.shape[0]), layout)
     choice = _CHOICE_MEMO.get(key)
     if choice is not None:
         return choice
-    skey = shape_key(device_name(x2d.device), out_features, x2d.shape[1], x2d.dtype)
+    skey = shape_key(device_name(x2d.device), out_features, x2d.shape[1], x2d.dtype, layout)
     choice = algorithm_cache().lookup(skey, x2d.shape[0])
     if choice is None:
         if skey not in _UNCALIBRATED_WARNED:
@@ -313,9 +347,32 @@ def _runs(fn: Callable[[], object]) -> bool:
         return False
 
 
-def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: int) -> KernelChoice:
-    """Time dense cuBLAS and every candidate sparse config at ``bucket`` tokens; the fastest sparse
-    config, timed again against dense alone, is dispatched if it beats dense by ``SPARSE_MIN_GAIN``
+def _decode_candidates(decode: Packed24 | None, bucket: int) -> list[KernelChoice]:
+    if decode is None or bucket > DECODE_MAX_BUCKET:
+        return []
+    return [KernelChoice(kernel="decode", block_n=n, block_k=k) for n, k in DECODE_TILES]
+
+
+def decode_tiles(choice: KernelChoice) -> DecodeTiles:
+    """The decode kernel's tiles a choice names (the default tiles where it names none)."""
+    default = DecodeTiles()
+    return DecodeTiles(block_n=choice.block_n or default.block_n, block_k=choice.block_k or default.block_k)
+
+
+def run_choice(x2d: Tensor, packed: Tensor | None, decode: Packed24 | None, bias: Tensor | None,
+               choice: KernelChoice) -> Tensor:
+    """``x2d @ W^T + bias`` on the sparse kernel ``choice`` names (cuSPARSELt where it names decode
+    but the layer holds no decode layout)."""
+    if choice.kernel == "decode" and decode is not None:
+        return decode_linear(x2d, decode, bias, decode_tiles(choice))
+    return sparse_linear_2d(x2d, packed, bias, choice)
+
+
+def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: int,
+                   decode: Packed24 | None = None) -> KernelChoice:
+    """Time dense cuBLAS and every candidate sparse config (cuSPARSELt, and the decode kernel's tiles where
+    ``decode`` holds the layer's decode layout) at ``bucket`` tokens; the fastest sparse config, timed
+    again against dense alone, is dispatched if it beats dense by ``SPARSE_MIN_GAIN``
     (``SPARSE_MIN_GAIN_SMALL`` below ``SMALL_BUCKET`` tokens)."""
     out_f, in_f = weight.shape
     gen = torch.Generator(device=weight.device).manual_seed(bucket)
@@ -324,13 +381,19 @@ def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: 
     n_w = rotation_copies(weight.numel() * weight.element_size(), weight.device)
     weights = [weight] + [weight.clone() for _ in range(n_w - 1)]
     packs = [packed] + [packed.clone() for _ in range(n_w - 1)]
+    decodes = [decode] + [Packed24(decode.values.clone(), decode.meta.clone(), decode.in_features)
+                          for _ in range(n_w - 1)] if decode is not None else [None] * n_w
     n = max(n_x, n_w)
 
-    candidates = [cand for cand in _candidate_choices(packed, xs[0], bias, bucket)
-                  if _runs(functools.partial(_cslt_linear_2d, xs[0], packed, bias, cand))]
+    def call(cand: KernelChoice, i: int) -> Callable[[], object]:
+        if cand.kernel == "decode":
+            return functools.partial(decode_linear, xs[i % n_x], decodes[i % n_w], bias, decode_tiles(cand))
+        return functools.partial(_cslt_linear_2d, xs[i % n_x], packs[i % n_w], bias, cand)
+
+    candidates = [cand for cand in _candidate_choices(packed, xs[0], bias, bucket) + _decode_candidates(decode, bucket)
+                  if _runs(call(cand, 0))]
     variants = [[functools.partial(F.linear, xs[i % n_x], weights[i % n_w], bias) for i in range(n)]]
-    variants += [[functools.partial(_cslt_linear_2d, xs[i % n_x], packs[i % n_w], bias, cand) for i in range(n)]
-                 for cand in candidates]
+    variants += [[call(cand, i) for i in range(n)] for cand in candidates]
     dense_ms, *sparse_ms = graph_times_ms(variants, target_ms=2.0, replays=5)
     if not candidates:
         return KernelChoice(use_dense=True, dense_ms=dense_ms)
@@ -346,21 +409,24 @@ def measure_bucket(weight: Tensor, packed: Tensor, bias: Tensor | None, bucket: 
     # Sparse only when it wins by a clear margin: near-ties are decided by timing noise.
     return KernelChoice(use_dense=sparse_ms[i] > dense_ms * (1.0 - min_gain), alg_id=best.alg_id,
                         split_k=best.split_k, split_k_mode=best.split_k_mode, dense_ms=dense_ms,
-                        sparse_ms=sparse_ms[i])
+                        sparse_ms=sparse_ms[i], kernel=best.kernel, block_n=best.block_n, block_k=best.block_k)
 
 
 def calibrate(weight: Tensor, packed: Tensor, bias: Tensor | None, config: DispatchConfig,
-              cache: AlgorithmCache | None = None) -> dict[int, KernelChoice]:
-    """The kernel choice of every bucket for this weight's (device, shape, dtype), measuring misses."""
+              cache: AlgorithmCache | None = None, decode: Packed24 | None = None) -> dict[int, KernelChoice]:
+    """The kernel choice of every bucket for this weight's (device, shape, dtype), measuring misses;
+    ``decode`` (layout ``"both"``): the decode kernel is a candidate too."""
     cache = cache or algorithm_cache(config.cache_dir)
-    skey = shape_key(device_name(weight.device), weight.shape[0], weight.shape[1], weight.dtype)
+    layout = "both" if decode is not None else "cusparselt"
+    skey = shape_key(device_name(weight.device), weight.shape[0], weight.shape[1], weight.dtype, layout)
     table = {}
     for bucket in config.buckets:
         choice = cache.get(skey, bucket)
         if choice is None and config.calibrate:
             if weight.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparseforge: cannot measure kernels during CUDA-graph capture; lower first")
-            choice = measure_bucket(weight, packed, bias, bucket)
+            choice = (measure_bucket(weight, packed, bias, bucket, decode) if decode is not None
+                      else measure_bucket(weight, packed, bias, bucket))
             cache.put(skey, bucket, choice)
             log.info("%s bucket %d: %s", skey, bucket, choice)
         if choice is not None:

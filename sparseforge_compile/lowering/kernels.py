@@ -28,7 +28,9 @@ def padded_tokens(tokens: int) -> int:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What runs for one (device, shape, bucket, dtype): dense cuBLAS or cuSPARSELt with this config."""
+    """What runs for one (device, shape, bucket, dtype): dense cuBLAS, or the fastest sparse kernel
+    measured: ``kernel`` ``"cusparselt"`` (``alg_id``/``split_k``/``split_k_mode``) or ``"decode"`` (the
+    compressed-only 2:4 kernel of :mod:`.decode_kernel`, tiles ``block_n`` x ``block_k``; 0: the default)."""
 
     use_dense: bool = False
     alg_id: int = 0
@@ -36,6 +38,14 @@ class KernelChoice:
     split_k_mode: int = -1
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    kernel: str = "cusparselt"
+    block_n: int = 0
+    block_k: int = 0
+
+    @property
+    def runs(self) -> str:
+        """The kernel a call runs where the layer keeps a dense copy: "dense", "decode" or "cusparselt"."""
+        return "dense" if self.use_dense else self.kernel
 
     @property
     def speedup(self) -> float | None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..masks import NMPattern
 from .dispatch import DispatchConfig
+from .fp8_linear import Fp8Linear
 from .sparse_linear import SparseLinear, check_nm, dense_wins_everywhere, is_exact_nm
 
 TWO_FOUR = NMPattern(2, 4)
@@ -36,7 +37,9 @@ class LayerLowering:
     in_features: int
     dtype: str
     device: str
-    kernel: str  # "cusparselt", "dense-fallback" (unsupported) or "dense-faster" (left a dense Linear)
+    # "cusparselt", "decode", "cusparselt+decode", "fp8-<backend>", "dense-fallback" (unsupported) or
+    # "dense-faster" (left a dense Linear)
+    kernel: str
     reason: str | None  # why it fell back to dense, if it did
     dense_copy: bool  # kept the dense weight next to the compressed one (some bucket runs dense)
     dense_buckets: tuple[int, ...]
@@ -55,7 +58,8 @@ class LoweringReport:
 
     @property
     def sparse_layers(self) -> int:
-        return sum(layer.kernel == "cusparselt" for layer in self.layers)
+        """Layers that run a sparse (or FP8) kernel: every kernel but the dense ones."""
+        return sum(layer.kernel not in ("dense-fallback", DENSE_FASTER) for layer in self.layers)
 
     @property
     def dense_faster_layers(self) -> int:
@@ -86,7 +90,9 @@ class LoweringReport:
                 "warnings": list(self.warnings), "layers": [asdict(layer) for layer in self.layers]}
 
     def summary(self) -> str:
-        lines = [f"lowered {len(self.layers)} layers to {self.pattern}: {self.sparse_layers} on cuSPARSELt, "
+        kernels = sorted({layer.kernel for layer in self.layers} - {"dense-fallback", DENSE_FASTER})
+        lines = [f"lowered {len(self.layers)} layers to {self.pattern}: {self.sparse_layers} on "
+                 f"{'/'.join(kernels) or 'sparse kernels'}, "
                  f"{self.fallback_layers} dense fallback, {self.dense_faster_layers} left dense (cuBLAS faster); weights {self.held_bytes / 2**20:.1f} MiB held vs "
                  f"{self.dense_bytes / 2**20:.1f} MiB dense ({self.memory_ratio:.3f}x) in {self.seconds:.1f}s"]
         lines += [f"  note: {w}" for w in self.warnings]
@@ -136,7 +142,7 @@ def _select(model: nn.Module, layers: Iterable[str] | Mapping[str, object] | Non
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"{name}: no such layer in {type(model).__name__} (listed for lowering)") from exc
-        if isinstance(module, SparseLinear):
+        if isinstance(module, (SparseLinear, Fp8Linear)):
             continue  # already lowered
         lowerable, transposed = _is_lowerable(module)
         if not lowerable:
@@ -156,7 +162,8 @@ def lower_model(model: nn.Module, layers: Iterable[str] | Mapping[str, object] |
     Raises :class:`~sparseforge_compile.errors.NMViolationError` (naming the layer and the
     number of violating groups) if a selected weight is not N:M; the model is then unchanged.
     Layers whose device or dtype the sparse kernel does not take run a dense matmul with the masked
-    weight: noted in the report, with one warning.
+    weight: noted in the report, with one warning. ``config.layout`` picks what the layers store
+    (:class:`DispatchConfig`); ``"fp8"`` swaps in :class:`~.fp8_linear.Fp8Linear` modules.
     """
     start = time.perf_counter()
     pattern = NMPattern.parse(pattern)
@@ -171,8 +178,9 @@ def lower_model(model: nn.Module, layers: Iterable[str] | Mapping[str, object] |
     fallbacks: dict[str, list[str]] = {}
     for name, module, transposed, layer_pattern in targets:
         bias = module.bias.detach() if module.bias is not None else None
-        lowered = SparseLinear.from_dense(module.weight, bias, layer_pattern, layer=name, transposed=transposed,
-                                          config=config)
+        layer_type = Fp8Linear if config.layout == "fp8" else SparseLinear
+        lowered = layer_type.from_dense(module.weight, bias, layer_pattern, layer=name, transposed=transposed,
+                                        config=config)
         held = lowered.weight_bytes()
         state = lowered.state
         if dense_wins_everywhere(state, config):
@@ -190,17 +198,18 @@ def lower_model(model: nn.Module, layers: Iterable[str] | Mapping[str, object] |
             name=name, out_features=lowered.out_features, in_features=lowered.in_features,
             dtype=str(module.weight.dtype).replace("torch.", ""), device=str(module.weight.device),
             kernel=state.kernel, reason=state.fallback_reason,
-            dense_copy=state.packed is not None and state.keep_dense, dense_buckets=state.dense_buckets,
+            dense_copy=held["dense_copy"] > 0, dense_buckets=state.dense_buckets,
             bytes_compressed=held["compressed"], bytes_dense_copy=held["dense_copy"],
             bytes_dense_fallback=held["dense_fallback"], bytes_dense=held["dense_reference"]))
         if state.fallback_reason:
-            fallbacks.setdefault(state.fallback_reason, []).append(name)
+            fallbacks.setdefault((state.kernel, state.fallback_reason), []).append(name)
     kept = [layer.name for layer in report.layers if layer.kernel == DENSE_FASTER]
     if kept:
         report.warnings.append(f"{len(kept)} layer(s) left as dense Linears, {DENSE_FASTER_REASON}: "
                                f"{', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}")
-    for reason, names in fallbacks.items():
-        report.warnings.append(f"{len(names)} layer(s) run a dense matmul with the masked weight ({reason}): "
+    for (kernel, reason), names in fallbacks.items():
+        what = "a dense matmul with the masked weight" if kernel == "dense-fallback" else kernel
+        report.warnings.append(f"{len(names)} layer(s) run {what} ({reason}): "
                                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     if fallbacks:
         warnings.warn("sparseforge lowering: " + "; ".join(report.warnings), stacklevel=2)
