@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--also-valid", action="store_true",
                    help="also score the WikiText-2 valid split (wikitext2_valid_ppl): tune on it, report test")
-    p.add_argument("--tasks", default="", help="comma list of piqa,arc_easy (empty: none)")
+    p.add_argument("--tasks", default="", help="lm-eval tasks scored on every model, e.g. piqa,arc_easy (empty: none)")
     p.add_argument("--task-limit", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32, help="training batch (sequences)")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_prefix = args.runs_prefix or str((Path(args.out).parent if args.out else RESULTS_DIR) / "runs" / stem)
     if len(methods) > 1 and (args.gpus > 1 or isolates(args, methods)):
         rows = run_in_processes(args, argv, methods, stem, runs_prefix)
-        path = write_results(stem, rows, out=args.out)
+        path = write_results(stem, rows, out=args.out, settings=vars(args))
         _bar_chart(rows, tasks, path.with_suffix(".png"))
         print(tabulate(rows, headers="keys", tablefmt="github"))
         return 0
@@ -393,17 +393,19 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"train_{term}_last_tenth"] = end[term]
         for phase, seconds in info.get("phases", {}).items():  # where the budget went (flat keys)
             row[f"phase_{phase}_s"] = round(seconds, 1)
-        for task in tasks:
-            from sparseforge_compile.zeroshot import evaluate_task
+        if tasks:  # lm-evaluation-harness's own task definitions and metrics
+            from sparseforge_compile.eval_tasks import evaluate_tasks
 
-            res = evaluate_task(model, tok, task, limit=args.task_limit, progress=not args.quiet)
-            row[f"{task}_acc"] = round(res.acc, 4)
-            row[f"{task}_acc_norm"] = round(res.acc_norm, 4)
+            scores = evaluate_tasks(model, tok, tasks, limit=args.task_limit, progress=not args.quiet)["results"]
+            for task, metrics in scores.items():
+                for metric, value in metrics.items():
+                    if isinstance(value, (int, float)) and not metric.endswith("_stderr"):
+                        row[f"{task}_{metric}"] = round(float(value), 4)
         rows.append(row)
         print(tabulate([row], headers="keys", tablefmt="github"), flush=True)
-        write_results(stem, rows, out=args.out)  # after every method: a cut-off run keeps what it finished
+        write_results(stem, rows, out=args.out, settings=vars(args))  # a cut-off run keeps what it finished
         del model
-    path = write_results(stem, rows, out=args.out)
+    path = write_results(stem, rows, out=args.out, settings=vars(args))
     _bar_chart(rows, tasks, path.with_suffix(".png"))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0

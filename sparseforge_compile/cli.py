@@ -42,14 +42,40 @@ def write_json(path: str | Path, payload: dict) -> None:
 # ------------------------------------------------------------------------------------------ eval
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import eval_windows, load_wikitext2, tokenize
-    from .evaluate import perplexity, perplexity_unsupported
+    from .eval_tasks import parse_tasks
     from .models import load_model
 
+    tasks = parse_tasks(args.tasks)
+    if not tasks:
+        raise UsageError("--tasks names no task: give e.g. wikitext2,piqa,arc_easy")
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     if loaded.tokenizer is None:
-        raise UsageError(f"{args.model} ships no tokenizer: perplexity needs one")
+        raise UsageError(f"{args.model} ships no tokenizer: evaluation needs one")
+    payload: dict = {"model": args.model, "device": device, "dtype": args.dtype}
+    if PPL_TASK in tasks:
+        payload["wikitext2"] = _eval_perplexity(args, loaded, device)
+    others = [t for t in tasks if t != PPL_TASK]
+    if others:
+        from .eval_tasks import evaluate_tasks
+
+        scores = evaluate_tasks(loaded.model, loaded.tokenizer, others, data_dir=args.data_dir, limit=args.limit,
+                                batch_size=args.batch_size, progress=not args.quiet)
+        print(scores["table"])
+        payload["tasks"] = scores["results"]
+        payload["tasks_limit"] = args.limit
+    if args.json:
+        write_json(args.json, payload)
+    return 0
+
+
+PPL_TASK = "wikitext2"  # the SparseGPT-protocol perplexity (lm-eval's "wikitext" is a word-level protocol)
+
+
+def _eval_perplexity(args: argparse.Namespace, loaded, device: str) -> dict:
+    from .data import eval_windows, load_wikitext2, tokenize
+    from .evaluate import perplexity, perplexity_unsupported
+
     problem = perplexity_unsupported(loaded.model, args.seqlen)
     if problem:
         raise UsageError(f"{args.model}: {problem}")
@@ -65,10 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(tabulate(rows, tablefmt="simple"))
     subset_note = f" on a subset ({result.windows}/{result.total_windows} windows)" if result.subset else ""
     print(f"WikiText-2 {args.split} perplexity{subset_note}: {result.ppl:.4f}")
-    if args.json:
-        write_json(args.json, {"model": args.model, "dataset": "wikitext2", "split": args.split,
-                               "device": device, "dtype": args.dtype, **result.as_dict()})
-    return 0
+    return {"dataset": "wikitext2", "split": args.split, **result.as_dict()}
 
 
 # -------------------------------------------------------------------------------------- generate
@@ -152,6 +175,8 @@ def prune_config(args: argparse.Namespace, device: str):
         flags["pattern"] = None
     if "exclude" in flags:
         flags["exclude"] = tuple(flags["exclude"])
+    if getattr(args, "calib_data", None):
+        flags["calib_data"] = tuple(part.strip() for part in args.calib_data.split(",") if part.strip())
     if args.budget_minutes is not None:
         flags["budget_s"] = args.budget_minutes * 60
     try:
@@ -231,6 +256,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary.update(dense_ppl=before.ppl, pruned_ppl=after.ppl, eval_windows=after.windows)
         rows.append(["WikiText-2 test ppl", f"dense {before.ppl:.2f} -> pruned {after.ppl:.2f} "
                                             f"({after.windows} windows of 2048)"])
+    if args.tasks:
+        from .eval_tasks import evaluate_tasks, parse_tasks
+
+        scores = evaluate_tasks(model, tok, parse_tasks(args.tasks), data_dir=args.data_dir, limit=args.limit,
+                                progress=not args.quiet)
+        summary["tasks"] = scores["results"]
+        print(scores["table"])
     rows.append(["written to", str(out)])
     write_json(out / "summary.json", summary)
     print(tabulate(rows, tablefmt="simple"))
@@ -299,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity by the standard protocol")
     common(p)
-    p.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
+    p.add_argument("--tasks", default="wikitext2", metavar="T1,T2",
+                   help="wikitext2 (perplexity by the SparseGPT protocol) and/or lm-eval tasks, e.g. piqa,arc_easy "
+                        "(PIQA and ARC-Easy read the data folder; others need a datasets cache or hub access)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each lm-eval task")
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (a subset)")
@@ -339,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=4,
                    help="WikiText-2 test windows scored before and after (0: none, -1: all 148)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--calib-data", default=None, metavar="FILE[,FILE|c4]",
+                   help=docs["calib_data"] + " Comma-separated.")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks scored on the pruned model (e.g. piqa,arc_easy; needs the [eval] extra)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     kinds = {**{n: f.type for n, f in top_fields().items()}, **{n: f.type for n, f in flat_fields().items()}}
     for name in PRUNE_FLAGS[4:]:  # method, pattern, sparsity and exclude have their own above
         kind = str(kinds[name])

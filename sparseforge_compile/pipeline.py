@@ -51,6 +51,9 @@ class SparsifyConfig:
     """Calibration windows of the one-shot methods and the warm start."""
     calib_seqlen: int = 2048
     """Tokens per calibration window."""
+    calib_data: tuple[str, ...] = ()
+    """Calibration and training text: files of the user's own (.txt, .jsonl with a text field, .parquet),
+    and "c4" for the built-in C4 sample, in any mix; empty: the C4 sample."""
     budget_s: float | None = 600.0
     """Wall budget of the whole prune in seconds; None: no limit (trained methods then need steps)."""
     teacher_sample_share: float = 0.2
@@ -80,6 +83,7 @@ class SparsifyConfig:
             raise ValueError(f"teacher_decode {self.teacher_decode!r}: use one of {', '.join(TEACHER_DECODES)}")
         if not 0 <= self.teacher_sample_share < 1:
             raise ValueError(f"teacher_sample_share {self.teacher_sample_share} must be in [0, 1)")
+        self.calib_data = (self.calib_data,) if isinstance(self.calib_data, str) else tuple(self.calib_data)
         if self.calib_samples < 1 or self.calib_seqlen < 2:
             raise ValueError("calibration needs at least one window of two tokens")
         if self.method == "sparsegpt+kd" and not self.anneal.evidence.fixed_mask:
@@ -214,6 +218,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         if tokenizer is None:
             raise ValueError(f"{cfg.method} needs calibration text: pass a tokenizer or calib windows")
         calib = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.anneal.runtime.seed,
+                                    sources=cfg.calib_data or None,
                                     data_dir=data_dir)
 
     if cfg.method in ONE_SHOT:
@@ -315,7 +320,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     phases["warm_start"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stream = token_stream(tokenizer, data_dir)
+    stream = token_stream(tokenizer, data_dir, sources=cfg.calib_data or None)
     rows_file = out / "teacher_samples.safetensors" if out is not None else None
     sample_batch = 0
     if resume and rows_file is not None and rows_file.exists():

@@ -358,3 +358,24 @@ def test_smoke_writes_to_a_temporary_file_without_out():
 
     assert results_path("x", None, smoke=True).parent != RESULTS_DIR
     assert results_path("x", None, smoke=False) == RESULTS_DIR / "x.json"
+
+
+def test_accuracy_rows_carry_lm_eval_metrics_for_every_method(tmp_path, monkeypatch):
+    """dense and a one-shot peer on a synthetic data folder: each row holds lm-eval's acc / acc_norm."""
+    import json
+
+    pytest.importorskip("lm_eval")
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = Title = \n\n" + "some words of text . " * 200)
+    (tmp_path / "tasks" / "arc").mkdir(parents=True)
+    docs = [{"id": str(i), "question": f"q{i}?", "choices": {"text": ["a", "bb"], "label": ["A", "B"]},
+             "answerKey": "AB"[i % 2]} for i in range(3)]
+    (tmp_path / "tasks/arc/ARC-Easy-validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(tmp_path))
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--model", "tiny-llama", "--device", "cpu", "--methods", "dense,magnitude", "--seqlen", "64",
+                          "--max-windows", "2", "--tasks", "arc_easy", "--quiet", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert [r["method"] for r in payload["rows"]] == ["dense", "magnitude"]
+    assert all({"arc_easy_acc", "arc_easy_acc_norm"} <= set(r) for r in payload["rows"])
+    assert payload["settings"]["tasks"] == "arc_easy"
