@@ -140,14 +140,31 @@ class GraphPass:
 class PipelineResult:
     gm: fx.GraphModule
     results: list[PassResult]
+    passes: list[GraphPass] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.results)
 
+    def of(self, kind: type) -> PassResult:
+        """The result of the pipeline's (first) pass of class ``kind``."""
+        for graph_pass, result in zip(self.passes, self.results):
+            if isinstance(graph_pass, kind):
+                return result
+        raise KeyError(f"no {kind.__name__} pass ran in this pipeline")
+
+
+def _inputs_for(graph_pass: GraphPass, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The stage inputs a pass's ``run`` takes by name (an eligibility report, example inputs)."""
+    import inspect
+
+    params = inspect.signature(graph_pass.run).parameters
+    return {k: v for k, v in inputs.items() if k in params}
+
 
 class PassManager:
-    """Runs passes in the given order, each on the previous one's output graph."""
+    """Runs passes in the given order, each on the previous one's output graph; inputs given to the call
+    (``eligibility=...``, ``example_inputs=...``) reach the passes whose ``run`` names them."""
 
     def __init__(self, passes: Sequence[GraphPass], debug_dir: str | Path | None = None) -> None:
         self.passes = list(passes)
@@ -165,14 +182,14 @@ class PassManager:
         path.write_text(f"# {graph_pass.name} uuid={graph_pass.uuid()} config={graph_pass.config()}\n"
                         f"{gm.graph}\n")
 
-    def __call__(self, gm: Any) -> PipelineResult:
+    def __call__(self, gm: Any, **inputs: Any) -> PipelineResult:
         gm = as_graph_module(gm)
         results = []
         for index, graph_pass in enumerate(self.passes):
             self._dump(index, graph_pass, "before", gm)
-            result = graph_pass(gm)
+            result = graph_pass(gm, **_inputs_for(graph_pass, inputs))
             self._dump(index, graph_pass, "after", result.gm)
             log.info("pass %d %s: %.3fs, modified=%s", index, graph_pass.name, result.seconds, result.modified)
             results.append(result)
             gm = result.gm
-        return PipelineResult(gm=gm, results=results)
+        return PipelineResult(gm=gm, results=results, passes=list(self.passes))

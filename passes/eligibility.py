@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from sparseforge_compile.capture import original_model, original_name
+from sparseforge_compile.graph_origin import original_model, original_name
 from sparseforge_compile.masks import NMPattern
 from sparseforge_compile.ops import APPLY_MASK
 

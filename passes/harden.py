@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from sparseforge_compile.capture import original_model, original_name
+from sparseforge_compile.graph_origin import original_model, original_name
 from sparseforge_compile.layers import is_conv1d
 from sparseforge_compile.masks import MaskState, NMPattern, count_nm_violations
 

@@ -27,7 +27,6 @@ import linecache
 import logging
 import os
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +35,10 @@ import torch
 from torch import fx, nn
 
 from .errors import CaptureError
+from .graph_origin import META_KEY, ModelRef, original_name
 
 log = logging.getLogger(__name__)
 
-META_KEY = "sparseforge"
 HF_PREFIX = "model."
 HF_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 DEFAULT_BATCH, DEFAULT_SEQLEN = 2, 16  # sizes >= 2 so that export does not specialize them to 0/1
@@ -82,39 +81,6 @@ class CapturedGraph:
 
 
 # ------------------------------------------------------------------------------ graph <-> model
-
-def original_name(gm: fx.GraphModule, target: str) -> str:
-    """Qualified name in the original model of a graph attribute (``get_attr`` target)."""
-    info = getattr(gm, "meta", {}).get(META_KEY, {})
-    names = info.get("names", {})
-    if target in names:
-        return names[target]
-    prefix = info.get("prefix", "")
-    return target[len(prefix):] if prefix and target.startswith(prefix) else target
-
-
-def original_model(gm: fx.GraphModule) -> nn.Module | None:
-    """The model a graph was captured from, if it is still alive (held weakly by the graph)."""
-    ref = getattr(gm, "meta", {}).get(META_KEY, {}).get("model")
-    return ref() if ref is not None else None
-
-
-class _ModelRef:
-    """A weak reference to the captured model. A deep copy or a pickle of the graph drops it: the
-    copy's parameters are no longer the model's, so passes must not treat the model as its owner."""
-
-    def __init__(self, model: nn.Module | None) -> None:
-        self._ref = weakref.ref(model) if model is not None else None
-
-    def __call__(self) -> nn.Module | None:
-        return self._ref() if self._ref is not None else None
-
-    def __deepcopy__(self, memo: dict) -> _ModelRef:
-        return _ModelRef(None)
-
-    def __reduce__(self) -> tuple:
-        return _ModelRef, (None,)
-
 
 # ---------------------------------------------------------------------------------- wrapping
 
@@ -303,9 +269,9 @@ def _export(root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> 
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     strip_metadata_asserts(gm)
-    from .passes.float32_positions import KeepPositionMathInFloat32  # passes import capture: lazily
+    from .passes.pipelines import capture_passes, run_stage  # passes import capture: lazily
 
-    KeepPositionMathInFloat32()(gm)
+    run_stage(capture_passes(), gm)
     return gm, _bounded_dims(ep)
 
 
@@ -409,7 +375,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
             except Exception as exc:
                 raise _capture_error(exc, model) from exc
     names = _bind_parameters(gm, model, prefix)
-    gm.meta[META_KEY] = {"prefix": prefix, "names": names, "model": _ModelRef(model), "hf": hf,
+    gm.meta[META_KEY] = {"prefix": prefix, "names": names, "model": ModelRef(model), "hf": hf,
                          "kwargs": bool(kwargs)}
     input_names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     dyn = _dynamic_dims(gm)

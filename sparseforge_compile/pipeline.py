@@ -248,13 +248,13 @@ def _vocab_size(model: nn.Module) -> int:
 
 def _harden_through_graph(captured, report, pattern: NMPattern, masks: dict[str, torch.Tensor]) -> None:
     """Put the given binary masks into the graph's mask nodes, then harden (invariant checked)."""
-    from .passes.harden import Harden
     from .passes.insert_masks import InsertMasks
+    from .passes.pipelines import harden_passes, mask_passes, run_stage
 
-    inserted = InsertMasks(pattern)(captured.gm, report)
+    inserted = run_stage(mask_passes(pattern), captured.gm, eligibility=report).of(InsertMasks)
     for name, state in inserted.masks.items():
         state.set_hard(masks[name].to(state.score.device))
-    Harden()(captured.gm)
+    run_stage(harden_passes(), captured.gm)
 
 
 def _record_layers(model: nn.Module, layers: list[str], transposed: dict[str, bool], cfg: SparsifyConfig,
@@ -290,6 +290,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     from .methods import prune_oneshot
     from .passes.causal_attention import UseCausalAttention
     from .passes.insert_masks import InsertMasks
+    from .passes.pipelines import mask_passes, prepare_passes, run_stage
 
     phases = phases if phases is not None else {}
     acfg = cfg.anneal
@@ -334,14 +335,15 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     batches = TrainingBatches(stream, teacher_rows, acfg)
 
     # The loop runs the graph every soft-phase step: let its attention use the flash kernels.
-    causal = UseCausalAttention()(captured.gm)
+    causal = run_stage(prepare_passes(), captured.gm).of(UseCausalAttention)
     if causal.stats["kept"]:
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
     check_ids = batches.batch(0)[-2:].to(device)  # two rows the checks below run the models on
     if not acfg.evidence.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
         verify_graph(captured.gm, model, check_ids, autocast=acfg.autocasts(device))
-    masks = InsertMasks(pattern)(captured.gm, report).masks
+    taps_at = _blocks_of(model) if acfg.loss.hidden_weight else None  # the layer-wise loss records block outputs
+    masks = run_stage(mask_passes(pattern, taps_at), captured.gm, eligibility=report).of(InsertMasks).masks
     attention = {who: MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device))
                  for who, m in (("teacher", teacher), ("student", model))}
     for who, a in attention.items():
@@ -404,27 +406,30 @@ def _outlined(model: nn.Module, gm):
     """The masked graph with its decoder blocks outlined into one shared compile region (what
     torch.compile then builds once for all blocks); None, with a note, where the blocks differ."""
     from .errors import PruneError
-    from .layers import find_decoder_blocks
     from .passes.base import PassConditionError
-    from .passes.outline_blocks import OutlineRepeatedBlocks
+    from .passes.pipelines import outline_passes, run_stage
 
     try:
-        path, blocks = find_decoder_blocks(model)
-        return OutlineRepeatedBlocks(path, len(blocks))(gm).gm
+        return run_stage(outline_passes(_blocks_of(model)), gm).gm
     except (PruneError, PassConditionError) as exc:
         log.warning("compiling the masked graph flat: %s", exc)
         return None
 
 
-def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
-    """Recorders of every decoder block's output: hooks on the teacher and the plain student, and
-    tap nodes in the masked graph (removed again by :func:`_remove_taps`)."""
-    from .distill import BlockOutputHooks
+def _blocks_of(model: nn.Module) -> tuple[str, int]:
+    """The decoder block list's path and length (what the block passes are configured with)."""
     from .layers import find_decoder_blocks
-    from .passes.tap_blocks import TapBlockOutputs, block_recorder
 
-    blocks_path, blocks = find_decoder_blocks(model)
-    TapBlockOutputs(blocks_path, len(blocks))(gm)
+    path, blocks = find_decoder_blocks(model)
+    return path, len(blocks)
+
+
+def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
+    """Recorders of every decoder block's output: hooks on the teacher and the plain student, and the
+    graph's tap nodes (the mask stage put them there; :func:`_remove_taps` takes them out again)."""
+    from .distill import BlockOutputHooks
+    from .passes.tap_blocks import block_recorder
+
     hooks = [BlockOutputHooks(teacher), BlockOutputHooks(model)]
     return LayerTaps(teacher=hooks[0].recorder, graph=block_recorder(gm), plain=hooks[1].recorder, hooks=hooks)
 
@@ -432,7 +437,7 @@ def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
                       data_dir, out: Path | None, resume: bool, progress: bool, start: float,
                       deadline: float | None, phases: dict[str, float]) -> SparsifyResult:
-    from .passes.harden import Harden
+    from .passes.pipelines import harden_passes, run_stage
 
     setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
                              out=out, resume=resume, progress=progress, phases=phases)
@@ -451,7 +456,7 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     phases["anneal"] = result.seconds
 
     t = time.perf_counter()
-    Harden()(captured.gm)
+    run_stage(harden_passes(), captured.gm)
     _record_layers(model, layers, transposed, cfg)
     phases["harden"] = time.perf_counter() - t
     rows = setup.teacher_rows

@@ -28,7 +28,8 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import CapturedGraph, capture, original_model
+from .capture import CapturedGraph, capture
+from .graph_origin import original_model
 from .masks import NMPattern, count_nm_violations
 from .passes.base import as_graph_module
 from .passes.eligibility import (

@@ -242,7 +242,7 @@ def test_backend_option_picks_the_layout(monkeypatch):
         raise Stop
 
     seen = []
-    monkeypatch.setattr(be, "LowerSparseLinears", spy)
+    monkeypatch.setattr(be, "lower_passes", spy)
     with pytest.raises(Stop):
         be.sparseforge_backend(None, [], options={"sparseforge_layout": "compact", "sparseforge_keep_dense": "never"})
     assert seen[0].layout == "compact" and seen[0].keep_dense == "never"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..passes.inline_masks import InlineMaskOps
 from ..passes.outline_blocks import SharedBlock
+from ..passes.pipelines import inline_passes, run_stage
 from .config import AnnealConfig
 from .loss import loss_terms
 
@@ -40,7 +40,7 @@ def inlined_masks(forward: Callable, copy: bool = True) -> Callable:
     """What torch.compile gets for a masked graph: its ``apply_mask`` ops as plain multiplies, which
     Inductor fuses (with the bf16 cast) instead of calling the op back in Python for every layer
     (passes/inline_masks.py). ``copy``: rewrite a copy, leaving the graph hardening reads intact."""
-    return InlineMaskOps(copy=copy)(forward).gm if isinstance(forward, fx.GraphModule) else forward
+    return run_stage(inline_passes(copy), forward).gm if isinstance(forward, fx.GraphModule) else forward
 
 
 class Compilation:

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..masks import NMPattern
-from ..passes.lower_sparse import LowerSparseLinears
+from ..passes.pipelines import lower_passes, run_stage
 from .dispatch import DispatchConfig
 from .lower import LoweringReport, lower_model
 
@@ -58,8 +58,8 @@ def sparseforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode:
                                   max_bucket=int(options.get("sparseforge_max_bucket", DispatchConfig.max_bucket)),
                                   layout=options.get("sparseforge_layout", DispatchConfig.layout))
     pattern = pattern if pattern is not None else options.get("sparseforge_pattern", "2:4")
-    lowering = LowerSparseLinears(pattern=str(NMPattern.parse(pattern)), dispatch=dispatch)
-    result = lowering(gm, example_inputs)
+    stage = run_stage(lower_passes(str(NMPattern.parse(pattern)), dispatch), gm, example_inputs=example_inputs)
+    result = stage.results[0]
     log.info("sparseforge backend: %d sparse, %d dense-fallback Linear calls lowered",
              len(result.stats["sparse"]), len(result.stats["dense_fallback"]))
     return compile_fx(result.gm, list(example_inputs), config_patches=_inductor_patches(mode, options))
