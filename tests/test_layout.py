@@ -72,3 +72,19 @@ def test_the_cycle_check_sees_a_cycle():
     graph = nx.DiGraph([("a", "b"), ("b", "a")])
     assert list(nx.simple_cycles(graph))
 
+
+
+def test_no_package_module_is_too_long():
+    long = {str(p.relative_to(ROOT)): n for p in _modules().values()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"split these modules (over {MAX_LINES} lines): {long}"
+
+
+def test_every_subpackage_ships():
+    """pyproject lists packages by hand (passes/ ships as sparseforge_compile.passes): a new subpackage
+    missing from the list would import from a checkout but not from an installed wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert found == listed, f"add to (or drop from) pyproject's packages: {sorted(found ^ listed)}"
