@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotary", default="installed", choices=("installed", "matmul-5.1x"),
                    help="the installed transformers' rotary code, or 5.1x's (matmul in an autocast-off region)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 if a graph the loop trains differs from the plain model (a GPU session's gate)")
+                   help="exit 1 if a graph the loop trains differs from the plain model (the gate before training on a GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.rotary == "matmul-5.1x":

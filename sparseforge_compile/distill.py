@@ -192,11 +192,8 @@ class BlockOutputHooks:
         self._handles = []
 
 
-# Not lowered for speed: 4096 whole 512-token rows sample at 149 k tokens/s on the H200, 3932 at 148 k, 3840
-# at 135 k (benchmarks/results/sample_rate.json). (Two 10-minute runs that drew 4096-row batches spent ~40 s
-# more in their sampling phase than the 3932-row ones; not the batch size, then. Session 10's four runs all
-# drew 4096 rows and sampled at ~150 k tokens/s: accuracy_smollm2-135m_trained_10min_{measured_flips,
-# plain_hard_phase}.json, teacher_tokens_per_s.)
+# The cap costs no sampling speed: 4096 whole 512-token rows sample at 149 k tokens/s on the H200, 3932 at
+# 148 k, 3840 at 135 k (benchmarks/results/sample_rate.json).
 MAX_SAMPLE_BATCH = 4096
 # Of the GPU memory not held by tensors, for the KV cache and vocab-sized buffers. 0.45, not 0.4: at 0.4 an
 # H200 with SmolLM2 came to 4099 rows, 3 over the cap, so a few hundred MB more tensors in one method's

