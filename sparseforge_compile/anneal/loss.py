@@ -29,13 +29,14 @@ class LayerTaps:
 
 def loss_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor,
                hidden: tuple[list[torch.Tensor], list[torch.Tensor]] | None, temperature: float,
-               ce_weight: float, kl_weight: float, real_from_row: int | None = None) -> tuple[torch.Tensor, dict]:
+               ce_weight: float, kl_weight: float, real_from_row: int | None = None,
+               hidden_energy: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """CE + tau^2 KL to the teacher, and the layer-wise loss as ``parts["hidden"]`` (with its
     gradient; the caller weighs it in): one function, so that torch.compile fuses the vocab-sized
     fp32 work (a quarter of an eager step on SmolLM2). The batch's first ``real_from_row`` rows are
-    teacher-sampled, the rest real text (``kd_loss``)."""
+    teacher-sampled, the rest real text (``kd_loss``); ``hidden_energy``: see ``hidden_state_loss``."""
     loss, parts = kd_loss(s_logits, t_logits, ids, temperature=temperature, ce_weight=ce_weight,
                           kl_weight=kl_weight, real_from_row=real_from_row)
     if hidden is not None:
-        parts["hidden"] = hidden_state_loss(*hidden)
+        parts["hidden"] = hidden_state_loss(*hidden, energy=hidden_energy)
     return loss, parts
