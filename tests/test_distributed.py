@@ -20,7 +20,9 @@ from test_digest import synthetic_data
 ANNEAL = dict(steps=8, seqlen=32, lr=3e-3, warmup_frac=0.1, importance="fisher", importance_every=2,
               evidence_probes=2, t_start=0.3, t_end=0.02, anneal_end=0.5, harden_end=0.75, prior_margin=0.5,
               prior_floor=0.5, seed=0, autocast="off", compile="off", log_every=1)
-WEIGHT_TOL = 1e-4  # float summation order differs (two half-batch gradients averaged vs one batch)
+# Float summation order differs (two half-batch gradients averaged vs one batch), and AdamW's normalized
+# update turns that into up to lr-sized steps where a gradient is near 0: a sixth of one step (lr 3e-3).
+WEIGHT_TOL = 5e-4
 
 
 def _port() -> int:
@@ -102,7 +104,8 @@ def test_two_ranks_equal_one_rank_at_twice_the_batch(tmp_path, method, extra):
     for a, b in zip(one["history"], two[0]["history"]):  # the logged loss is the global batch's
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["flips"] == b["flips"] and a["temperature"] == b["temperature"]
-    assert any(row["flips"] for row in one["history"][:4]), "the soft phase flipped nothing: the test shows little"
+    if method == "sparseforge":
+        assert any(row["flips"] for row in one["history"][:4]), "the soft phase flipped nothing: the test shows little"
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
