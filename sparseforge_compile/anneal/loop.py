@@ -26,7 +26,7 @@ from .compile import Compilation, Forwards
 from .config import AnnealConfig
 from .evidence import make_evidence, refresh_scores
 from .guard import FiniteGuard
-from .loss import SOURCE_METRICS, LayerTaps
+from .loss import SOURCE_METRICS, LayerTaps, fused_loss_terms, loss_terms
 from .schedule import SchedulePoint, schedule
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class Annealer:
         self._layer_params = {n: _parameter_of(self.weight_views[n]()) for n in masks}
         self.guard = FiniteGuard(params, {id(p): n for n, (p, _) in self._layer_params.items()}, cfg.runtime.grad_clip,
                                  device, deferred=bool(self.opt.defaults.get("fused")), out_dir=out_dir)
-        self.compilation = Compilation(Forwards(forward, plain_forward, teacher), cfg, device, regions,
+        kd = fused_loss_terms if cfg.fuses_kd(device) else loss_terms
+        self.compilation = Compilation(Forwards(forward, plain_forward, teacher, kd), cfg, device, regions,
                                        outlined=compile_forward)
         if not cfg.evidence.fixed_mask:
             refresh_scores(self.masks, self.evidence, self.warm, cfg.evidence.prior_margin, self.step)
