@@ -27,6 +27,8 @@
 #   e2e_both          e2e.py --layout both: decode, cuSPARSELt and dense measured per bucket
 #   fp8               fp8_table.py --accuracy: FP8 x 2:4 vs FP8 dense vs bf16 at >= 4096 tokens, SmolLM2 FP8 ppl
 #   generate          generate.py: static-cache greedy tokens/s, dense vs lowered (cusparselt, compact)
+#   throughput        train_throughput.py: training tokens/s of SparseForge and the peer, kd_loss plain vs fused,
+#                     and data-parallel scaling over 1..GPUS GPUs (default 1)
 #
 # Settings: TASKS (zero-shot tasks of the trained steps; default piqa,arc_easy, empty for none), STEP_BATCHES
 # (step_time's batch sizes), STEP_ROUNDS (step_interleaved), GPUS=N (default 1: the trained and sweep steps run
@@ -83,6 +85,7 @@ print(','.join(picks))" "$out/accuracy_smollm2-135m_sweep.json") && [ -n "$best"
     e2e_both) cmd=(python -m benchmarks.e2e --layout both --paths lower --out "$out/e2e_both.json") ;;
     fp8) cmd=(python -m benchmarks.fp8_table --accuracy --out "$out/fp8.json") ;;
     generate) cmd=(python -m benchmarks.generate --out "$out/generate.json") ;;
+    throughput) cmd=(python -m benchmarks.train_throughput --gpus "$(seq -s, 1 "${GPUS:-1}")" --out "$out/train_throughput.json") ;;
     *) echo "unknown step $step" >> "$out/suite.log"; continue ;;
   esac
   echo "== $(date -u +%H:%M:%S) $step: ${cmd[*]}" >> "$out/suite.log"

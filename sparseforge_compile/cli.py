@@ -1,4 +1,4 @@
-"""``sparseforge-compile``: eval, report, prune, recipe, generate.
+"""``sparseforge-compile``: eval, report, prune, plan, recipe, generate.
 
 Each subcommand parses its flags here and calls one function of the room that owns the work, so
 the CLI and the Python API stay one code path. Errors users can act on (bad model name, missing
@@ -204,6 +204,26 @@ def _save_pruned(model, tokenizer, out: Path, pattern: str | None, provenance: d
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    if args.nproc and not distributed.launched():  # rerun under torchrun: one process per GPU
+        import subprocess
+
+        argv = distributed.strip_launch_flags(sys.argv[1:])
+        cmd = distributed.torchrun_command(argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        return subprocess.call(cmd)
+    if not distributed.launched():
+        return _prune(args, None, pick_device(args.device))
+    ranks, device = distributed.init_from_env(args.device)
+    try:
+        return _prune(args, ranks, device)
+    finally:
+        distributed.shutdown()
+
+
+def _prune(args: argparse.Namespace, ranks, device: str) -> int:
+    """One process's prune; under torchrun (``ranks``) every rank trains and rank 0 alone evaluates,
+    saves and reports."""
     from .checkpoint import check_output_dir
     from .data import eval_windows, load_wikitext2, tokenize
     from .evaluate import perplexity, perplexity_unsupported
@@ -211,17 +231,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import ONE_SHOT, sparsify
     from .report import plot_curves
 
-    device = pick_device(args.device)
     cfg = prune_config(args, device)
     pattern = cfg.pattern
+    main = ranks is None or ranks.main
     if cfg.method not in ONE_SHOT and not cfg.budget_s and not cfg.anneal.schedule.steps:
         raise UsageError(f"--method {cfg.method} trains: give --budget-minutes or --steps (or budget_s / "
                          f"[schedule] steps in the recipe)")
-    out = check_output_dir(args.out, overwrite=args.overwrite)  # before any training
+    out = check_output_dir(args.out, overwrite=args.overwrite or not main)  # before any training
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     windows = None
-    if args.eval_windows and tok is not None:
+    if args.eval_windows and tok is not None and main:
         seqlen = 2048  # the evaluation protocol's window
         problem = perplexity_unsupported(model, seqlen)
         if problem:
@@ -232,6 +252,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)
+    if not main:
+        return 0
+    if ranks is not None:
+        print(f"trained on {ranks.world} processes, {cfg.anneal.runtime.batch_size} sequences each per step")
     provenance = {"method": cfg.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
     saved = _save_pruned(model, tok, out, pattern, provenance, args.overwrite)  # before anything else can fail
     after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None
@@ -268,6 +292,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(tabulate(rows, tablefmt="simple"))
     if before and after:
         print(f"WikiText-2 test perplexity ({after.windows}/{after.total_windows} windows): {after.ppl:.4f}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .memory_plan import GIB, choose, format_plan, model_shape, plan_modes
+
+    if args.gpu_memory_gib is not None:
+        gpu_bytes = int(args.gpu_memory_gib * GIB)
+    elif torch.cuda.is_available():
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+    else:
+        gpu_bytes = 80 * GIB
+    plans = plan_modes(model_shape(args.model), args.gpus, args.batch_size, args.seqlen,
+                       autocast=args.autocast == "bf16")
+    print(f"{args.model}: {args.gpus} GPU(s), {args.batch_size} x {args.seqlen} tokens per GPU")
+    try:
+        chosen = choose(plans, gpu_bytes)
+    except ValueError as exc:
+        print(format_plan(plans, None, gpu_bytes))
+        raise UsageError(str(exc)) from exc
+    print(format_plan(plans, chosen, gpu_bytes))
     return 0
 
 
@@ -379,12 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, metavar="T1,T2",
                    help="lm-eval tasks scored on the pruned model (e.g. piqa,arc_easy; needs the [eval] extra)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel over N processes per node (GPUs; gloo processes on the CPU): reruns "
+                        "this command under torchrun. --batch-size is per process")
+    p.add_argument("--nnodes", default=None, help="with --nproc: torchrun's --nnodes (e.g. 2, or 1:4)")
+    p.add_argument("--node-rank", type=int, default=None, help="with --nproc: this node's rank")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nproc on several nodes: the rendezvous host:port (torchrun's c10d rendezvous)")
     kinds = {**{n: f.type for n, f in top_fields().items()}, **{n: f.type for n, f in flat_fields().items()}}
     for name in PRUNE_FLAGS[4:]:  # method, pattern, sparsity and exclude have their own above
         kind = str(kinds[name])
         conv = int if ("int" in kind and "float" not in kind) else float if "float" in kind else str
         p.add_argument(_flag(name), dest=name, type=conv, default=None, help=docs[name])
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="GPU memory per part for annealing a model under DDP and FSDP2, and the mode")
+    p.add_argument("--model", default=SMOLLM2_NAME,
+                   help="any --model of prune (Hugging Face models read on the meta device) or a named shape: "
+                        "llama-7b-shape")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=GPU_DEFAULTS["batch_size"], help="sequences per GPU")
+    p.add_argument("--seqlen", type=int, default=GPU_DEFAULTS["seqlen"])
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory of one GPU (default: this machine's first GPU, else 80)")
+    p.add_argument("--autocast", default="bf16", choices=["bf16", "off"], help="the loop's precision")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("recipe", help="print the default settings of a method as a recipe file for prune --recipe")
     p.add_argument("--method", default="sparseforge", choices=METHODS)

@@ -73,19 +73,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return loss, parts
 
 
-def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                      energy: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Layer-wise distillation: mean over blocks of ||h_s - h_t||^2 / ||h_t||^2 (fp32).
 
     Normalizing each block by the teacher's energy keeps every depth on the same scale (the residual
     stream grows with depth), so no block's error dominates the sum. The logit KL says *that* the
     output is off; this says *where*: every block gets a direct signal about its own output.
+    ``energy``: each block's ||h_t||^2 mean over a larger batch than this one (all ranks' rows), used in
+    place of this batch's: then the ranks' losses average to the whole batch's.
     """
     if len(student) != len(teacher) or not student:
         raise ValueError(f"hidden_state_loss: {len(student)} student vs {len(teacher)} teacher block outputs")
     total = student[0].new_zeros((), dtype=torch.float32)
-    for s, t in zip(student, teacher):
+    for i, (s, t) in enumerate(zip(student, teacher)):
         t = t.detach().float()
-        total = total + (s.float() - t).square().mean() / t.square().mean().clamp_min(1e-12)
+        norm = t.square().mean() if energy is None else energy[i]
+        total = total + (s.float() - t).square().mean() / norm.clamp_min(1e-12)
     return total / len(student)
 
 

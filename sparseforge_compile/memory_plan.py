@@ -154,3 +154,24 @@ def named_shape(name: str) -> ModelShape:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**NAMED_SHAPES[name]))
     return ModelShape.of(model)
+
+
+def model_shape(name: str) -> ModelShape:
+    """The shape of any ``--model`` of prune, or of a name in :data:`NAMED_SHAPES`: Hugging Face models
+    (folders, hub ids) are built from their config on the meta device (no weights read or allocated);
+    the tiny models and the embedded default are small enough to load."""
+    from pathlib import Path
+
+    from .models import SMOLLM2_NAME, TINY_MODELS, load_model
+
+    if name in NAMED_SHAPES:
+        return named_shape(name)
+    path = Path(name).expanduser()
+    if name in TINY_MODELS or name == SMOLLM2_NAME or path.suffix == ".gguf" or (path / "sparseforge.json").is_file():
+        return ModelShape.of(load_model(name, device="cpu").model)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name, local_files_only=path.is_dir(), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return ModelShape.of(model)

@@ -18,6 +18,8 @@ from torch import nn
 
 from .anneal import AnnealConfig, Annealer, AnnealResult, LayerTaps, TrainingBatches
 from .distill import TEACHER_DECODES, MasklessCausalAttention
+from .distributed import SEED_STRIDE, RankBatches
+from .distributed import current as current_ranks
 from .layers import weight_of
 from .masks import NMPattern
 
@@ -144,14 +146,20 @@ def _teacher_samples(teacher: nn.Module, stream: torch.Tensor, cfg: SparsifyConf
     if problem:  # a masked LM samples no text: train on the real text alone
         log.warning("no teacher-sampled text: %s; training on C4 alone (teacher_data_ratio ignored)", problem)
         return None, 0
-    gen = torch.Generator().manual_seed(cfg.anneal.runtime.seed)
+    ranks = current_ranks()
+    # Each rank samples a share with its own seed; every rank then trains on all ranks' rows.
+    seed = cfg.anneal.runtime.seed + (ranks.rank * SEED_STRIDE if ranks else 0)
+    gen = torch.Generator().manual_seed(seed)
     rows = cfg.teacher_sample_rows or 1 << 15  # without a row count the time limit decides
+    if ranks is not None:
+        rows = -(-rows // ranks.world)
     starts = torch.randint(0, stream.numel() - cfg.teacher_prompt_tokens, (rows,), generator=gen)
     prompts = torch.stack([stream[s : s + cfg.teacher_prompt_tokens] for s in starts.tolist()])
     batch = cfg.teacher_sample_batch or sample_batch_size(teacher, cfg.anneal.runtime.seqlen)
-    return sample_from_teacher(teacher, prompts, cfg.anneal.runtime.seqlen, batch_size=batch, seed=cfg.anneal.runtime.seed,
-                               time_limit_s=None if cfg.teacher_sample_rows else time_limit,
-                               progress=progress, decode=cfg.teacher_decode), batch
+    sampled = sample_from_teacher(teacher, prompts, cfg.anneal.runtime.seqlen, batch_size=batch, seed=seed,
+                                  time_limit_s=None if cfg.teacher_sample_rows else time_limit,
+                                  progress=progress, decode=cfg.teacher_decode)
+    return (ranks.gather_rows(sampled) if ranks is not None else sampled), batch
 
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenizer=None, calib: torch.Tensor | None = None,
@@ -220,6 +228,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         calib = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.anneal.runtime.seed,
                                     sources=cfg.calib_data or None,
                                     data_dir=data_dir)
+
+    ranks = current_ranks()
+    if ranks is not None and calib is not None:  # each rank calibrates on a share; the statistics are summed
+        calib = ranks.shard_rows(calib)
 
     if cfg.method in ONE_SHOT:
         from .methods import prune_oneshot
@@ -323,16 +335,20 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     t = time.perf_counter()
     stream = token_stream(tokenizer, data_dir, sources=cfg.calib_data or None)
     rows_file = out / "teacher_samples.safetensors" if out is not None else None
+    ranks = current_ranks()
+    writes = ranks is None or ranks.main
     sample_batch = 0
     if resume and rows_file is not None and rows_file.exists():
         teacher_rows = _load_rows(rows_file)
     else:
         share = cfg.teacher_sample_share * (cfg.budget_s or 0)
         teacher_rows, sample_batch = _teacher_samples(teacher, stream, cfg, share, progress)
-        if rows_file is not None and teacher_rows is not None and acfg.runtime.checkpoint_every:
+        if rows_file is not None and teacher_rows is not None and acfg.runtime.checkpoint_every and writes:
             _save_rows(rows_file, teacher_rows)  # a resumed run trains on the same text
+    if ranks is not None:
+        ranks.barrier()  # the rows file is written before any rank reads it on a resume
     phases["teacher_sampling"] = time.perf_counter() - t
-    batches = TrainingBatches(stream, teacher_rows, acfg)
+    batches = RankBatches(stream, teacher_rows, acfg, ranks) if ranks else TrainingBatches(stream, teacher_rows, acfg)
 
     # The loop runs the graph every soft-phase step: let its attention use the flash kernels.
     causal = run_stage(prepare_passes(), captured.gm).of(UseCausalAttention)
@@ -368,7 +384,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                         warm_masks=warm_masks, plain_forward=plain_forward, taps=taps, out_dir=out,
                         progress=progress, regions=(teacher, model),
                         compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.evidence.fixed_mask
-                        else None)
+                        else None, ranks=ranks)
     return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention)
 
 

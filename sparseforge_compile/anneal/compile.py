@@ -107,4 +107,4 @@ class Compilation:
             for block in blocks:
                 block.compile(dynamic=False)
                 self.blocks.append(block)
-        self.active.loss_terms = compiled(loss_terms)
+        self.active.loss_terms = compiled(self.eager.loss_terms)

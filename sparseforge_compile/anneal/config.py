@@ -137,6 +137,10 @@ class RuntimeConfig:
     outline_blocks: str = "auto"
     """Compile the masked graph's shared decoder block alone, the graph around it eager: regional, off,
     or auto (regional where the loop compiles on CUDA; results/step_time_cpu_compile.json)."""
+    kd_loss: str = "auto"
+    """The logit distillation loss: fused (its gradient formed in the forward, chunk by chunk, so one
+    logits-sized tensor waits for the backward instead of vocab-wide fp32 intermediates; no per-source
+    metrics), plain, or auto (fused on CUDA)."""
     checkpoint_every: int = 0
     """Steps between checkpoints in the output folder (0: none)."""
     log_every: int = 10
@@ -147,6 +151,7 @@ class RuntimeConfig:
         _check_choice("autocast", self.autocast, ("auto", "bf16", "off"))
         _check_choice("compile", self.compile, ("auto", "on", "off"))
         _check_choice("outline_blocks", self.outline_blocks, ("auto", "regional", "off"))
+        _check_choice("kd_loss", self.kd_loss, ("auto", "fused", "plain"))
 
 
 SECTIONS: dict[str, type] = {"schedule": ScheduleConfig, "loss": LossConfig, "evidence": EvidenceConfig,
@@ -199,6 +204,10 @@ class AnnealConfig:
     def autocasts(self, device: torch.device) -> bool:
         """Whether the loop runs under bf16 autocast on ``device``."""
         return self.runtime.autocast == "bf16" or (self.runtime.autocast == "auto" and device.type == "cuda")
+
+    def fuses_kd(self, device: torch.device) -> bool:
+        """Whether the loop uses the fused KD loss (``fused_kd``) on ``device``."""
+        return self.runtime.kd_loss == "fused" or (self.runtime.kd_loss == "auto" and device.type == "cuda")
 
     def outlines(self, device: torch.device) -> bool:
         """Whether the compiled masked graph has its blocks outlined, the shared block compiled alone."""

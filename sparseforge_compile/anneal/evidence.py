@@ -29,6 +29,8 @@ class Evidence:
 
     #: whether it probes through the mask gradient of the training step's own forward
     reads_step: bool = False
+    #: ``distributed.Ranks`` where the batch is split over processes (None: one process)
+    ranks = None
 
     def __init__(self, cfg: AnnealConfig, masks: dict[str, MaskState]) -> None:
         self.cfg, self.masks = cfg, masks
@@ -72,8 +74,12 @@ class FisherEvidence(Evidence):
             return
         logits = s_logits[:, :-1].detach().float()
         # Seeded per step: the same seed gives the same probes, resumed or not, whatever ran before.
-        gen = torch.Generator(device=logits.device).manual_seed(self.cfg.runtime.seed * 1_000_003 + step + 17)
-        race = torch.empty_like(logits).exponential_(generator=gen)
+        seed = self.cfg.runtime.seed * 1_000_003 + step + 17
+        if self.ranks is None:
+            gen = torch.Generator(device=logits.device).manual_seed(seed)
+            race = torch.empty_like(logits).exponential_(generator=gen)
+        else:  # seeded per global row: the same labels on any number of ranks
+            race = self.ranks.row_race(logits, seed)
         sampled = (torch.softmax(logits, dim=-1) / race).argmax(dim=-1)
         fisher_loss = torch.nn.functional.cross_entropy(
             s_logits[:, :-1].reshape(-1, s_logits.shape[-1]).float(), sampled.reshape(-1))
@@ -87,6 +93,9 @@ class FisherEvidence(Evidence):
                 ms.hook_enabled = True
         tokens = sampled.numel()
         pairs = [(ms, g.float()) for ms, g in zip(masks, grads) if g is not None]
+        if pairs and self.ranks is not None:  # the global batch-mean gradient, averaged before it is squared
+            self.ranks.mean_([g for _, g in pairs])
+            tokens *= self.ranks.world
         if pairs:
             with torch.no_grad():
                 squares = torch._foreach_mul([g for _, g in pairs], [g for _, g in pairs])
@@ -121,6 +130,8 @@ class HutchinsonEvidence(Evidence):
         finally:
             for ms in self.masks.values():
                 ms.hook_enabled = True
+        if self.ranks is not None:  # the same probe vector on every rank: the estimates average
+            self.ranks.mean_(list(diag.values()))
         beta = self.cfg.evidence.importance_beta
         for n, d in diag.items():
             curv = 0.5 * (d.t() if d.shape != views[n].shape else d) * views[n].detach().float().square()

@@ -26,7 +26,7 @@ from .compile import Compilation, Forwards
 from .config import AnnealConfig
 from .evidence import make_evidence, refresh_scores
 from .guard import FiniteGuard
-from .loss import SOURCE_METRICS, LayerTaps
+from .loss import SOURCE_METRICS, LayerTaps, fused_loss_terms, loss_terms
 from .schedule import SchedulePoint, schedule
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class Annealer:
                  *, device: torch.device, warm_masks: dict[str, torch.Tensor] | None = None,
                  plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  taps: LayerTaps | None = None, out_dir: Path | None = None, progress: bool = True,
-                 regions: Sequence[nn.Module] = (), compile_forward: Callable | None = None) -> None:
+                 regions: Sequence[nn.Module] = (), compile_forward: Callable | None = None,
+                 ranks=None) -> None:
         if cfg.loss.hidden_weight and taps is None:
             raise AnnealError("hidden_weight > 0 needs block-output taps on the teacher and the student")
         self.params, self.masks, self.weight_views, self.batches, self.cfg = params, masks, weight_views, batches, cfg
@@ -70,6 +71,10 @@ class Annealer:
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
         self.evidence = make_evidence(cfg, masks)
+        # distributed.Ranks (None: one process): gradients, probes, clocks and writes agree across ranks
+        self.ranks, self.evidence.ranks = ranks, ranks
+        self._sync = ranks.gradient_sync(params) if ranks is not None else None
+        self._world = ranks.world if ranks is not None else 1
         for name, ms in masks.items():
             ms.importance_beta = cfg.evidence.importance_beta
             if cfg.evidence.fixed_mask:
@@ -91,7 +96,8 @@ class Annealer:
         self._layer_params = {n: _parameter_of(self.weight_views[n]()) for n in masks}
         self.guard = FiniteGuard(params, {id(p): n for n, (p, _) in self._layer_params.items()}, cfg.runtime.grad_clip,
                                  device, deferred=bool(self.opt.defaults.get("fused")), out_dir=out_dir)
-        self.compilation = Compilation(Forwards(forward, plain_forward, teacher), cfg, device, regions,
+        kd = fused_loss_terms if cfg.fuses_kd(device) else loss_terms
+        self.compilation = Compilation(Forwards(forward, plain_forward, teacher, kd), cfg, device, regions,
                                        outlined=compile_forward)
         if not cfg.evidence.fixed_mask:
             refresh_scores(self.masks, self.evidence, self.warm, cfg.evidence.prior_margin, self.step)
@@ -131,8 +137,11 @@ class Annealer:
             for ms in self.masks.values():
                 ms.feed(None)
         hidden = (student_rec.take(), taps.teacher.take()) if taps is not None else None
+        extra = {}
+        if hidden is not None and self.ranks is not None:  # normalized by the whole batch's teacher energy
+            extra["hidden_energy"] = self.ranks.block_energy(hidden[1])
         loss, parts = fns.loss_terms(s_logits, t_logits, ids, hidden, self.cfg.loss.kd_temperature, self.cfg.loss.ce_weight,
-                                     self.cfg.loss.kl_weight, self.batches.n_teacher)
+                                     self.cfg.loss.kl_weight, self.batches.n_teacher, **extra)
         if hidden is not None:  # weighed outside the compiled function: a changing weight recompiles nothing
             loss = loss + self.cfg.loss.hidden_weight * parts["hidden"]
             parts["hidden"] = parts["hidden"].detach()
@@ -206,6 +215,10 @@ class Annealer:
         loss.backward()
         for ms in self.masks.values():
             ms.last_mask = None
+        if self._sync is not None:  # gradients, and the global batch's loss with them
+            keys = [k for k in ("ce", "kl", "hidden") if isinstance(parts.get(k), torch.Tensor)]
+            loss, *reduced = self._sync([loss.detach(), *(parts[k] for k in keys)])
+            parts.update(zip(keys, reduced))
         if plain:
             self._mask_gradients()
         bad, grad_norm = self.guard.clip_and_check(loss.detach(), self.step)
@@ -222,7 +235,7 @@ class Annealer:
         if point.soft_phase and (self.step + 1) % cfg.evidence.importance_every == 0:
             refresh_scores(self.masks, self.evidence, self.warm, point.margin, self.step)
         self.step += 1
-        self.tokens += ids.numel()
+        self.tokens += ids.numel() * self._world
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
                 "blend": point.blend, "hidden_weight": cfg.loss.hidden_weight or 0.0,
                 "margin": point.margin, "lr": cfg.runtime.lr * point.lr_scale}
@@ -275,10 +288,22 @@ class Annealer:
                 "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
     def save_checkpoint(self, directory: Path) -> None:
+        if self.ranks is not None and not self._ranks_write():
+            return
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / "state.pt.tmp"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, directory / "state.pt")  # atomic: a crash keeps the previous checkpoint
+        if self.ranks is not None:
+            self.ranks.barrier()
+
+    def _ranks_write(self) -> bool:
+        """Before rank 0 writes shared state: the mask-gradient EMAs averaged (an EMA is linear, so the
+        average of the ranks' EMAs is the EMA of the averaged gradients); the others wait for the file."""
+        self.ranks.mean_([ms.grad_ema for ms in self.masks.values()])
+        if not self.ranks.main:
+            self.ranks.barrier()
+        return self.ranks.main
 
     def load_checkpoint(self, directory: Path) -> None:
         path = directory / "state.pt"
@@ -325,7 +350,8 @@ class Annealer:
         start = time.perf_counter()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        metrics_file = self._open_metrics() if self.out_dir else None
+        writes = self.ranks is None or self.ranks.main
+        metrics_file = self._open_metrics() if self.out_dir and writes else None
         try:
             budget_mode = not self.total_steps
             if budget_mode and not self.train_budget_s:
@@ -344,7 +370,8 @@ class Annealer:
                     # Start no step that a typical recent one says would end past the budget (the median:
                     # one slow step, a recompile at a phase change, does not end the run early).
                     typical = statistics.median(recent) if recent else 0.0
-                    return self.train_seconds + typical < self.train_budget_s
+                    go = self.train_seconds + typical < self.train_budget_s
+                    return go if self.ranks is None else self.ranks.all(go)  # every rank stops on the same step
                 return self.step < self.total_steps
 
             while more():
@@ -360,6 +387,8 @@ class Annealer:
                     self.check_finite()  # a checkpoint is only ever written from finite steps
                     self.save_checkpoint(self.out_dir / "checkpoint")
                 self.train_seconds = seconds_before + time.perf_counter() - loop_t0
+                if budget_mode and self.ranks is not None:  # one clock for the schedule on every rank
+                    self.train_seconds = self.ranks.agree(self.train_seconds, "max")
                 recent.append(time.perf_counter() - step_t0)
             self.check_finite()
             if last and (not self.history or self.history[-1]["step"] != self.step):
@@ -392,6 +421,9 @@ class Annealer:
             if key in last:
                 row[key] = float(last[key])
         self._t_last, self._tok_last = now, self.tokens
+        if self.ranks is not None and self.ranks.agree(row["flips"], "max") != self.ranks.agree(row["flips"], "min"):
+            raise AnnealError(f"step {self.step}: the ranks' masks differ ({row['flips']} flips on rank "
+                              f"{self.ranks.rank}); the processes must run the same code on the same kind of device")
         self.history.append(row)
         if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
@@ -414,10 +446,14 @@ class Annealer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         per_step = time.perf_counter() - t1
+        if self.ranks is not None:  # the slowest rank sets the pace
+            per_step = self.ranks.agree(per_step, "max")
         self.check_finite()
         self._restore(snapshot)
         self.train_budget_s = 0.0
         remaining = deadline - time.perf_counter() - per_step  # one step of slack: the last step overruns
+        if self.ranks is not None:
+            remaining = self.ranks.agree(remaining, "min")
         if remaining < per_step:
             compiled = (f"; the first step, which compiles, took {t1 - t0:.0f}s (--compile off trains eagerly)"
                         if self.compiled else "")

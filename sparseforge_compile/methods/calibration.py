@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import reduce_input_stats
 from ..errors import PruneError
 from ..layers import find_decoder_blocks, weight_out_in
 from .input_stats import LayerInputStats
@@ -278,6 +279,7 @@ def prune_sequential(model: nn.Module, method: BlockPruner, targets: dict[str, n
     masks: dict[str, torch.Tensor] = {}
 
     def prune(names: list[str], collected: dict[str, LayerInputStats]) -> None:
+        reduce_input_stats(collected)  # under torch.distributed: every rank's share of the windows
         for name, keep, layer_stats in method.prune_layers(names, collected):
             layer_stats.calibration_sequences = int(calib.shape[0])
             masks[name], stats[name] = keep, layer_stats

@@ -1,0 +1,47 @@
+"""``sparseforge-compile plan`` and ``prune --nproc`` (torchrun, gloo processes on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from test_digest import synthetic_data
+
+from sparseforge_compile.cli import main
+from sparseforge_compile.memory_plan import GIB, ModelShape, format_plan, model_shape, plan_modes
+from sparseforge_compile.models import tiny_model
+
+
+def test_plan_prints_the_models_plan_and_mode(capsys):
+    assert main(["plan", "--model", "tiny-llama", "--gpus", "2", "--batch-size", "2", "--seqlen", "16",
+                 "--gpu-memory-gib", "1"]) == 0
+    out = capsys.readouterr().out
+    assert model_shape("tiny-llama") == ModelShape.of(tiny_model("tiny-llama"))
+    expected = format_plan(plan_modes(ModelShape.of(tiny_model("tiny-llama")), 2, 2, 16), "ddp", GIB)
+    assert expected in out and "mode: ddp" in out
+
+
+def test_plan_of_the_llama_7b_shape(capsys):
+    assert main(["plan", "--model", "llama-7b-shape", "--gpus", "8", "--batch-size", "4", "--seqlen", "512",
+                 "--gpu-memory-gib", "80"]) == 0
+    assert "mode: fsdp2" in capsys.readouterr().out
+    # One GPU holds neither a replica nor a shard of it: one line naming the fix, exit 2.
+    assert main(["plan", "--model", "llama-7b-shape", "--gpus", "1", "--gpu-memory-gib", "80"]) == 2
+    assert "use more GPUs" in capsys.readouterr().err
+
+
+def test_prune_nproc_runs_under_torchrun(tmp_path):
+    data = synthetic_data(tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sparseforge_compile.cli", "prune", "--model", "tiny-llama", "--nproc", "2",
+           "--device", "cpu", "--method", "sparsegpt+kd", "--steps", "2", "--batch-size", "1", "--seqlen", "32",
+           "--calib-samples", "2", "--calib-seqlen", "32", "--eval-windows", "0", "--data-dir", str(data),
+           "--out", str(out), "--quiet"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                                                                                **__import__("os").environ})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "trained on 2 processes, 1 sequences each per step" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_tokens"] == 2 * 2 * 32  # steps x global batch x seqlen
+    assert (out / "metrics.jsonl").read_text().count("\n") >= 1
