@@ -148,9 +148,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- prune
 
 # Smaller defaults where a flag is left out on the CPU: a real prune of SmolLM2 in minutes on 2 cores.
-# SparseGPT's column-by-column updates take minutes per model on 2 cores: Wanda warm-starts there.
-CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seqlen": 256,
-                "teacher_sample_batch": 16, "warm_start": "wanda"}
+# SparseGPT's column-by-column updates take minutes per model on 2 cores: Wanda warm-starts there. A CPU
+# budget buys tens of steps, so the schedule gives the soft phase 40 % of them (hardened by 60 %), the
+# evidence counts after 2 probes and every row is logged: the run shows the masks anneal into N:M.
+CPU_DEFAULTS = {"calib_samples": 16, "calib_seqlen": 512, "batch_size": 4, "seqlen": 128,
+                "teacher_sample_batch": 16, "warm_start": "wanda", "anneal_end": 0.4, "harden_end": 0.6,
+                "evidence_probes": 2, "importance_every": 2, "prior_margin": 100.0, "log_every": 1}
+FULL_FIGURES = "docs/results.md"  # where the full-budget GPU figures are, with their commands
 GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "seqlen": 512}
 
 
@@ -292,6 +296,9 @@ def _prune(args: argparse.Namespace, ranks, device: str) -> int:
     print(tabulate(rows, tablefmt="simple"))
     if before and after:
         print(f"WikiText-2 test perplexity ({after.windows}/{after.total_windows} windows): {after.ppl:.4f}")
+    if not device.startswith("cuda") and result.anneal:
+        print(f"A CPU-sized run ({result.anneal.steps} steps). The full-budget GPU figures and the commands "
+              f"that make them: {FULL_FIGURES} (SmolLM2-135M 2:4, 10 minutes on an H200: 31.9 test ppl, dense 21.6).")
     return 0
 
 
