@@ -75,8 +75,12 @@ class SparsifyConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):
             raise ValueError("unstructured pruning (no pattern) needs --sparsity and a one-shot method")
-        if self.pattern is not None:
-            NMPattern.parse(self.pattern)
+        if self.pattern is not None and NMPattern.parse(self.pattern).n == NMPattern.parse(self.pattern).m:
+            raise ValueError(f"pattern {self.pattern} keeps every weight, so nothing would be pruned: use N < M, "
+                             f"e.g. 2:4")
+        if self.pattern is None and not 0 < self.sparsity < 1:
+            what = "prunes nothing" if self.sparsity == 0 else "is not a ratio below 1"
+            raise ValueError(f"sparsity {self.sparsity} {what}: give a ratio in (0, 1), e.g. 0.5")
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"budget must be positive, got {self.budget_s}s")
         if self.teacher_decode not in TEACHER_DECODES:
@@ -173,6 +177,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     from .data import calibration_windows
     from .passes.eligibility import analyze_eligibility
 
+    check_sparsify_inputs(model, config, out_dir, resume)
     cfg = config or SparsifyConfig()
     start = time.perf_counter()
     deadline = start + cfg.budget_s if cfg.budget_s else None
@@ -198,6 +203,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     if not vocab and cfg.method != "magnitude":
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
+    identity = _resume_identity(model, cfg, out, resume)  # before any weight changes
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
@@ -236,7 +242,37 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                               oneshot=result)
     return _sparsify_trained(model, cfg, captured, report, layers, transposed, skipped, calib, tokenizer,
-                             data_dir, out, resume, progress, start, deadline, phases)
+                             data_dir, out, resume, progress, start, deadline, phases, identity)
+
+
+def check_sparsify_inputs(model: object, config: object, out_dir: object, resume: bool) -> None:
+    """The arguments' kinds, in one line each, before anything runs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify needs a torch nn.Module, got {type(model).__name__}: load one with "
+                        f"sparseforge_compile.models.load_model(name).model")
+    if config is not None and not isinstance(config, SparsifyConfig):
+        hint = "SparsifyConfig(**d)" if isinstance(config, dict) else "SparsifyConfig(method=..., pattern=...)"
+        raise TypeError(f"sparsify's config must be a SparsifyConfig, got {type(config).__name__} {config!r:.60}: "
+                        f"pass {hint}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no parameters: nothing to prune")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir, the folder holding the checkpoint")
+    if resume and (config or SparsifyConfig()).method in ONE_SHOT:
+        raise ValueError(f"resume applies to the trained methods ({', '.join(TRAINED)}); "
+                         f"{config.method} runs in one shot: drop --resume")
+
+
+def _resume_identity(model: nn.Module, cfg: SparsifyConfig, out: Path | None, resume: bool) -> dict | None:
+    """What a checkpointing run is started on; on resume, the checkpoint is refused unless it matches."""
+    from .anneal.identity import check_resume, run_identity
+
+    if out is None or cfg.method not in TRAINED or not (resume or cfg.anneal.runtime.checkpoint_every):
+        return None
+    identity = run_identity(model, cfg.to_json(), cfg.calib_data or ("c4",))
+    if resume:
+        check_resume(out, identity, list(dict.fromkeys(model.parameters())))
+    return identity
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -431,11 +467,14 @@ def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
 
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
                       data_dir, out: Path | None, resume: bool, progress: bool, start: float,
-                      deadline: float | None, phases: dict[str, float]) -> SparsifyResult:
+                      deadline: float | None, phases: dict[str, float], identity: dict | None = None) -> SparsifyResult:
+    from .anneal.identity import drop_training_state, start_record
     from .passes.harden import Harden
 
     setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
                              out=out, resume=resume, progress=progress, phases=phases)
+    if identity is not None and not resume:
+        start_record(out, identity)  # what a later --resume must match
     model.train()
     try:
         result = setup.annealer.run(deadline=deadline - HARDEN_SLACK_S if deadline else None,
@@ -454,6 +493,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     Harden()(captured.gm)
     _record_layers(model, layers, transposed, cfg)
     phases["harden"] = time.perf_counter() - t
+    if out is not None and not cfg.anneal.runtime.keep_training_state:
+        drop_training_state(out)  # finished: the optimizer state is only for --resume
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,
