@@ -209,9 +209,11 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
             f"'{SMOLLM2_NAME}' or one of {', '.join(TINY_MODELS)}"
         ) from exc
     auto = AutoModelForMaskedLM if getattr(config, "model_type", "") == "bert" else AutoModelForCausalLM
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(source, dtype=dtype, local_files_only=local, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:  # no weights file, or a damaged one
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:  # no weights file, or a damaged one
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{source}: its weights cannot be loaded ({first[:200]}): the folder needs a complete "
                              f"model.safetensors (or pytorch_model.bin) beside config.json") from exc

@@ -185,8 +185,6 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     pattern = NMPattern.parse(cfg.pattern) if cfg.pattern is not None else None
     device = _device_of(model)
     out = Path(out_dir) if out_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
     if cfg.method == "sparseforge" and cfg.anneal.evidence.importance == "hutchinson":
@@ -204,6 +202,12 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
     identity = _resume_identity(model, cfg, out, resume)  # before any weight changes
+    if cfg.method != "magnitude":  # magnitude reads no text
+        from .data import C4_SOURCE, read_documents
+
+        for source in cfg.calib_data:  # a bad file is named now, not after the warm start changed weights
+            if source != C4_SOURCE:
+                read_documents(source)
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
@@ -241,18 +245,22 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         phases["harden"] = time.perf_counter() - t
         return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                               oneshot=result)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     return _sparsify_trained(model, cfg, captured, report, layers, transposed, skipped, calib, tokenizer,
                              data_dir, out, resume, progress, start, deadline, phases, identity)
 
 
 def check_sparsify_inputs(model: object, config: object, out_dir: object, resume: bool) -> None:
     """The arguments' kinds, in one line each, before anything runs."""
+    from .errors import UsageError
+
     if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify needs a torch nn.Module, got {type(model).__name__}: load one with "
+        raise UsageError(f"sparsify needs a torch nn.Module, got {type(model).__name__}: load one with "
                         f"sparseforge_compile.models.load_model(name).model")
     if config is not None and not isinstance(config, SparsifyConfig):
         hint = "SparsifyConfig(**d)" if isinstance(config, dict) else "SparsifyConfig(method=..., pattern=...)"
-        raise TypeError(f"sparsify's config must be a SparsifyConfig, got {type(config).__name__} {config!r:.60}: "
+        raise UsageError(f"sparsify's config must be a SparsifyConfig, got {type(config).__name__} {config!r:.60}: "
                         f"pass {hint}")
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to prune")
