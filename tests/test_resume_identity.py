@@ -82,7 +82,10 @@ def test_resume_refuses_another_run(crashed, tmp_path, what, name, seed, setting
     assert _snapshot(out) == files
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "record missing", "record garbled"])
+DAMAGES = ["truncated", "garbage", "record missing", "record garbled"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_resume_refuses_a_damaged_checkpoint(crashed, tmp_path, damage):
     text, out = _copy(crashed, tmp_path)
     state, record = out / "checkpoint" / "state.pt", out / "checkpoint" / "run.json"
