@@ -57,6 +57,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_at_least("--max-windows", args.max_windows, hint="leave it out to score every window")
     if args.json:
         check_output_file(args.json, "--json")
+    if [t for t in tasks if t != PPL_TASK]:
+        from .eval_tasks import check_tasks
+
+        check_tasks([t for t in tasks if t != PPL_TASK], args.limit)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     if loaded.tokenizer is None:
@@ -231,6 +235,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if cfg.method not in ONE_SHOT and not cfg.budget_s and not cfg.anneal.schedule.steps:
         raise UsageError(f"--method {cfg.method} trains: give --budget-minutes or --steps (or budget_s / "
                          f"[schedule] steps in the recipe)")
+    if args.tasks:
+        from .eval_tasks import check_tasks, parse_tasks
+
+        check_tasks(parse_tasks(args.tasks), args.limit)  # before the prune, not after it
     if args.eval_windows < -1:
         raise UsageError(f"--eval-windows {args.eval_windows}: give 0 (none), -1 (all) or a count")
     out = check_output_dir(args.out, overwrite=args.overwrite)  # before any training

@@ -56,3 +56,10 @@ def check_seqlen_fits(model: nn.Module, seqlen: int, flag: str) -> None:
     if positions is not None and seqlen > positions:
         raise UsageError(f"{flag} {seqlen} exceeds {type(model).__name__}'s {positions} positions: use "
                          f"{flag} {positions} or less")
+
+
+def require_module(model: object, what: str) -> None:
+    """``what`` takes a loaded torch model; a name or a path is the usual mistake."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{what} needs a torch nn.Module, got {type(model).__name__}: load one with "
+                         f"sparseforge_compile.load_model(name).model")

@@ -227,6 +227,13 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
 def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                seed: int = 0) -> LoadedModel:
     """Load a model by name: ``smollm2-135m``, ``tiny-*``, a local HF folder, a .gguf file or a hub id."""
+    if not isinstance(name, str | os.PathLike):
+        raise ModelLoadError(f"load_model takes a model name or path, got {type(name).__name__} {name!r:.40}")
+    name = str(name)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype

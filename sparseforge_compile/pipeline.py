@@ -71,6 +71,12 @@ class SparsifyConfig:
     """The training loop's settings (trained methods)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.anneal, AnnealConfig):
+            raise ValueError(f"anneal must be an AnnealConfig, got {type(self.anneal).__name__}: pass "
+                             f"AnnealConfig.from_flat({{...}}) with the settings by name")
+        if self.budget_s is not None and not isinstance(self.budget_s, int | float):
+            raise ValueError(f"budget_s must be seconds as a number or None, got {self.budget_s!r}")
+        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):

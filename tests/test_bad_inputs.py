@@ -42,6 +42,10 @@ CLI_CASES = [
      r"windows of 99999 tokens exceed LlamaForCausalLM's 2048 positions"),
     ("eval --seqlen 1", "eval --model tiny-llama --seqlen 1", r"seqlen 1 is too short"),
     ("eval --tasks naming no task", "eval --model tiny-llama --tasks ,", r"--tasks names no task"),
+    ("eval --limit 0", "eval --model tiny-llama --tasks piqa --limit 0", r"--limit 0: must be >= 1"),
+    ("eval of an unknown lm-eval task", "eval --model tiny-llama --tasks nosuchtask", r"unknown lm-eval task 'nosuchtask'"),
+    ("prune --tasks naming an unknown task (refused before the prune)",
+     "prune --model tiny-llama --method magnitude --tasks nosuchtask --out {out}", r"unknown lm-eval task 'nosuchtask'"),
     ("eval with a missing data folder", "eval --model tiny-llama --data-dir {fx}/nodata",
      r"data directory .*nodata does not exist"),
     ("eval of a masked LM", "eval --model tiny-bert", r"tiny-bert: .*next-token perplexity does not apply"),
@@ -198,6 +202,12 @@ def _anneal(**kw):
     return AnnealConfig.from_flat(kw)
 
 
+def _top(name):
+    import sparseforge_compile
+
+    return getattr(sparseforge_compile, name)
+
+
 def _save_unpruned(model, out):
     from sparseforge_compile import save
 
@@ -244,6 +254,17 @@ API_CASES = [
      r"no recorded|pattern"),
     ("load of a folder that is no checkpoint", lambda m, fx, out: _load_checkpoint(fx / "notok"),
      r"notok"),
+    ("compile given a model name", lambda m, fx, out: _top("compile")("tiny-llama"),
+     r"compile needs a torch nn\.Module, got str"),
+    ("inspect given a model name", lambda m, fx, out: _top("inspect")("tiny-llama"),
+     r"inspect needs a torch nn\.Module, got str"),
+    ("load_model given a number", lambda m, fx, out: load_model(3), r"load_model takes a model name or path, got int"),
+    ("load_model on an unknown device", lambda m, fx, out: load_model("tiny-llama", device="tpu"),
+     r"device 'tpu' is not a device"),
+    ("SparsifyConfig with a dict for anneal", lambda m, fx, out: _cfg(anneal={"lr": 1e-3}),
+     r"anneal must be an AnnealConfig, got dict"),
+    ("SparsifyConfig with a string budget", lambda m, fx, out: _cfg(budget_s="600"),
+     r"budget_s must be seconds as a number or None, got '600'"),
     ("read_documents of a line without its text field", lambda m, fx, out: _documents(fx / "notext.jsonl"),
      r"notext\.jsonl:2: no 'text' text field"),
 ]
