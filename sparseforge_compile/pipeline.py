@@ -279,8 +279,10 @@ def check_sparsify_inputs(model: object, config: object, out_dir: object, resume
 
 def _resume_identity(model: nn.Module, cfg: SparsifyConfig, out: Path | None, resume: bool) -> dict | None:
     """What a checkpointing run is started on; on resume, the checkpoint is refused unless it matches."""
-    from .anneal.identity import check_resume, run_identity
+    from .anneal.identity import check_resume, refuse_unfinished, run_identity
 
+    if out is not None and cfg.method in TRAINED and not resume:
+        refuse_unfinished(out)
     if out is None or cfg.method not in TRAINED or not (resume or cfg.anneal.runtime.checkpoint_every):
         return None
     identity = run_identity(model, cfg.to_json(), cfg.calib_data or ("c4",))

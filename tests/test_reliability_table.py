@@ -46,6 +46,19 @@ CHECKPOINT_FAULTS = {
     "test_checkpoint.py::test_cli_generate_with_a_layout_and_refuses_it_for_dense_models":
         "--layout on a dense model is one line",
 }
+# The resume tests that are not parametrized by a list of cases, with what they check.
+RESUME_TESTS = {
+    "test_resume_without_a_checkpoint": ("resume without a checkpoint", "`--resume`",
+                                         "one line: no checkpoint at …/state.pt"),
+    "test_a_fresh_run_refuses_to_overwrite_an_unfinished_checkpoint": (
+        "a fresh run into a folder with an unfinished checkpoint", "prune without `--resume`",
+        "one line: pass --resume or delete the checkpoint; nothing overwritten, weights unchanged"),
+    "test_the_crashed_run_kept_what_resume_needs": ("a crashed run", "interrupted training",
+                                                    "keeps state.pt and run.json for --resume"),
+    "test_a_finished_resume_drops_its_training_state_unless_kept": (
+        "a finished run", "training to the end", "drops its optimizer state unless --keep-training-state"),
+}
+PARAMETRIZED_RESUME_TESTS = {"test_resume_refuses_another_run", "test_resume_refuses_a_damaged_checkpoint"}
 FAULT_WORDS = ("error", "refus", "interrupt", "fail", "truncat", "flipped", "missing", "altered", "changed",
                "crafted", "leftover", "checksum", "needs")
 
@@ -73,10 +86,7 @@ def _cases() -> list[tuple[str, str, str, str]]:
     rows += [("resume", f"resume from a checkpoint: {damage}", "`--resume`",
               "one line: damaged or missing, run again without --resume; weights unchanged")
              for damage in resume.DAMAGES]
-    rows += [("resume", "resume without a checkpoint", "`--resume`", "one line: no checkpoint at …/state.pt"),
-             ("resume", "a crashed run", "interrupted training", "keeps state.pt and run.json for --resume"),
-             ("resume", "a finished run", "training to the end", "drops its optimizer state unless "
-              "--keep-training-state; resumed runs end with the uninterrupted run's weights")]
+    rows += [("resume", case, given, outcome) for case, given, outcome in RESUME_TESTS.values()]
     rows += [("checkpoint", name.split("::")[1].removeprefix("test_").replace("_", " "), f"`tests/{name}`", outcome)
              for name, outcome in CHECKPOINT_FAULTS.items()]
     return rows
@@ -95,6 +105,12 @@ def _table_in_doc() -> str:
 
 def test_every_case_is_in_the_table_and_every_row_is_a_case():
     assert _table_in_doc() == render(), "docs/reliability.md is out of step: run python tests/test_reliability_table.py"
+
+
+def test_every_resume_test_is_in_the_table():
+    tree = ast.parse((ROOT / "tests" / "test_resume_identity.py").read_text(encoding="utf-8"))
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    assert names == set(RESUME_TESTS) | PARAMETRIZED_RESUME_TESTS
 
 
 def test_the_checkpoint_fault_tests_are_all_listed():

@@ -132,3 +132,14 @@ def test_resume_without_a_checkpoint(tmp_path):
     with pytest.raises(AnnealError, match=r"no checkpoint at .*state\.pt: --resume needs"):
         sparsify(loaded.model, config(text), tokenizer=loaded.tokenizer, out_dir=tmp_path / "out", resume=True,
                  progress=False)
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_unfinished_checkpoint(crashed, tmp_path):
+    text, out = _copy(crashed, tmp_path)
+    files = _snapshot(out)
+    loaded = load_model("tiny-llama")
+    before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    with pytest.raises(AnnealError, match=r"state\.pt holds an unfinished run's checkpoint: pass --resume"):
+        sparsify(loaded.model, config(text), tokenizer=loaded.tokenizer, out_dir=out, progress=False)
+    assert _snapshot(out) == files
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import AnnealError
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_FILE = "run.json"
@@ -156,14 +153,18 @@ def check_resume(out: Path, identity: Mapping[str, Any], params: list[torch.Tens
         raise AnnealError(f"{state_path} does not fit this model ({problem}): it is damaged; run without --resume")
 
 
+def refuse_unfinished(out: Path) -> None:
+    """A fresh run must not overwrite the checkpoint of an unfinished one: that is --resume's to use."""
+    state = out / CHECKPOINT_DIR / STATE_FILE
+    if state.exists():
+        raise AnnealError(f"{state} holds an unfinished run's checkpoint: pass --resume to continue it, or delete "
+                          f"{state.parent} (or choose another output folder) to start over")
+
+
 def start_record(out: Path, identity: Mapping[str, Any]) -> None:
-    """A fresh run's record; a checkpoint left by an earlier run in the folder is another run's, so it goes."""
+    """A fresh run's record of what it is started on (written before its first checkpoint)."""
     folder = out / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    stale = folder / STATE_FILE
-    if stale.exists():
-        log.warning("%s is an earlier run's checkpoint: a fresh run (no --resume) replaces it", stale)
-        stale.unlink()
     tmp = folder / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(identity, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, folder / RUN_FILE)
