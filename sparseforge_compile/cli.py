@@ -16,7 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from .errors import RecipeError, SparseForgeError, UsageError
-from .inputs import check_at_least, check_output_file, check_seqlen_fits, pick_windows
+from .inputs import check_at_least, check_generation_fits, check_output_file, check_seqlen_fits, pick_windows
 from .models import SMOLLM2_NAME
 
 USER_ERRORS: tuple[type[BaseException], ...] = (SparseForgeError, ValueError, FileNotFoundError)
@@ -145,6 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         encoded = tokenizer(args.prompt, return_tensors="pt")
     input_ids = (encoded["input_ids"] if hasattr(encoded, "keys") else encoded).to(device)
+    check_generation_fits(loaded.model, input_ids.shape[1], args.max_new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     compile_step = {"auto": None, "on": True, "off": False}[args.compile]
     gen = Generator(loaded.model, input_ids.shape[1] + args.max_new_tokens, compile=compile_step)

@@ -58,6 +58,17 @@ def check_seqlen_fits(model: nn.Module, seqlen: int, flag: str) -> None:
                          f"{flag} {positions} or less")
 
 
+def check_generation_fits(model: nn.Module, prompt_tokens: int, new_tokens: int) -> None:
+    """Prompt and new tokens must fit the position table (past it the embedding lookup fails)."""
+    positions = max_positions(model)
+    if positions is None or prompt_tokens + new_tokens <= positions:
+        return
+    fix = (f"lower --max-new-tokens to {positions - prompt_tokens}" if prompt_tokens < positions
+           else "shorten the prompt")
+    raise UsageError(f"the prompt's {prompt_tokens} tokens + --max-new-tokens {new_tokens} exceed "
+                     f"{type(model).__name__}'s {positions} positions: {fix}")
+
+
 def require_module(model: object, what: str) -> None:
     """``what`` takes a loaded torch model; a name or a path is the usual mistake."""
     if not isinstance(model, nn.Module):

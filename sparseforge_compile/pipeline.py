@@ -79,6 +79,9 @@ class SparsifyConfig:
         self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pattern is not None and self.sparsity is not None:
+            raise ValueError(f"sparsity {self.sparsity} applies to unstructured pruning, not to pattern {self.pattern}: "
+                             f"add --pattern none (pattern=None), or drop the sparsity")
         if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):
             raise ValueError("unstructured pruning (no pattern) needs --sparsity and a one-shot method")
         if self.pattern is not None and NMPattern.parse(self.pattern).n == NMPattern.parse(self.pattern).m:

@@ -54,6 +54,9 @@ CLI_CASES = [
     ("generate with a blank prompt", "generate --model tiny-llama --prompt '   '", r"--prompt is empty"),
     ("generate --max-new-tokens 0", "generate --model tiny-llama --prompt hi --max-new-tokens 0",
      r"--max-new-tokens 0: must be >= 1"),
+    ("generate past the model's positions", "generate --model tiny-gpt2 --prompt hi --max-new-tokens 5000",
+     r"the prompt's 2 tokens \+ --max-new-tokens 5000 exceed GPT2LMHeadModel's 2048 positions: lower "
+     r"--max-new-tokens to 2046"),
     ("generate --chat without a chat template", "generate --model tiny-llama --prompt hi --chat",
      r"has no chat template: drop --chat"),
     ("generate --layout on a dense model", "generate --model tiny-llama --prompt hi --layout compact",
@@ -91,6 +94,8 @@ CLI_CASES = [
      r"no layer is eligible for 2:3 sparsity: .*not divisible by M=3"),
     ("sparsity 0 prunes nothing", "prune --model tiny-llama --method magnitude --pattern none --sparsity 0 --out {out}",
      r"sparsity 0\.0 prunes nothing"),
+    ("sparsity given with an N:M pattern", "prune --model tiny-llama --method magnitude --sparsity 0.5 --out {out}",
+     r"sparsity 0\.5 applies to unstructured pruning, not to pattern 2:4: add --pattern none"),
     ("sparsity above 1", "prune --model tiny-llama --method magnitude --pattern none --sparsity 1.5 --out {out}",
      r"sparsity 1\.5 is not a ratio below 1"),
     ("unstructured sparsity with a trained method",
