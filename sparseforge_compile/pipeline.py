@@ -487,7 +487,7 @@ def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
                       data_dir, out: Path | None, resume: bool, progress: bool, start: float,
                       deadline: float | None, phases: dict[str, float], identity: dict | None = None) -> SparsifyResult:
-    from .anneal.identity import drop_training_state, start_record
+    from .anneal.identity import finish_record, start_record
     from .passes.harden import Harden
 
     setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
@@ -512,8 +512,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     Harden()(captured.gm)
     _record_layers(model, layers, transposed, cfg)
     phases["harden"] = time.perf_counter() - t
-    if out is not None and not cfg.anneal.runtime.keep_training_state:
-        drop_training_state(out)  # finished: the optimizer state is only for --resume
+    if out is not None:
+        finish_record(out, keep=cfg.anneal.runtime.keep_training_state)  # the optimizer state is only for --resume
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,

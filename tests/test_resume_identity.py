@@ -117,6 +117,10 @@ def test_a_finished_resume_drops_its_training_state_unless_kept(crashed, tmp_pat
     assert (out / "checkpoint" / "state.pt").is_file() == keep
     assert (out / "checkpoint" / "run.json").is_file() == keep
     assert (out / "metrics.jsonl").is_file()  # the curves stay
+    if keep:  # a kept state is a finished run's: a fresh run may start over in the folder
+        again = load_model("tiny-llama")
+        sparsify(again.model, config(text, steps=2), tokenizer=again.tokenizer, out_dir=out, progress=False)
+        assert not (out / "checkpoint").exists()
 
 
 def test_the_crashed_run_kept_what_resume_needs(crashed):

@@ -7,6 +7,7 @@ removes both (and the teacher samples) unless ``keep_training_state`` is set; a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,7 +157,7 @@ def check_resume(out: Path, identity: Mapping[str, Any], params: list[torch.Tens
 def refuse_unfinished(out: Path) -> None:
     """A fresh run must not overwrite the checkpoint of an unfinished one: that is --resume's to use."""
     state = out / CHECKPOINT_DIR / STATE_FILE
-    if state.exists():
+    if state.exists() and not _finished(out):
         raise AnnealError(f"{state} holds an unfinished run's checkpoint: pass --resume to continue it, or delete "
                           f"{state.parent} (or choose another output folder) to start over")
 
@@ -168,6 +169,23 @@ def start_record(out: Path, identity: Mapping[str, Any]) -> None:
     tmp = folder / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(identity, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, folder / RUN_FILE)
+
+
+def _finished(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / CHECKPOINT_DIR / RUN_FILE).read_text(encoding="utf-8")).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def finish_record(out: Path, keep: bool) -> None:
+    """The run ended: drop its training state, or (kept) mark it finished so a fresh run may replace it."""
+    record = out / CHECKPOINT_DIR / RUN_FILE
+    if not keep:
+        drop_training_state(out)
+    elif record.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            start_record(out, {**json.loads(record.read_text(encoding="utf-8")), "finished": True})
 
 
 def drop_training_state(out: Path) -> None:
