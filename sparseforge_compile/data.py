@@ -162,6 +162,13 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
     return docs
 
 
+def check_sources(sources: tuple[str, ...] | list[str]) -> None:
+    """Read each of the user's text files once, so a bad one fails before any work starts."""
+    for source in sources:
+        if source != C4_SOURCE:
+            read_documents(source)
+
+
 def calibration_documents(sources: tuple[str, ...] | list[str] | None = None,
                           data_dir: str | Path | None = None) -> list[str]:
     """Documents of every source in order: ``"c4"`` (the built-in sample) or a user's file."""

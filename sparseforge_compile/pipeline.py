@@ -84,7 +84,7 @@ class SparsifyConfig:
                              f"add --pattern none (pattern=None), or drop the sparsity")
         if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):
             raise ValueError("unstructured pruning (no pattern) needs --sparsity and a one-shot method")
-        if self.pattern is not None and NMPattern.parse(self.pattern).n == NMPattern.parse(self.pattern).m:
+        if self.pattern is not None and NMPattern.parse(self.pattern).density == 1:
             raise ValueError(f"pattern {self.pattern} keeps every weight, so nothing would be pruned: use N < M, "
                              f"e.g. 2:4")
         if self.pattern is None and not 0 < self.sparsity < 1:
@@ -182,8 +182,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     during training (``AnnealError``) leaves the model with its warm-start weights, unhardened, so
     reload it (or ``resume``) rather than saving it.
     """
+    from .anneal.identity import resume_identity
     from .capture import capture
-    from .data import calibration_windows
+    from .data import calibration_windows, check_sources
     from .passes.eligibility import analyze_eligibility
 
     check_sparsify_inputs(model, config, out_dir, resume)
@@ -210,13 +211,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     if not vocab and cfg.method != "magnitude":
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
-    identity = _resume_identity(model, cfg, out, resume)  # before any weight changes
-    if cfg.method != "magnitude":  # magnitude reads no text
-        from .data import C4_SOURCE, read_documents
-
-        for source in cfg.calib_data:  # a bad file is named now, not after the warm start changed weights
-            if source != C4_SOURCE:
-                read_documents(source)
+    identity = resume_identity(model, cfg.to_json(), cfg.calib_data or ("c4",), out if cfg.method in TRAINED else None,
+                               resume, bool(cfg.anneal.runtime.checkpoint_every))  # before any weight changes
+    if cfg.method != "magnitude":  # a bad text file is named now, not after the warm start changed weights
+        check_sources(cfg.calib_data)
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
@@ -263,10 +261,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
 def check_sparsify_inputs(model: object, config: object, out_dir: object, resume: bool) -> None:
     """The arguments' kinds, in one line each, before anything runs."""
     from .errors import UsageError
+    from .inputs import require_module
 
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"sparsify needs a torch nn.Module, got {type(model).__name__}: load one with "
-                        f"sparseforge_compile.models.load_model(name).model")
+    require_module(model, "sparsify")
     if config is not None and not isinstance(config, SparsifyConfig):
         hint = "SparsifyConfig(**d)" if isinstance(config, dict) else "SparsifyConfig(method=..., pattern=...)"
         raise UsageError(f"sparsify's config must be a SparsifyConfig, got {type(config).__name__} {config!r:.60}: "
@@ -278,20 +275,6 @@ def check_sparsify_inputs(model: object, config: object, out_dir: object, resume
     if resume and (config or SparsifyConfig()).method in ONE_SHOT:
         raise ValueError(f"resume applies to the trained methods ({', '.join(TRAINED)}); "
                          f"{config.method} runs in one shot: drop --resume")
-
-
-def _resume_identity(model: nn.Module, cfg: SparsifyConfig, out: Path | None, resume: bool) -> dict | None:
-    """What a checkpointing run is started on; on resume, the checkpoint is refused unless it matches."""
-    from .anneal.identity import check_resume, refuse_unfinished, run_identity
-
-    if out is not None and cfg.method in TRAINED and not resume:
-        refuse_unfinished(out)
-    if out is None or cfg.method not in TRAINED or not (resume or cfg.anneal.runtime.checkpoint_every):
-        return None
-    identity = run_identity(model, cfg.to_json(), cfg.calib_data or ("c4",))
-    if resume:
-        check_resume(out, identity, list(dict.fromkeys(model.parameters())))
-    return identity
 
 
 def _vocab_size(model: nn.Module) -> int:

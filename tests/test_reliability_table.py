@@ -65,7 +65,7 @@ FAULT_WORDS = ("error", "refus", "interrupt", "fail", "truncat", "flipped", "mis
 
 def _readable(pattern: str) -> str:
     """An expected-message regex as text: what the one line says."""
-    text = re.sub(r"\\d\+", "N", pattern).replace(".*", " … ").replace("\\", "")
+    text = re.sub(r"\[0-9a-f\]\+", "HASH", re.sub(r"\\d\+", "N", pattern)).replace(".*", " … ").replace("\\", "")
     return " ".join(text.split()).replace("|", " or ")
 
 

@@ -195,3 +195,19 @@ def drop_training_state(out: Path) -> None:
         path.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def resume_identity(model: nn.Module, settings: Mapping[str, Any], sources: Iterable[str], out: Path | None,
+                    resume: bool, checkpointing: bool) -> dict | None:
+    """A training run's record (None where nothing is checkpointed or resumed), checked first: a resume
+    must match its checkpoint, and a fresh run must not overwrite an unfinished one's."""
+    if out is None:
+        return None
+    if not resume:
+        refuse_unfinished(out)
+        if not checkpointing:
+            return None
+    identity = run_identity(model, settings, sources)
+    if resume:
+        check_resume(out, identity, list(dict.fromkeys(model.parameters())))
+    return identity
