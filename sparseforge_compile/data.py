@@ -189,6 +189,9 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     """Non-overlapping ``seqlen`` windows, tail dropped: shape ``(numel // seqlen, seqlen)``."""
     if seqlen < 2:
         raise DataError(f"seqlen {seqlen} is too short: need at least 2 tokens per window")
+    if tokens.numel() == 0:  # not a --seqlen problem: the tokenizer gave nothing
+        raise DataError("the tokenizer turned the text into 0 tokens: the model folder's tokenizer files are empty "
+                        "or not this model's; add its tokenizer (tokenizer.json) to the folder")
     count = tokens.numel() // seqlen
     if count == 0:
         raise DataError(

@@ -225,6 +225,12 @@ def _load_checkpoint(path):
     return load(path)
 
 
+def _windows(tokens, seqlen):
+    from sparseforge_compile.data import eval_windows
+
+    return eval_windows(tokens, seqlen)
+
+
 def _documents(path):
     from sparseforge_compile.data import read_documents
 
@@ -270,6 +276,10 @@ API_CASES = [
      r"anneal must be an AnnealConfig, got dict"),
     ("SparsifyConfig with a string budget", lambda m, fx, out: _cfg(budget_s="600"),
      r"budget_s must be seconds as a number or None, got '600'"),
+    ("a tokenizer that gives no tokens", lambda m, fx, out: _windows(torch.zeros(0, dtype=torch.long), 2048),
+     r"0 tokens: the model folder's tokenizer files are empty"),
+    ("text shorter than one window", lambda m, fx, out: _windows(torch.arange(10), 2048),
+     r"fewer than one window of seqlen 2048: use a smaller --seqlen"),
     ("read_documents of a line without its text field", lambda m, fx, out: _documents(fx / "notext.jsonl"),
      r"notext\.jsonl:2: no 'text' text field"),
 ]
@@ -285,3 +295,4 @@ def test_api_bad_input_raises_one_line(fx, tmp_path, case, call, message):
     assert "\n" not in str(info.value).strip()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert list(tmp_path.iterdir()) == [] and _tree(fx) == inputs
+
