@@ -105,6 +105,8 @@ CLI_CASES = [
      r"batch_size must be >= 1, got 0"),
     ("prune --calib-samples 0", "prune --model tiny-llama --method magnitude --calib-samples 0 --out {out}",
      r"calibration needs at least one window"),
+    ("prune --seqlen 1", "prune --model tiny-llama --method sparseforge --steps 2 --seqlen 1 --out {out}",
+     r"seqlen must be >= 2 \(a next-token loss needs two tokens\), got 1"),
     ("prune --steps 0", "prune --model tiny-llama --method sparseforge --steps 0 --out {out}", r"steps must be >= 1"),
     ("prune --lr negative", "prune --model tiny-llama --method sparseforge --steps 2 --lr -1 --out {out}",
      r"lr must be > 0, got -1\.0"),

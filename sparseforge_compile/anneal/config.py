@@ -146,7 +146,9 @@ class RuntimeConfig:
     """Steps between metrics rows."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "batch_size", "seqlen", "log_every")
+        _check_positive(self, "batch_size", "log_every")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2 (a next-token loss needs two tokens), got {self.seqlen}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "checkpoint_every"):
