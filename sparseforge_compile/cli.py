@@ -16,6 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from .errors import RecipeError, SparseForgeError, UsageError
+from .inputs import check_at_least, check_generation_fits, check_output_file, check_seqlen_fits, pick_windows
 from .models import SMOLLM2_NAME
 
 USER_ERRORS: tuple[type[BaseException], ...] = (SparseForgeError, ValueError, FileNotFoundError)
@@ -28,6 +29,10 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but CUDA is not available here: use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
     return name
 
 
@@ -48,6 +53,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     if not tasks:
         raise UsageError("--tasks names no task: give e.g. wikitext2,piqa,arc_easy")
+    check_at_least("--batch-size", args.batch_size)
+    check_at_least("--max-windows", args.max_windows, hint="leave it out to score every window")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if [t for t in tasks if t != PPL_TASK]:
+        from .eval_tasks import check_tasks
+
+        check_tasks([t for t in tasks if t != PPL_TASK], args.limit)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     if loaded.tokenizer is None:
@@ -81,7 +94,7 @@ def _eval_perplexity(args: argparse.Namespace, loaded, device: str) -> dict:
         raise UsageError(f"{args.model}: {problem}")
     tokens = tokenize(loaded.tokenizer, load_wikitext2(args.split, args.data_dir))
     all_windows = eval_windows(tokens, args.seqlen)
-    windows = all_windows[: args.max_windows] if args.max_windows else all_windows
+    windows = all_windows[: pick_windows("--max-windows", args.max_windows, all_windows.shape[0])]
     result = perplexity(loaded.model, windows, batch_size=args.batch_size, total_windows=all_windows.shape[0],
                         progress=not args.quiet)
     scope = f"{result.windows} of {result.total_windows} windows" + (" (SUBSET)" if result.subset else "")
@@ -103,6 +116,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .models import load_model
     from .serving import Generator
 
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty: give the text to continue, e.g. --prompt 'The capital of France is'")
+    check_at_least("--max-new-tokens", args.max_new_tokens)
     device = pick_device(args.device)
     path = Path(args.model).expanduser()
     if args.layout and not (path / "sparseforge.json").is_file():
@@ -129,6 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         encoded = tokenizer(args.prompt, return_tensors="pt")
     input_ids = (encoded["input_ids"] if hasattr(encoded, "keys") else encoded).to(device)
+    check_generation_fits(loaded.model, input_ids.shape[1], args.max_new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     compile_step = {"auto": None, "on": True, "off": False}[args.compile]
     gen = Generator(loaded.model, input_ids.shape[1] + args.max_new_tokens, compile=compile_step)
@@ -183,6 +200,8 @@ def prune_config(args: argparse.Namespace, device: str):
         flags["calib_data"] = tuple(part.strip() for part in args.calib_data.split(",") if part.strip())
     if args.budget_minutes is not None:
         flags["budget_s"] = args.budget_minutes * 60
+    if getattr(args, "keep_training_state", False):
+        flags["keep_training_state"] = True
     try:
         return build_config({**base, **recipe, **flags}, source="prune flags")
     except RecipeError:
@@ -241,9 +260,16 @@ def _prune(args: argparse.Namespace, ranks, device: str) -> int:
     if cfg.method not in ONE_SHOT and not cfg.budget_s and not cfg.anneal.schedule.steps:
         raise UsageError(f"--method {cfg.method} trains: give --budget-minutes or --steps (or budget_s / "
                          f"[schedule] steps in the recipe)")
+    if args.tasks:
+        from .eval_tasks import check_tasks, parse_tasks
+
+        check_tasks(parse_tasks(args.tasks), args.limit)  # before the prune, not after it
+    if args.eval_windows < -1:
+        raise UsageError(f"--eval-windows {args.eval_windows}: give 0 (none), -1 (all) or a count")
     out = check_output_dir(args.out, overwrite=args.overwrite or not main)  # before any training
     loaded = load_model(args.model, device=device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
+    _check_prune_model(args, cfg, model, tok)
     windows = None
     if args.eval_windows and tok is not None and main:
         seqlen = 2048  # the evaluation protocol's window
@@ -252,7 +278,7 @@ def _prune(args: argparse.Namespace, ranks, device: str) -> int:
             print(f"WikiText-2 perplexity skipped: {problem}")
         else:
             all_windows = eval_windows(tokenize(tok, load_wikitext2("test", args.data_dir)), seqlen)
-            windows = all_windows[: args.eval_windows] if args.eval_windows > 0 else all_windows
+            windows = all_windows[: pick_windows("--eval-windows", args.eval_windows, all_windows.shape[0], -1)]
     before = perplexity(model, windows, progress=not args.quiet, desc="dense ppl") if windows is not None else None
     result = sparsify(model, cfg, tokenizer=tok, data_dir=args.data_dir, out_dir=out, resume=args.resume,
                       progress=not args.quiet)
@@ -325,10 +351,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_prune_model(args: argparse.Namespace, cfg, model, tok) -> None:
+    """What the loaded model must offer the prune asked for: a tokenizer for text, room for the sequences."""
+    from .pipeline import ONE_SHOT
+
+    trains = cfg.method not in ONE_SHOT
+    calibrates = cfg.method in ("wanda", "sparsegpt") or (trains and cfg.anneal.evidence.warm_start in ("wanda", "sparsegpt"))
+    if tok is None and (trains or calibrates):
+        raise UsageError(f"{args.model} ships no tokenizer: --method {cfg.method} needs one for its text "
+                         f"(add the tokenizer files to the folder, or use --method magnitude)")
+    if trains:
+        check_seqlen_fits(model, cfg.anneal.runtime.seqlen, "--seqlen")
+    if calibrates:
+        check_seqlen_fits(model, cfg.calib_seqlen, "--calib-seqlen")
+
+
 def cmd_recipe(args: argparse.Namespace) -> int:
     from .pipeline import SparsifyConfig
     from .recipe import render_recipe
 
+    if args.out:
+        check_output_file(args.out, "--out")
     text = render_recipe(SparsifyConfig(method=args.method))
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -346,6 +389,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .models import load_model
     from .report import inspect
 
+    if args.json:
+        check_output_file(args.json, "--json")
     loaded = load_model(args.model, device=pick_device(args.device), dtype=args.dtype)
     kernel = None if args.kernel == "none" else args.kernel
     target = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.target_dtype]
@@ -423,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (model, metrics, report, curves)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a sparse checkpoint already in --out")
+    p.add_argument("--keep-training-state", action="store_true",
+                   help="keep the optimizer state and teacher samples after the run finishes (for inspection)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--eval-windows", type=int, default=4,

@@ -162,6 +162,13 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
     return docs
 
 
+def check_sources(sources: tuple[str, ...] | list[str]) -> None:
+    """Read each of the user's text files once, so a bad one fails before any work starts."""
+    for source in sources:
+        if source != C4_SOURCE:
+            read_documents(source)
+
+
 def calibration_documents(sources: tuple[str, ...] | list[str] | None = None,
                           data_dir: str | Path | None = None) -> list[str]:
     """Documents of every source in order: ``"c4"`` (the built-in sample) or a user's file."""
@@ -182,6 +189,9 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     """Non-overlapping ``seqlen`` windows, tail dropped: shape ``(numel // seqlen, seqlen)``."""
     if seqlen < 2:
         raise DataError(f"seqlen {seqlen} is too short: need at least 2 tokens per window")
+    if tokens.numel() == 0:  # not a --seqlen problem: the tokenizer gave nothing
+        raise DataError("the tokenizer turned the text into 0 tokens: the model folder's tokenizer files are empty "
+                        "or not this model's; add its tokenizer (tokenizer.json) to the folder")
     count = tokens.numel() // seqlen
     if count == 0:
         raise DataError(

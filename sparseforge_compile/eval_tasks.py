@@ -33,6 +33,20 @@ def parse_tasks(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def check_tasks(tasks: list[str], limit: int | None) -> None:
+    """Refuse unknown task names and a bad --limit before any model is loaded or pruned."""
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: must be >= 1 (leave it out to score every document)")
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise UsageError("zero-shot tasks need lm-evaluation-harness: pip install 'sparseforge-compile[eval]'") from exc
+    manager = TaskManager()
+    for task in tasks:
+        if task not in manager.all_tasks and task not in manager.all_groups and task not in manager.all_tags:
+            raise DataError(f"unknown lm-eval task {task!r}; `lm-eval ls tasks` lists them")
+
+
 def _piqa_jsonl(questions: Path, labels: Path, folder: Path) -> Path:
     """PIQA's questions joined with its separate label file, one JSON object per line."""
     with open(questions, encoding="utf-8") as q, open(labels, encoding="utf-8") as lab:

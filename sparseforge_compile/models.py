@@ -187,7 +187,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                      trust_remote_code=False)
-    except (ValueError, KeyError, NotImplementedError) as exc:
+    except (ValueError, KeyError, NotImplementedError, OSError, EOFError, IndexError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"{path}: transformers cannot load this GGUF ({first}); supported are the architectures in "
@@ -209,7 +209,14 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
             f"'{SMOLLM2_NAME}' or one of {', '.join(TINY_MODELS)}"
         ) from exc
     auto = AutoModelForMaskedLM if getattr(config, "model_type", "") == "bert" else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=dtype, local_files_only=local, trust_remote_code=False)
+    from safetensors import SafetensorError
+
+    try:
+        model = auto.from_pretrained(source, dtype=dtype, local_files_only=local, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:  # no weights file, or a damaged one
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source}: its weights cannot be loaded ({first[:200]}): the folder needs a complete "
+                             f"model.safetensors (or pytorch_model.bin) beside config.json") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except (OSError, ValueError):
@@ -220,6 +227,13 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
 def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                seed: int = 0) -> LoadedModel:
     """Load a model by name: ``smollm2-135m``, ``tiny-*``, a local HF folder, a .gguf file or a hub id."""
+    if not isinstance(name, str | os.PathLike):
+        raise ModelLoadError(f"load_model takes a model name or path, got {type(name).__name__} {name!r:.40}")
+    name = str(name)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -239,7 +253,9 @@ def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dty
             return load(path, device=device, dtype=torch_dtype)
         elif path.is_dir():
             model, tokenizer = _load_hf(str(path), torch_dtype, local=True)
-        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        elif not path.exists() and name.startswith((".", "/", "~")):
+            raise ModelLoadError(f"{name}: no such file or folder: give a Hugging Face folder or a .gguf file")
+        elif path.exists() or name.count("/") > 1:
             raise ModelLoadError(f"{name!r} is neither a Hugging Face folder nor a .gguf file")
         elif "/" in name:
             model, tokenizer = _load_hf(name, torch_dtype, local=False)

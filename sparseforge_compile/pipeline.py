@@ -73,12 +73,25 @@ class SparsifyConfig:
     """The training loop's settings (trained methods)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.anneal, AnnealConfig):
+            raise ValueError(f"anneal must be an AnnealConfig, got {type(self.anneal).__name__}: pass "
+                             f"AnnealConfig.from_flat({{...}}) with the settings by name")
+        if self.budget_s is not None and not isinstance(self.budget_s, int | float):
+            raise ValueError(f"budget_s must be seconds as a number or None, got {self.budget_s!r}")
+        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pattern is not None and self.sparsity is not None:
+            raise ValueError(f"sparsity {self.sparsity} applies to unstructured pruning, not to pattern {self.pattern}: "
+                             f"add --pattern none (pattern=None), or drop the sparsity")
         if self.pattern is None and (self.sparsity is None or self.method not in ONE_SHOT):
             raise ValueError("unstructured pruning (no pattern) needs --sparsity and a one-shot method")
-        if self.pattern is not None:
-            NMPattern.parse(self.pattern)
+        if self.pattern is not None and NMPattern.parse(self.pattern).density == 1:
+            raise ValueError(f"pattern {self.pattern} keeps every weight, so nothing would be pruned: use N < M, "
+                             f"e.g. 2:4")
+        if self.pattern is None and not 0 < self.sparsity < 1:
+            what = "prunes nothing" if self.sparsity == 0 else "is not a ratio below 1"
+            raise ValueError(f"sparsity {self.sparsity} {what}: give a ratio in (0, 1), e.g. 0.5")
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"budget must be positive, got {self.budget_s}s")
         if self.teacher_decode not in TEACHER_DECODES:
@@ -177,10 +190,12 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     during training (``AnnealError``) leaves the model with its warm-start weights, unhardened, so
     reload it (or ``resume``) rather than saving it.
     """
+    from .anneal.identity import resume_identity
     from .capture import capture
-    from .data import calibration_windows
+    from .data import calibration_windows, check_sources
     from .passes.eligibility import analyze_eligibility
 
+    check_sparsify_inputs(model, config, out_dir, resume)
     cfg = config or SparsifyConfig()
     start = time.perf_counter()
     deadline = start + cfg.budget_s if cfg.budget_s else None
@@ -188,8 +203,6 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     pattern = NMPattern.parse(cfg.pattern) if cfg.pattern is not None else None
     device = _device_of(model)
     out = Path(out_dir) if out_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
     if cfg.method == "sparseforge" and cfg.anneal.evidence.importance == "hutchinson":
@@ -206,6 +219,10 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     if not vocab and cfg.method != "magnitude":
         raise ValueError(f"method {cfg.method!r} calibrates on text through a language model's decoder blocks; "
                          f"{type(model).__name__} takes no token ids: use method='magnitude'")
+    identity = resume_identity(model, cfg.to_json(), cfg.calib_data or ("c4",), out if cfg.method in TRAINED else None,
+                               resume, bool(cfg.anneal.runtime.checkpoint_every))  # before any weight changes
+    if cfg.method != "magnitude":  # a bad text file is named now, not after the warm start changed weights
+        check_sources(cfg.calib_data)
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)
@@ -247,8 +264,29 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
         phases["harden"] = time.perf_counter() - t
         return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                               oneshot=result)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     return _sparsify_trained(model, cfg, captured, report, layers, transposed, skipped, calib, tokenizer,
-                             data_dir, out, resume, progress, start, deadline, phases)
+                             data_dir, out, resume, progress, start, deadline, phases, identity)
+
+
+def check_sparsify_inputs(model: object, config: object, out_dir: object, resume: bool) -> None:
+    """The arguments' kinds, in one line each, before anything runs."""
+    from .errors import UsageError
+    from .inputs import require_module
+
+    require_module(model, "sparsify")
+    if config is not None and not isinstance(config, SparsifyConfig):
+        hint = "SparsifyConfig(**d)" if isinstance(config, dict) else "SparsifyConfig(method=..., pattern=...)"
+        raise UsageError(f"sparsify's config must be a SparsifyConfig, got {type(config).__name__} {config!r:.60}: "
+                        f"pass {hint}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no parameters: nothing to prune")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir, the folder holding the checkpoint")
+    if resume and (config or SparsifyConfig()).method in ONE_SHOT:
+        raise ValueError(f"resume applies to the trained methods ({', '.join(TRAINED)}); "
+                         f"{config.method} runs in one shot: drop --resume")
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -452,11 +490,14 @@ def _layer_taps(model: nn.Module, teacher: nn.Module, gm) -> LayerTaps:
 
 def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, transposed, skipped, calib, tokenizer,
                       data_dir, out: Path | None, resume: bool, progress: bool, start: float,
-                      deadline: float | None, phases: dict[str, float]) -> SparsifyResult:
+                      deadline: float | None, phases: dict[str, float], identity: dict | None = None) -> SparsifyResult:
+    from .anneal.identity import finish_record, start_record
     from .passes.pipelines import harden_passes, run_stage
 
     setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
                              out=out, resume=resume, progress=progress, phases=phases)
+    if identity is not None and not resume:
+        start_record(out, identity)  # what a later --resume must match
     model.train()
     try:
         result = setup.annealer.run(deadline=deadline - HARDEN_SLACK_S if deadline else None,
@@ -475,6 +516,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     run_stage(harden_passes(), captured.gm)
     _record_layers(model, layers, transposed, cfg)
     phases["harden"] = time.perf_counter() - t
+    if out is not None:
+        finish_record(out, keep=cfg.anneal.runtime.keep_training_state)  # the optimizer state is only for --resume
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,

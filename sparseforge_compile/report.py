@@ -143,8 +143,12 @@ def inspect(model_or_graph: nn.Module | CapturedGraph, pattern: NMPattern | str 
     ``dtype`` is the dtype the sparse kernel would run in: it picks the kernel-shape rule and the
     byte sizes of the savings.
     """
+    from .inputs import require_module
+
     pattern = NMPattern.parse(pattern)
     notes: list[str] = []
+    if not isinstance(model_or_graph, CapturedGraph):
+        require_module(model_or_graph, "inspect")
     if isinstance(model_or_graph, CapturedGraph | fx.GraphModule):
         gm = as_graph_module(model_or_graph)
         model = original_model(gm)

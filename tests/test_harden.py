@@ -43,8 +43,9 @@ def tiny_graph(weight: torch.Tensor, transposed: bool = False) -> fx.GraphModule
     return fx.symbolic_trace(AtenLinear(weight, transposed))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def llama_masked():
+    """A fresh masked tiny-llama per test: no test relies on what another did to it."""
     model = tiny_model("tiny-llama")
     captured = capture(model)
     return model, captured, InsertMasks()(captured)
@@ -112,8 +113,9 @@ def test_gpt2_conv1d_through_the_passes():
 
 
 def test_invariant_checker_catches_a_corrupted_weight(llama_masked):
-    model = llama_masked[0]  # hardened by the test above
-    check_nm_invariant(model, pattern="2:4")
+    model, captured, _ = llama_masked
+    Harden()(captured)
+    assert check_nm_invariant(model, pattern="2:4") == 14
     gate = model.model.layers[1].mlp.gate_proj.weight
     with torch.no_grad():
         gate[3, :4] = 1.0  # one group of 4 now holds 4 nonzeros

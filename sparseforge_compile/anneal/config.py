@@ -143,11 +143,21 @@ class RuntimeConfig:
     metrics), plain, or auto (fused on CUDA)."""
     checkpoint_every: int = 0
     """Steps between checkpoints in the output folder (0: none)."""
+    keep_training_state: bool = False
+    """Keep the last checkpoint's optimizer state and teacher samples after the run finishes (a crashed
+    run always keeps them for --resume)."""
     log_every: int = 10
     """Steps between metrics rows."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "batch_size", "seqlen")
+        _check_positive(self, "batch_size", "log_every")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2 (a next-token loss needs two tokens), got {self.seqlen}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("autocast", self.autocast, ("auto", "bf16", "off"))
         _check_choice("compile", self.compile, ("auto", "on", "off"))
         _check_choice("outline_blocks", self.outline_blocks, ("auto", "regional", "off"))
@@ -254,11 +264,11 @@ class AnnealConfig:
 
     def same_run(self, payload: dict) -> bool:
         """Whether a checkpoint's saved configuration (``to_json``) trains this run: every setting but
-        ``checkpoint_every`` equal."""
+        the checkpoint cadence and whether the state is kept equal."""
         try:
             saved = AnnealConfig.from_json(payload).flat()
         except (TypeError, ValueError):
             return False
-        mine = self.flat()
-        return {k: v for k, v in saved.items() if k != "checkpoint_every"} == {
-            k: v for k, v in mine.items() if k != "checkpoint_every"}
+        ignored = ("checkpoint_every", "keep_training_state")
+        return ({k: v for k, v in saved.items() if k not in ignored}
+                == {k: v for k, v in self.flat().items() if k not in ignored})

@@ -26,6 +26,7 @@ from .compile import Compilation, Forwards
 from .config import AnnealConfig
 from .evidence import make_evidence, refresh_scores
 from .guard import FiniteGuard
+from .identity import read_state, state_mismatch
 from .loss import SOURCE_METRICS, LayerTaps, fused_loss_terms, loss_terms
 from .schedule import SchedulePoint, schedule
 
@@ -309,7 +310,10 @@ class Annealer:
         path = directory / "state.pt"
         if not path.exists():
             raise AnnealError(f"no checkpoint at {path}: --resume needs a folder written by an earlier run")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_state(path, self.device)
+        problem = state_mismatch(state, self.params, self.masks)
+        if problem:  # checked before any weight is copied: a failed resume leaves the model as it was
+            raise AnnealError(f"{path} does not fit this model ({problem}): run without --resume")
         if not self.cfg.same_run(state["config"]):
             raise AnnealError(f"{path} was written with another configuration; resume with the same flags")
         self._restore(state)

@@ -79,6 +79,9 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
     ``dispatch`` (:class:`DispatchConfig`) decides what lowered layers store and run: its ``layout``
     (``"compact"``: the decode layout alone, 0.5625x the dense bytes; ``"fp8"``: ``via="lower"`` only).
     """
+    from ..inputs import require_module
+
+    require_module(model, "compile")
     if via not in ("lower", "backend"):
         raise ValueError(f"compile(via={via!r}): use 'lower' (module swap, then Inductor) or 'backend'")
     if via == "backend":
