@@ -31,12 +31,13 @@ from benchmarks.anneal_tiny import PROXIES, load_proxy
 from benchmarks.common import write_results
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.capture import capture
+from sparseforge_compile.config import SparsifyConfig
 from sparseforge_compile.distill import kd_loss
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.hessian import SUPPORTS_2_OF_4, group_input_correlation, group_support_costs
 from sparseforge_compile.layers import weight_of
 from sparseforge_compile.passes.eligibility import analyze_eligibility
-from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
+from sparseforge_compile.training import prepare_training
 
 
 def heldout_kl(model, windows, t_logits) -> float:

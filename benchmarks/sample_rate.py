@@ -3,7 +3,7 @@
     python -m benchmarks.sample_rate [--model smollm2-135m] [--batches 3840,4096] [--length 512] [--repeats 2]
 
 Each call samples one batch of ``--length``-token rows from 8-token C4 prompts, as the prune does
-(``pipeline._teacher_samples``: bf16 teacher on a GPU, ``decode="auto"``), timed whole (graph capture
+(``training._teacher_samples``: bf16 teacher on a GPU, ``decode="auto"``), timed whole (graph capture
 included, as in a run); the batch sizes take turns, ``--repeats`` rounds, and the rows report the median.
 Why: on the H200, 10-minute runs that sampled 4096 rows at once spent ~40 s more in their sampling phase
 than those at 3932; measured here in isolation (results/sample_rate.json) the two sample at the same speed,

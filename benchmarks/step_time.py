@@ -33,12 +33,13 @@ from tabulate import tabulate
 from benchmarks.common import interleaved_median_ms, median_ms, write_results
 from sparseforge_compile.anneal import AnnealConfig, schedule
 from sparseforge_compile.capture import capture
+from sparseforge_compile.config import SparsifyConfig
 from sparseforge_compile.data import calibration_windows
 from sparseforge_compile.distill import kd_loss, sample_from_teacher
 from sparseforge_compile.evaluate import logits_of
 from sparseforge_compile.models import load_model
 from sparseforge_compile.passes.eligibility import analyze_eligibility
-from sparseforge_compile.pipeline import SparsifyConfig, prepare_training
+from sparseforge_compile.training import prepare_training
 
 
 def build(base, tok, calib, batch: int, seqlen: int, fixed: bool, hidden_weight: float = 0.0, compile: str = "off",

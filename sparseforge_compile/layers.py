@@ -119,3 +119,8 @@ def stored_weight(module: nn.Module) -> torch.Tensor | None:
 def grouped_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The weight as [out, in], the layout whose last dim the N:M groups run along."""
     return weight.t() if transposed else weight
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device

@@ -17,8 +17,8 @@ from typing import Any
 import tomllib
 
 from .anneal.config import SECTIONS, AnnealConfig, field_docs, flat_fields, section_of
+from .config import SparsifyConfig
 from .errors import RecipeError
-from .pipeline import SparsifyConfig
 
 
 def top_fields() -> dict[str, dataclasses.Field]:

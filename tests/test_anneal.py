@@ -268,7 +268,7 @@ def _annealer(data_dir, method: str = "sparseforge", device: str = "cpu", **anne
     from sparseforge_compile.capture import capture
     from sparseforge_compile.data import calibration_windows
     from sparseforge_compile.passes.eligibility import analyze_eligibility
-    from sparseforge_compile.pipeline import prepare_training
+    from sparseforge_compile.training import prepare_training
 
     loaded = sharpened_tiny_llama()
     loaded.model.to(device)
@@ -456,7 +456,7 @@ def test_a_graph_that_is_not_the_model_stops_before_training(data_dir, monkeypat
     from sparseforge_compile.passes.base import PassResult
     from sparseforge_compile.passes.float32_positions import KeepPositionMathInFloat32
 
-    monkeypatch.setattr("sparseforge_compile.pipeline.GRAPH_KL_TOLERANCE", 1e-5)  # the tiny model's error is small
+    monkeypatch.setattr("sparseforge_compile.training.GRAPH_KL_TOLERANCE", 1e-5)  # the tiny model's error is small
     _annealer(data_dir, steps=2, seqlen=512, autocast="bf16")  # the pass on: passes
     monkeypatch.setattr(KeepPositionMathInFloat32, "run", lambda self, gm: PassResult(gm=gm))
     with pytest.raises(CaptureError, match=r"does not compute what LlamaForCausalLM computes under bf16 autocast"):
