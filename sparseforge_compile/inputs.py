@@ -1,8 +1,10 @@
 """Checks of user inputs shared by the CLI and the API: each fails in one line naming the flag, the
-value and the fix, before any model is loaded, any weight changes or any file is written."""
+value and the fix, before any model is loaded, any weight changes or any file is written. Also the
+CLI's JSON outputs, written whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -74,3 +76,25 @@ def require_module(model: object, what: str) -> None:
     if not isinstance(model, nn.Module):
         raise UsageError(f"{what} needs a torch nn.Module, got {type(model).__name__}: load one with "
                          f"sparseforge_compile.load_model(name).model")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but CUDA is not available here: use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    return name
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)

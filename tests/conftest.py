@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers.utils.logging as hf_logging
+
+# transformers binds its log handler to sys.stderr when it first logs: bind it now, to the stream that
+# lives as long as the test run, not to one test's captured stderr (closed when that test ends).
+hf_logging.get_logger("transformers")
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

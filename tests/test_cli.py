@@ -123,7 +123,7 @@ def test_printed_recipe_reads_back_to_the_defaults(tmp_path, capsys, method):
 
 
 def test_a_recipe_sets_what_the_flags_leave_and_the_flags_win(tmp_path):
-    from sparseforge_compile.cli import prune_config
+    from sparseforge_compile.prune_command import prune_config
 
     recipe = _write(tmp_path / "r.toml", 'method = "sparsegpt+kd"\nteacher_decode = "forward"\npattern = "none"\n'
                     'sparsity = 0.5\nexclude = ["lm_head"]\n[schedule]\nanneal_end = 0.1\nharden_end = 0.2\n'
