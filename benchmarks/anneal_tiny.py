@@ -31,9 +31,9 @@ from tabulate import tabulate
 from benchmarks.accuracy import anneal_overrides, method_of, spec_overrides, split_methods
 from benchmarks.common import write_results
 from sparseforge_compile.anneal import AnnealConfig
-from sparseforge_compile.data import calibration_windows
+from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.distill import kd_loss
-from sparseforge_compile.evaluate import logits_of
+from sparseforge_compile.evaluate import logits_of, perplexity
 from sparseforge_compile.models import load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
 
@@ -106,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--methods", default=MARGIN_SWEEP,
                    help="method specs, AnnealConfig fields in brackets: sparseforge[prior_margin=3]")
+    p.add_argument("--valid-windows", type=int, default=0,
+                   help="also score WikiText-2 valid perplexity on this many windows of 512 tokens (0: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     proxy = load_proxy(args.model, args.layers)
     base, teacher, name, train = proxy.base, proxy.teacher, proxy.name, proxy.train
     heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
     calib_n, calib_len = calib.shape
+    valid = (eval_windows(tokenize(base.tokenizer, load_wikitext2("valid")), 512, args.valid_windows)
+             if args.valid_windows else None)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for spec in split_methods(args.methods):
@@ -125,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             result = sparsify(student, cfg, tokenizer=base.tokenizer, calib=calib, progress=False)
             with torch.no_grad():
                 kl = float(kd_loss(logits_of(student.eval(), heldout), t_logits, heldout, ce_weight=0.0)[0])
+            ppl = round(perplexity(student, valid, progress=False).ppl, 3) if valid is not None else None
+            trained = result.anneal
             rows.append({"model": name, "method": method, "pattern": "2:4",
                          "settings": ",".join(f"{k}={v}" for k, v in settings.items()), "seed": seed,
                          "kl_weight": acfg.loss.kl_weight, "hidden_weight": acfg.loss.hidden_weight,
                          "steps": args.steps, "heldout_kl": round(kl, 4),
                          "flips_vs_warm_start": result.anneal.flips_vs_warm_start,
-                         "wall_s": round(time.perf_counter() - t0, 1), "wikitext2_ppl": None, "budget_s": None})
+                         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(trained.seconds, 1),
+                         "s_per_step": round(trained.seconds / max(trained.steps, 1), 3),
+                         "wikitext2_valid_ppl": ppl, "valid_windows": args.valid_windows, "budget_s": None})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("anneal_tiny", rows, out=args.out)
+    write_results("anneal_tiny", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

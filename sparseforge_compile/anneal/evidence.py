@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..masks import MaskState, add_importances
+from ..masks import MaskState, add_importances, make_masks
 from .config import AnnealConfig
+from .schedule import SchedulePoint
 
 
 class Evidence:
@@ -29,9 +30,25 @@ class Evidence:
 
     #: whether it probes through the mask gradient of the training step's own forward
     reads_step: bool = False
+    #: whether it probes at all (a learned mask reads the training loss's own gradients instead)
+    probing: bool = True
 
     def __init__(self, cfg: AnnealConfig, masks: dict[str, MaskState]) -> None:
         self.cfg, self.masks = cfg, masks
+
+    def begin_step(self, step: int, point: SchedulePoint) -> None:
+        """Called at the start of every training step with its schedule point."""
+
+    def make_masks(self, states: list[MaskState], leaf: bool) -> list[torch.Tensor]:
+        """The masks the masked graph applies this step, one per layer of ``states``."""
+        return make_masks(states, leaf=leaf)
+
+    def after_backward(self, step: int) -> None:
+        """Called after the training loss's backward, before the weights' update."""
+
+    def refresh(self, warm: dict[str, torch.Tensor], margin: float, step: int) -> None:
+        """Set the mask scores from the evidence so far (at the start, then every ``importance_every``)."""
+        refresh_scores(self.masks, self, warm, margin, step)
 
     def probe_step(self, step: int, s_logits: torch.Tensor) -> None:
         """Probe from the training step's logits (their mask gradients kept, ``reads_step``)."""
@@ -142,8 +159,19 @@ class HutchinsonEvidence(Evidence):
         self.count = int(state.get("hutchinson_probes", 0))
 
 
-def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState]) -> Evidence:
-    return (HutchinsonEvidence if cfg.evidence.importance == "hutchinson" else FisherEvidence)(cfg, masks)
+def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState], warm: dict[str, torch.Tensor] | None = None,
+                  weight_views: dict[str, Callable[[], torch.Tensor]] | None = None) -> Evidence:
+    """The evidence ``cfg`` names; the learned masks start from ``warm`` (the one-shot masks) and SR-STE
+    trains the weights behind ``weight_views``."""
+    kind = cfg.evidence.mask_evidence
+    if kind == "obd":
+        return (HutchinsonEvidence if cfg.evidence.importance == "hutchinson" else FisherEvidence)(cfg, masks)
+    from .gumbel import GumbelEvidence
+    from .loss_grad import LossGradEvidence
+    from .srste import SRSTEEvidence
+
+    learned = {"gumbel": GumbelEvidence, "srste": SRSTEEvidence, "loss_grad": LossGradEvidence}[kind]
+    return learned(cfg, masks, warm or {}, weight_views or {})
 
 
 @torch.no_grad()
