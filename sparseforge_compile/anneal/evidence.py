@@ -159,21 +159,6 @@ class HutchinsonEvidence(Evidence):
         self.count = int(state.get("hutchinson_probes", 0))
 
 
-def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState], warm: dict[str, torch.Tensor] | None = None,
-                  weight_views: dict[str, Callable[[], torch.Tensor]] | None = None) -> Evidence:
-    """The evidence ``cfg`` names; the learned masks start from ``warm`` (the one-shot masks) and SR-STE
-    trains the weights behind ``weight_views``."""
-    kind = cfg.evidence.mask_evidence
-    if kind == "obd":
-        return (HutchinsonEvidence if cfg.evidence.importance == "hutchinson" else FisherEvidence)(cfg, masks)
-    from .gumbel import GumbelEvidence
-    from .loss_grad import LossGradEvidence
-    from .srste import SRSTEEvidence
-
-    learned = {"gumbel": GumbelEvidence, "srste": SRSTEEvidence, "loss_grad": LossGradEvidence}[kind]
-    return learned(cfg, masks, warm or {}, weight_views or {})
-
-
 @torch.no_grad()
 def refresh_scores(masks: dict[str, MaskState], evidence: Evidence, warm: dict[str, torch.Tensor],
                    margin: float, step: int) -> None:

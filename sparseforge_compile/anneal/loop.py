@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from ..errors import AnnealError
 from ..masks import MaskState
 from .batches import TrainingBatches
+from .choose import make_evidence
 from .compile import Compilation, Forwards
 from .config import AnnealConfig
-from .evidence import make_evidence
 from .guard import FiniteGuard
 from .loss import SOURCE_METRICS, LayerTaps
 from .schedule import SchedulePoint, schedule
