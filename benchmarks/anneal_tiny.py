@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                          "s_per_step": round(trained.seconds / max(trained.steps, 1), 3),
                          **phase_seconds(trained.history), "wikitext2_valid_ppl": ppl, "valid_windows": args.valid_windows, "budget_s": None})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("anneal_tiny", rows, out=args.out, settings=vars(args))
+            write_results("anneal_tiny", rows, out=args.out, settings=vars(args))  # each row kept as it lands
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 
