@@ -1,7 +1,7 @@
 """The SparseForge calibration-training loop: Hessian-guided soft masks annealed to exact N:M.
 
 Per masked layer the mask is ``sigmoid((score - group threshold) / T)`` (``masks.MaskState``), its
-score the OBD saliency of each weight plus a decaying prior toward the warm-start mask (``evidence``; learned masks: ``gumbel``, ``srste``, ``loss_grad``, picked by ``choose``).
+score the OBD saliency of each weight plus a decaying prior toward the warm-start mask (``evidence``).
 The schedule over the run's progress (``schedule``): a soft phase whose temperature anneals while
 the scores are refreshed, a hardening phase that blends the mask into the exact N:M projection, then
 training with the final hard mask, run on the plain model (masked weights re-zeroed after each step).
@@ -9,8 +9,7 @@ Weights train through the mask throughout; the loss is tau^2 KL to the dense tea
 ``ce_weight`` x CE on the labels and the layer-wise block-output loss (``loss``).
 
 Rooms: ``config`` (settings), ``schedule``, ``batches`` (the data), ``evidence`` (Fisher or Hutchinson
-curvature, the OBD scores), ``gumbel``, ``srste`` and ``loss_grad`` (masks learned from the loss, on
-``learned``), ``choose`` (which evidence a config names), ``loss``, ``compile`` (what runs compiled, and the fallbacks), ``guard``
+curvature, the OBD scores), ``loss``, ``compile`` (what runs compiled, and the fallbacks), ``guard``
 (clipping, non-finite steps) and ``loop`` (:class:`Annealer`: steps, run, checkpoints, metrics).
 """
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 IMPORTANCE_ESTIMATORS = ("fisher", "hutchinson")
-MASK_EVIDENCE = ("obd", "gumbel", "srste", "loss_grad")
 WARM_STARTS = ("none", "magnitude", "wanda", "sparsegpt")
 
 
@@ -107,24 +106,9 @@ class EvidenceConfig:
     """One-shot method the mask starts from: none, magnitude, wanda or sparsegpt."""
     fixed_mask: bool = False
     """Hold the warm-start mask fixed (the peer: KD fine-tuning of a one-shot mask)."""
-    mask_evidence: str = "obd"
-    """What moves the mask in the soft phase: obd (curvature saliency and the prior margin), gumbel (learned
-    logits over each group's N:M supports, Gumbel-softmax), srste (top-N of latent weights trained straight
-    through the mask, pruned ones decaying) or loss_grad (the sigmoid mask's scores trained by the loss)."""
-    mask_lr: float = 0.05
-    """Adam learning rate of the learned mask logits or scores (gumbel, loss_grad)."""
-    prior_strength: float = 3.0
-    """Initial logit (gumbel) or score (loss_grad) gap in favour of the warm-start mask."""
-    srste_decay: float = 2e-4
-    """srste: decay of the pruned latent weights, lambda (1 - m) w added to their gradient."""
 
     def __post_init__(self) -> None:
         _check_choice("importance", self.importance, IMPORTANCE_ESTIMATORS)
-        _check_choice("mask_evidence", self.mask_evidence, MASK_EVIDENCE)
-        if self.fixed_mask and self.mask_evidence != "obd":
-            raise ValueError(f"fixed_mask holds the mask still: mask_evidence {self.mask_evidence!r} would move it")
-        if self.mask_lr <= 0 or self.prior_strength < 0 or self.srste_decay < 0:
-            raise ValueError("need mask_lr > 0, prior_strength >= 0 and srste_decay >= 0")
         _check_choice("warm_start", self.warm_start, WARM_STARTS)
         _check_positive(self, "importance_every", "evidence_probes")
 

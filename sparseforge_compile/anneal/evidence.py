@@ -20,9 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..masks import MaskState, add_importances, make_masks
+from ..masks import MaskState, add_importances
 from .config import AnnealConfig
-from .schedule import SchedulePoint
 
 
 class Evidence:
@@ -30,25 +29,9 @@ class Evidence:
 
     #: whether it probes through the mask gradient of the training step's own forward
     reads_step: bool = False
-    #: whether it probes at all (a learned mask reads the training loss's own gradients instead)
-    probing: bool = True
 
     def __init__(self, cfg: AnnealConfig, masks: dict[str, MaskState]) -> None:
         self.cfg, self.masks = cfg, masks
-
-    def begin_step(self, step: int, point: SchedulePoint) -> None:
-        """Called at the start of every training step with its schedule point."""
-
-    def make_masks(self, states: list[MaskState], leaf: bool) -> list[torch.Tensor]:
-        """The masks the masked graph applies this step, one per layer of ``states``."""
-        return make_masks(states, leaf=leaf)
-
-    def after_backward(self, step: int) -> None:
-        """Called after the training loss's backward, before the weights' update."""
-
-    def refresh(self, warm: dict[str, torch.Tensor], margin: float, step: int) -> None:
-        """Set the mask scores from the evidence so far (at the start, then every ``importance_every``)."""
-        refresh_scores(self.masks, self, warm, margin, step)
 
     def probe_step(self, step: int, s_logits: torch.Tensor) -> None:
         """Probe from the training step's logits (their mask gradients kept, ``reads_step``)."""
@@ -157,6 +140,10 @@ class HutchinsonEvidence(Evidence):
     def load_state_dict(self, state: dict) -> None:
         self.curv = dict(state["hutchinson"])
         self.count = int(state.get("hutchinson_probes", 0))
+
+
+def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState]) -> Evidence:
+    return (HutchinsonEvidence if cfg.evidence.importance == "hutchinson" else FisherEvidence)(cfg, masks)
 
 
 @torch.no_grad()

@@ -20,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AnnealError
-from ..masks import MaskState
+from ..masks import MaskState, make_masks
 from .batches import TrainingBatches
-from .choose import make_evidence
 from .compile import Compilation, Forwards
 from .config import AnnealConfig
+from .evidence import make_evidence, refresh_scores
 from .guard import FiniteGuard
 from .loss import SOURCE_METRICS, LayerTaps
 from .schedule import SchedulePoint, schedule
@@ -69,7 +69,7 @@ class Annealer:
         self.taps = taps if cfg.loss.hidden_weight else None
         self.device, self.out_dir, self.progress = device, out_dir, progress
         self.warm = {k: v.to(device) for k, v in (warm_masks or {}).items()}
-        self.evidence = make_evidence(cfg, masks, self.warm, weight_views)
+        self.evidence = make_evidence(cfg, masks)
         for name, ms in masks.items():
             ms.importance_beta = cfg.evidence.importance_beta
             if cfg.evidence.fixed_mask:
@@ -94,7 +94,7 @@ class Annealer:
         self.compilation = Compilation(Forwards(forward, plain_forward, teacher), cfg, device, regions,
                                        outlined=compile_forward)
         if not cfg.evidence.fixed_mask:
-            self.evidence.refresh(self.warm, cfg.evidence.prior_margin, self.step)
+            refresh_scores(self.masks, self.evidence, self.warm, cfg.evidence.prior_margin, self.step)
 
     @property
     def compiled(self) -> bool:
@@ -118,7 +118,7 @@ class Annealer:
             taps.teacher.enabled = student_rec.enabled = True
         if masked:  # every mask is made eagerly, all layers at once, and handed to the graph (feed)
             states = list(self.masks.values())
-            for ms, mask in zip(states, self.evidence.make_masks(states, leaf=self.compiled and not eager)):
+            for ms, mask in zip(states, make_masks(states, leaf=self.compiled and not eager)):
                 ms.feed(mask)
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -182,8 +182,7 @@ class Annealer:
         cfg = self.cfg
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
-        probing = point.soft_phase and self.step % cfg.evidence.importance_every == 0 and self.evidence.probing
-        self.evidence.begin_step(self.step, point)
+        probing = point.soft_phase and self.step % cfg.evidence.importance_every == 0
         # Only a probe reads the mask gradient; other steps skip its weight-sized backward.
         for ms in self.masks.values():
             ms.set_schedule(point.temperature, point.blend)
@@ -205,7 +204,6 @@ class Annealer:
         if probing and self.evidence.reads_step:
             self.evidence.probe_step(self.step, s_logits)
         loss.backward()
-        self.evidence.after_backward(self.step)
         for ms in self.masks.values():
             ms.last_mask = None
         if plain:
@@ -222,7 +220,7 @@ class Annealer:
         if plain:
             self._reapply_masks()
         if point.soft_phase and (self.step + 1) % cfg.evidence.importance_every == 0:
-            self.evidence.refresh(self.warm, point.margin, self.step)
+            refresh_scores(self.masks, self.evidence, self.warm, point.margin, self.step)
         self.step += 1
         self.tokens += ids.numel()
         return {"loss": loss.detach(), **parts, "grad_norm": grad_norm, "temperature": point.temperature,
