@@ -14,7 +14,8 @@ annealing margin and the evidence ramp were chosen. ``smollm2-135m --layers 4`` 
 vocabulary-sized head dominates): the real model cut to its first blocks, real weights for the questions a
 random model cannot answer (does a mask change help where SparseGPT's mask has real structure to miss),
 SparseGPT on 16 x 512 windows, training on 4 x 128, held-out KL on 16 x 128. GPU figures (the whole
-SmolLM2) come from accuracy.py.
+SmolLM2) come from accuracy.py. ``--valid-windows N`` also scores WikiText-2 valid perplexity; each row carries
+seconds per step on the masked graph and on the plain model, whose ratio prices a run at equal wall time.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from tabulate import tabulate
 from benchmarks.accuracy import anneal_overrides, method_of, spec_overrides, split_methods
 from benchmarks.common import write_results
 from sparseforge_compile.anneal import AnnealConfig
-from sparseforge_compile.data import calibration_windows
+from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
 from sparseforge_compile.distill import kd_loss
-from sparseforge_compile.evaluate import logits_of
+from sparseforge_compile.evaluate import logits_of, perplexity
 from sparseforge_compile.models import load_model
 from sparseforge_compile.pipeline import SparsifyConfig, sparsify
 
@@ -98,6 +99,17 @@ def load_proxy(model: str, layers: int | None) -> Proxy:
     return Proxy(model + (f" first {layers} layers" if layers else ""), base, teacher, train, calib, heldout, t_logits)
 
 
+def phase_seconds(history: list[dict]) -> dict:
+    """Seconds per step on the masked graph (blend < 1) and on the plain model, from the logged rows: their
+    ratio within one run prices a masked step in plain steps, whatever else loads the CPU meanwhile."""
+    spans: dict[str, list[float]] = {"masked": [0.0, 0], "plain": [0.0, 0]}
+    for before, row in zip(history, history[1:]):
+        span = spans["plain" if before["blend"] >= 1.0 else "masked"]
+        span[0] += row["elapsed_s"] - before["elapsed_s"]
+        span[1] += row["step"] - before["step"]
+    return {f"{k}_s_per_step": round(t / n, 3) if n else None for k, (t, n) in spans.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-llama-x8", choices=sorted(PROXIES))
@@ -106,12 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--methods", default=MARGIN_SWEEP,
                    help="method specs, AnnealConfig fields in brackets: sparseforge[prior_margin=3]")
+    p.add_argument("--valid-windows", type=int, default=0,
+                   help="also score WikiText-2 valid perplexity on this many windows of 512 tokens (0: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     proxy = load_proxy(args.model, args.layers)
     base, teacher, name, train = proxy.base, proxy.teacher, proxy.name, proxy.train
     heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
     calib_n, calib_len = calib.shape
+    valid = (eval_windows(tokenize(base.tokenizer, load_wikitext2("valid")), 512, args.valid_windows)
+             if args.valid_windows else None)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for spec in split_methods(args.methods):
@@ -125,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
             result = sparsify(student, cfg, tokenizer=base.tokenizer, calib=calib, progress=False)
             with torch.no_grad():
                 kl = float(kd_loss(logits_of(student.eval(), heldout), t_logits, heldout, ce_weight=0.0)[0])
+            ppl = round(perplexity(student, valid, progress=False).ppl, 3) if valid is not None else None
+            trained = result.anneal
             rows.append({"model": name, "method": method, "pattern": "2:4",
                          "settings": ",".join(f"{k}={v}" for k, v in settings.items()), "seed": seed,
                          "kl_weight": acfg.loss.kl_weight, "hidden_weight": acfg.loss.hidden_weight,
                          "steps": args.steps, "heldout_kl": round(kl, 4),
                          "flips_vs_warm_start": result.anneal.flips_vs_warm_start,
-                         "wall_s": round(time.perf_counter() - t0, 1), "wikitext2_ppl": None, "budget_s": None})
+                         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(trained.seconds, 1),
+                         "s_per_step": round(trained.seconds / max(trained.steps, 1), 3),
+                         **phase_seconds(trained.history), "wikitext2_valid_ppl": ppl, "valid_windows": args.valid_windows, "budget_s": None})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("anneal_tiny", rows, out=args.out)
+            write_results("anneal_tiny", rows, out=args.out, settings=vars(args))  # each row kept as it lands
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 
