@@ -13,10 +13,11 @@ from torch import Tensor, nn
 
 from ..masks import NMPattern
 from . import fp8
+from .dense_state import DenseStateDict
 from .sparse_linear import KernelState, check_nm, tensor_bytes
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(DenseStateDict, nn.Module):
     """A hardened N:M Linear in FP8 (e4m3 weights and activations, fp32 scales) for inference."""
 
     def __init__(self, in_features: int, out_features: int, pattern: NMPattern | str = "2:4", *, layer: str = "",
@@ -86,24 +87,5 @@ class Fp8Linear(nn.Module):
         self._install(weight.to(probe.device, probe.dtype), None if bias is None else fn(bias))
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        weight = self.materialize_weight()
-        destination[prefix + "weight"] = weight.t() if self.transposed_source else weight
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + "weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        weight = state_dict[key]
-        weight = weight.t() if self.transposed_source else weight
-        bias = state_dict.get(prefix + "bias")
-        device = self.weight_q.device if self.weight_q is not None else weight.device
-        try:
-            self._install(weight.to(device=device, dtype=self.dtype),
-                          None if bias is None else bias.to(device=device, dtype=self.dtype))
-        except (ValueError, RuntimeError) as exc:
-            error_msgs.append(str(exc))
+    def _install_target(self, weight):
+        return (self.weight_q.device if self.weight_q is not None else weight.device), self.dtype

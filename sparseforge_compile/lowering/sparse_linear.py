@@ -22,6 +22,7 @@ from ..errors import NMViolationError
 from ..masks import NMPattern, count_nm_violations
 from . import decode_kernel
 from .decode_kernel import Packed24, decode_linear
+from .dense_state import DenseStateDict
 from .dispatch import DispatchConfig, calibrate, choose_kernel, run_choice
 from .kernels import compress, decompress, sparse_unsupported_reason
 
@@ -195,7 +196,7 @@ def tensor_bytes(t: Tensor | None) -> int:
 # The module
 # ---------------------------------------------------------------------------------------------
 
-class SparseLinear(nn.Module):
+class SparseLinear(DenseStateDict, nn.Module):
     """A hardened N:M Linear lowered for inference: ``y = x W^T + b`` through ``sparse_linear``.
 
     Holds what ``config.layout`` asks: W compressed for cuSPARSELt on a supporting GPU, plus the dense W
@@ -302,27 +303,6 @@ class SparseLinear(nn.Module):
         self._install(new_weight, None if bias is None else fn(bias))
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        weight = self.materialize_weight()
-        weight = weight.t() if self.transposed_source else weight
-        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + "weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        weight = state_dict[key]
-        weight = weight.t() if self.transposed_source else weight
-        bias = state_dict.get(prefix + "bias")
+    def _install_target(self, weight):
         held = self._held()
-        device = held.device if held is not None else weight.device
-        dtype = held.dtype if held is not None else weight.dtype
-        try:
-            self._install(weight.to(device=device, dtype=dtype),
-                          None if bias is None else bias.to(device=device, dtype=dtype))
-        except (ValueError, RuntimeError) as exc:
-            error_msgs.append(str(exc))
+        return (held.device, held.dtype) if held is not None else (weight.device, weight.dtype)
