@@ -43,8 +43,8 @@ MARGIN_SWEEP = ("sparsegpt+kd,sparseforge[prior_margin=3,evidence_probes=1],spar
                 "sparseforge[prior_margin=4.5],sparseforge[prior_margin=6],sparseforge[prior_margin=10]")
 
 
-def sharpened_tiny_llama(scale: float = 8.0):
-    loaded = load_model("tiny-llama")
+def sharpened_tiny_llama(scale: float = 8.0, device: str = "cpu"):
+    loaded = load_model("tiny-llama", device=device)
     with torch.no_grad():
         for p in loaded.model.parameters():
             if p.dim() == 2:
@@ -86,13 +86,14 @@ class Proxy:
     t_logits: torch.Tensor
 
 
-def load_proxy(model: str, layers: int | None) -> Proxy:
+def load_proxy(model: str, layers: int | None, device: str = "cpu") -> Proxy:
     train, (calib_n, calib_len), (held_n, held_len) = PROXIES[model]
-    base = sharpened_tiny_llama() if model == "tiny-llama-x8" else load_model(model)
+    base = (sharpened_tiny_llama(device=device) if model == "tiny-llama-x8"
+            else load_model(model, device=device))
     if layers:
         base = first_layers(base, layers)
     teacher = base.model.eval()
-    heldout = calibration_windows(base.tokenizer, held_n, held_len, seed=99)
+    heldout = calibration_windows(base.tokenizer, held_n, held_len, seed=99).to(device)
     calib = calibration_windows(base.tokenizer, calib_n, calib_len, seed=0)
     with torch.no_grad():
         t_logits = logits_of(teacher, heldout)
@@ -120,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="method specs, AnnealConfig fields in brackets: sparseforge[prior_margin=3]")
     p.add_argument("--valid-windows", type=int, default=0,
                    help="also score WikiText-2 valid perplexity on this many windows of 512 tokens (0: none)")
+    p.add_argument("--device", default="cpu",
+                   help="cuda runs the proxy in the GPU loop's mode (compiled, bf16 autocast, fused KD)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    proxy = load_proxy(args.model, args.layers)
+    proxy = load_proxy(args.model, args.layers, args.device)
     base, teacher, name, train = proxy.base, proxy.teacher, proxy.name, proxy.train
     heldout, calib, t_logits = proxy.heldout, proxy.calib, proxy.t_logits
     calib_n, calib_len = calib.shape
