@@ -91,8 +91,7 @@ def test_cpu_fallback_computes_the_same_product(monkeypatch):
 @triton_cpu
 @pytest.mark.parametrize("tokens", [65, 128, 130, 200])
 def test_triton_kernel_tiles_any_token_count_in_blocks_of_64(interpret, tokens):
-    """Beyond 64 tokens the grid runs more token blocks (the last one masked): a compact layer has no
-    other kernel, so prefill goes through it too."""
+    """Beyond 64 tokens the grid runs more token blocks (the last one masked), up to DECODE_MAX_TOKENS."""
     w = two_of_four(40, 64, torch.float16, seed=tokens)
     x = torch.randn(tokens, 64).to(torch.float16)
     y = dk.decode_linear(x, dk.pack(w), None, dk.DecodeTiles(block_n=32, block_k=32))
@@ -100,6 +99,22 @@ def test_triton_kernel_tiles_any_token_count_in_blocks_of_64(interpret, tokens):
     assert y.shape == (tokens, 40)
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
     assert dk._tokens_block(tokens) == dk.MAX_TOKENS
+
+
+@triton_cpu
+def test_a_prefill_unpacks_once_instead_of_running_the_kernel(interpret, monkeypatch):
+    """Above DECODE_MAX_TOKENS the call is one GEMM on the unpacked weight, the same product as the
+    hardened layer's; at the limit the kernel still runs."""
+    w = two_of_four(40, 64, torch.float16, seed=5)
+    x = torch.randn(dk.DECODE_MAX_TOKENS + 1, 64).to(torch.float16)
+    launches = []
+    real = dk._kernel
+    monkeypatch.setattr(dk, "_kernel", lambda: launches.append(1) or real())
+    y = dk.decode_linear(x, dk.pack(w))
+    assert not launches
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    dk.decode_linear(x[: dk.DECODE_MAX_TOKENS], dk.pack(w))
+    assert launches == [1]
 
 
 @triton_cpu

@@ -27,6 +27,10 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 K_MULTIPLE = 8  # two groups of four per metadata byte
 MAX_TOKENS = 64  # the largest token block of one program: more tokens run as more blocks
+# Above this many tokens a call unpacks the weight and runs one dense GEMM: the kernel rebuilds every tile
+# once per token block, and a prefill (thousands of tokens) ran 20x slower than cuBLAS through it
+# (benchmarks/results/e2e_compact_h100.json).
+DECODE_MAX_TOKENS = 256
 
 
 @dataclass
@@ -78,11 +82,13 @@ def pack(weight: Tensor) -> Packed24:
 def unpack(packed: Packed24) -> Tensor:
     """The dense ``(N, K)`` weight back from its decode layout."""
     n, k = packed.out_features, packed.in_features
-    meta = packed.meta.to(torch.int64)
-    nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(n, k // 4)
-    positions = torch.stack([nibble & 3, (nibble >> 2) & 3], dim=-1)  # (n, k/4, 2)
-    dense = torch.zeros(n, k // 4, 4, dtype=packed.values.dtype, device=packed.values.device)
-    dense.scatter_(-1, positions, packed.values.reshape(n, k // 4, 2))
+    # uint8 compares, no int64 scatter indices: the transient memory stays near the dense weight's bytes.
+    nibble = torch.stack([packed.meta & 0xF, packed.meta >> 4], dim=-1).reshape(n, k // 4, 1)
+    slots = torch.arange(4, dtype=torch.uint8, device=packed.values.device)
+    values = packed.values.reshape(n, k // 4, 2)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    dense = torch.where(slots == (nibble & 3), values[..., :1],
+                        torch.where(slots == (nibble >> 2), values[..., 1:], zero))
     return dense.reshape(n, k)
 
 
@@ -165,14 +171,14 @@ def decode_linear(x: Tensor, packed: Packed24, bias: Tensor | None = None, tiles
     """``x @ W.T + bias`` for a 2:4 ``W`` in decode layout; ``x`` is ``(..., K)``, any number of tokens
     (the grid tiles them in blocks of up to :data:`MAX_TOKENS`; it is built for few).
 
-    Runs the Triton kernel where :func:`triton_available`, else ``F.linear`` with the unpacked weight (the
-    same product, bit for bit what the hardened layer computes).
+    Runs the Triton kernel where :func:`triton_available` for up to :data:`DECODE_MAX_TOKENS` tokens, else
+    ``F.linear`` with the unpacked weight (the same product, bit for bit what the hardened layer computes).
     """
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.in_features}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, packed.in_features)
-    if not triton_available(x.device):
+    if not triton_available(x.device) or x2d.shape[0] > DECODE_MAX_TOKENS:
         y = F.linear(x2d, unpack(packed).to(x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*lead, packed.out_features)
     tiles = tiles or DecodeTiles()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cuda_graphs import capture, warm_up
-from .decode_kernel import DecodeTiles, Packed24, decode_linear
+from .decode_kernel import DECODE_MAX_TOKENS, DecodeTiles, Packed24, decode_linear
 from .kernels import (
     DEFAULT_CHOICE,
     TOKEN_MULTIPLE,
@@ -49,9 +49,8 @@ SPARSE_MIN_GAIN = 0.04  # the sparse kernel must be this much faster than dense 
 # (benchmarks/results/kernels.json)
 SPARSE_MIN_GAIN_SMALL = 0.10
 SMALL_BUCKET = 1024
-# The decode kernel is timed up to this bucket: it is built for few tokens, and beyond it the tensor-core
-# GEMMs run full tiles; timing it at large buckets would only lengthen calibration.
-DECODE_MAX_BUCKET = 256
+# The decode kernel is timed up to the token count where it hands over to unpack + GEMM.
+DECODE_MAX_BUCKET = DECODE_MAX_TOKENS
 # Decode tile candidates (block_n, block_k): narrow row blocks give more programs for small N at 1 token.
 DECODE_TILES = ((32, 128), (64, 128), (64, 256), (128, 128))
 LAYOUTS = ("cusparselt", "compact", "both", "fp8")
@@ -74,7 +73,8 @@ class DispatchConfig:
     - ``"cusparselt"`` (default): the cuSPARSELt-compressed weight (plus the dense copy ``keep_dense``
       allows); each bucket measured between cuSPARSELt and dense.
     - ``"compact"``: only the decode layout (kept values + 2-bit positions, 0.5625x the dense bf16
-      bytes); the decode kernel runs at every token count, nothing is measured, no dense copy.
+      bytes); the decode kernel runs up to ``DECODE_MAX_BUCKET`` tokens and larger calls unpack the weight
+      for one dense GEMM; nothing is measured, no dense copy is kept.
     - ``"both"``: the cuSPARSELt weight and the decode layout; each bucket measured among cuSPARSELt,
       the decode kernel (up to ``DECODE_MAX_BUCKET`` tokens) and dense (kept where ``keep_dense`` allows).
     - ``"fp8"``: weights and activations in float8 e4m3 with per-row weight and per-token activation
