@@ -275,11 +275,11 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
                 continue
             finished[i] = {**json.loads(path.read_text())["rows"][0], "gpu": gpu, "parallel_gpus": slots}
             if pending or running:  # a run cut off keeps what it finished
-                write_results(stem, [finished[k] for k in sorted(finished)], out=args.out, extra={"partial": True})
+                write_results(stem, [finished[k] for k in sorted(finished)], out=args.out, extra={"partial": True}, settings=vars(args))
     rows = [finished[i] for i in sorted(finished)]
     if failed:
         if rows:
-            write_results(stem, rows, out=args.out, extra={"partial": True})
+            write_results(stem, rows, out=args.out, extra={"partial": True}, settings=vars(args))
         tails = "\n".join(f"--- GPU {gpu} ({spec}):\n" + (work / f"m{i}.log").read_text()[-2000:]
                           for i, spec, gpu in sorted(failed))
         raise SystemExit(f"{len(failed)} of {len(methods)} workers failed (their files are in {work}; the "

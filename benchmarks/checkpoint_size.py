@@ -125,7 +125,7 @@ def main() -> int:
         if row["kind"] == "greedy":
             print(f"greedy {row['new_tokens']} tokens, hardened vs lowered (CPU, fp32): "
                   f"{'IDENTICAL' if row['identical'] else 'DIFFERENT'}; text: {row['text']!r}")
-    path = write_results("checkpoint_size", rows, out=args.out)
+    path = write_results("checkpoint_size", rows, out=args.out, settings=vars(args))
     print(f"wrote {path}")
     return 0
 

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from common import write_results
 
-        write_results("curves", rows, out=args.out)
+        write_results("curves", rows, out=args.out, settings=vars(args))
     return 0
 
 

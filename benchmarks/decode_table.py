@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for layer, out_f, in_f in shapes:
         rows += bench_shape(layer, out_f, in_f, tokens, device, dtype, repeats)
-        write_results("decode_kernels", rows, out, extra={"partial": True})
-    path = write_results("decode_kernels", rows, out, extra={"smoke": args.smoke})
+        write_results("decode_kernels", rows, out, extra={"partial": True}, settings=vars(args))
+    path = write_results("decode_kernels", rows, out, extra={"smoke": args.smoke}, settings=vars(args))
     print(f"\nwrote {path}; decode speedup over cuBLAS: min {min(r['speedup'] for r in rows):.3f}x, "
           f"max {max(r['speedup'] for r in rows):.3f}x")
     return 0

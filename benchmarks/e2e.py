@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                              "memory_ratio": round(report.memory_ratio, 4),
                              "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
-            write_results(name_out, rows, out_path or args.out, extra={"partial": True})
+            write_results(name_out, rows, out_path or args.out, extra={"partial": True}, settings=vars(args))
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             t1 = time.perf_counter()
             steps = 3 + 2 * args.iters + 1
@@ -290,11 +290,11 @@ def main(argv: list[str] | None = None) -> None:
                              "logits_rel_err": err, "layout": args.layout, "memory_ratio": round(report.memory_ratio, 4),
                              "wall_s_incl_compile": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
-            write_results(name_out, rows, out_path or args.out, extra={"partial": True})
+            write_results(name_out, rows, out_path or args.out, extra={"partial": True}, settings=vars(args))
             del caches, runs
 
     extra = {"mode": mode, "timing": args.timing, "dynamic": dynamic, "lowering_s": round(lower_s, 1), "lowering": report.to_dict()}
-    path = write_results(name_out, rows, out_path or args.out, extra=extra)
+    path = write_results(name_out, rows, out_path or args.out, extra=extra, settings=vars(args))
     print(f"\nwrote {path}")
     for r in rows:
         if r["bench"] == "e2e":

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                          "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
                          "measured_change": round(after - before, 6)})
             print(tabulate(rows[-1:], headers="keys"), flush=True)
-    write_results("evidence_check", rows, out=args.out)
+    write_results("evidence_check", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys"))
     return 0
 

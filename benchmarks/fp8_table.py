@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for layer, out_f, in_f in shapes:
         rows += bench_shape(layer, out_f, in_f, tokens, device, repeats)
-        write_results("fp8", rows, out, extra={"partial": True})
+        write_results("fp8", rows, out, extra={"partial": True}, settings=vars(args))
     if args.accuracy:
         rows += accuracy_rows("tiny-llama" if args.smoke else args.model, 2 if args.smoke else args.max_windows,
                               64 if args.smoke else args.seqlen)
-    path = write_results("fp8", rows, out, extra={"smoke": args.smoke, "torchao": fp8._torchao_ops() is not None})
+    path = write_results("fp8", rows, out, extra={"smoke": args.smoke, "torchao": fp8._torchao_ops() is not None}, settings=vars(args))
     print(f"\nwrote {path}")
     return 0
 

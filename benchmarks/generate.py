@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "tokens_equal_dense": bool(torch.equal(got, want)),
                                  "first_run_s": round(results[layout][0].prefill_s + results[layout][0].decode_s, 2)})
                     print(rows[-1], flush=True)
-            write_results("generate", rows, out, extra={"partial": True})
+            write_results("generate", rows, out, extra={"partial": True}, settings=vars(args))
         del models, dense
         if device == "cuda":
             torch.cuda.empty_cache()
-    path = write_results("generate", rows, out, extra={"smoke": args.smoke})
+    path = write_results("generate", rows, out, extra={"smoke": args.smoke}, settings=vars(args))
     print(f"\nwrote {path}")
     return 0
 

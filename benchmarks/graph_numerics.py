@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                      "kl_to_fp32": round(float(loss), 6), **by_position, "grad_norm": round(float(grads.norm()), 6),
                      "grad_cos_to_plain": round(cos, 6)})
         print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("graph_numerics", rows, out=args.out)
+    write_results("graph_numerics", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 1 if args.check and _mismatches(rows) else 0
 

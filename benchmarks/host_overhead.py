@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                          "plain_kd_ms": round(kd, 2), "anneal_soft_ms": round(soft, 2),
                          "soft_over_kd": round(soft / kd, 3), "anneal_final_ms": round(times[hidden_weight, "final"], 2)})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("host_overhead_cpu", rows, out=args.out)
+    write_results("host_overhead_cpu", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

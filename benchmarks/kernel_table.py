@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         if model in models and not (args.no_fused and "fused" in layer):
             rows += bench_shape(model, layer, out_f, in_f, tokens, config)
             torch.cuda.empty_cache()
-            write_results("kernels", rows, args.out, extra={"partial": True})  # survives a cut-short run
-    path = write_results("kernels", rows, args.out, extra={"cusparselt": torch.backends.cusparselt.version()})
+            write_results("kernels", rows, args.out, extra={"partial": True}, settings=vars(args))  # survives a cut-short run
+    path = write_results("kernels", rows, args.out, extra={"cusparselt": torch.backends.cusparselt.version()}, settings=vars(args))
     kernel_rows = [r for r in rows if r["bench"] == "kernel"]
     big = [r["speedup"] for r in kernel_rows if r["tokens"] >= 4096]
     print(f"\nwrote {path}\nmin speedup at >= 4096 tokens: {min(big):.3f}x; min over all token counts: "

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
              "seq": args.decode_tokens, "dense_ms": round(decode["hardened"], 3), "sparse_ms": round(decode[name], 3),
              "speedup": round(decode["hardened"] / decode[name], 4)},
         ]
-    write_results(f"lowered_{Path(args.model).name}", rows, out=args.out)
+    write_results(f"lowered_{Path(args.model).name}", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

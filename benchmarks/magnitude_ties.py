@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                      "wikitext2_ppl": round(ppl.ppl, 2), "eval_windows": ppl.windows, "budget_s": 0,
                      "groups": total, "groups_tied_at_cut": ties, "tied_fraction": round(ties / total, 4)})
         print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("magnitude_ties", rows, out=args.out)
+    write_results("magnitude_ties", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
              "length": args.length, "seconds_median": round(statistics.median(s), 2),
              "seconds_all": [round(x, 2) for x in s],
              "tokens_per_s": round(b * args.length / statistics.median(s))} for b, s in seconds.items()]
-    write_results("sample_rate", rows, args.out)
+    write_results("sample_rate", rows, args.out, settings=vars(args))
     print(tabulate([{k: v for k, v in r.items() if k != "seconds_all"} for r in rows], headers="keys"))
     return 0
 

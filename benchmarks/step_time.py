@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                          "steps": args.sample_steps, "ms_per_step": round(seconds / args.sample_steps * 1e3, 2),
                          "tokens_per_s": round(sb * args.sample_steps / seconds)})
             print(tabulate(rows[-1:], headers="keys", tablefmt="github"), flush=True)
-    write_results("step_time", rows, out=args.out)
+    write_results("step_time", rows, out=args.out, settings=vars(args))
     print(tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 
