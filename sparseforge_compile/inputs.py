@@ -18,6 +18,8 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     target = Path(path).expanduser()
     if target.is_dir():
         raise UsageError(f"{flag} {target} is a folder: give a file name, e.g. {target / 'result.json'}")
+    if target.exists() and not target.is_file():  # a device or pipe: the atomic rename would replace it
+        raise UsageError(f"{flag} {target} is not a regular file (a device, pipe or socket): give a file path")
     existing = target.parent
     while not existing.exists():
         existing = existing.parent

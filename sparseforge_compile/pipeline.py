@@ -105,6 +105,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
                                resume, bool(cfg.anneal.runtime.checkpoint_every))  # before any weight changes
     if cfg.method != "magnitude":  # a bad text file is named now, not after the warm start changed weights
         check_sources(cfg.calib_data)
+    elif cfg.calib_data:
+        log.warning("method 'magnitude' reads no calibration text: calib_data %s is not used (wanda or sparsegpt "
+                    "calibrate on it)", ",".join(cfg.calib_data))
     if example_inputs is None:
         batch, seqlen = (2, 16) if cfg.method in ONE_SHOT else (cfg.anneal.runtime.batch_size, cfg.anneal.runtime.seqlen)
         example_inputs = (torch.randint(0, vocab, (batch, seqlen), device=device),)

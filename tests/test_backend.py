@@ -146,6 +146,14 @@ def test_backend_follows_changing_sequence_lengths(monkeypatch):
             torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_compiling_a_dense_model_says_nothing_was_lowered(caplog):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    with caplog.at_level("WARNING", logger="sparseforge_compile.lowering.backend"):
+        compiled = sparseforge_compile.compile(model, backend="eager")
+    assert compiled._sparseforge_report.layers == []
+    assert any("nothing was lowered" in r.getMessage() and "Sequential" in r.getMessage() for r in caplog.records)
+
+
 def test_compile_rejects_unknown_route():
     with pytest.raises(ValueError, match="via='fast'"):
         sparseforge_compile.compile(nn.Linear(4, 4), via="fast")

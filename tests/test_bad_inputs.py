@@ -33,6 +33,7 @@ CLI_CASES = [
     ("model folder without a tokenizer (eval)", "eval --model {fx}/notok", r"notok ships no tokenizer"),
     ("eval --json pointing at a folder", "eval --model tiny-llama --json {fx}", r"--json .* is a folder"),
     ("eval --json under a file", "eval --model tiny-llama --json {fx}/afile/r.json", r"afile is a file, not a folder"),
+    ("eval --json pointing at a device", "eval --model tiny-llama --json /dev/null", r"--json /dev/null is not a regular file"),
     ("eval --batch-size 0", "eval --model tiny-llama --batch-size 0", r"--batch-size 0: must be >= 1"),
     ("eval --max-windows 0", "eval --model tiny-llama --max-windows 0", r"--max-windows 0: must be >= 1"),
     ("eval --max-windows negative", "eval --model tiny-llama --max-windows -2", r"--max-windows -2: must be >= 1"),

@@ -227,3 +227,12 @@ def test_prune_without_a_data_folder_takes_c4_from_the_hub(tmp_path, monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", stand_in)
     assert _tiny_prune(tmp_path) == 0
     assert asked and asked[0] == "allenai/c4"
+
+
+def test_magnitude_says_it_ignores_the_calibration_text(tmp_path, caplog):
+    text = tmp_path / "domain.txt"
+    text.write_text("a domain sentence\n" * 50)
+    with caplog.at_level("WARNING", logger="sparseforge_compile.pipeline"):
+        assert main(["prune", "--model", "tiny-llama", "--device", "cpu", "--method", "magnitude", "--eval-windows",
+                     "0", "--quiet", "--calib-data", str(text), "--out", str(tmp_path / "out")]) == 0
+    assert any("reads no calibration text" in r.getMessage() and str(text) in r.getMessage() for r in caplog.records)

@@ -91,6 +91,10 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
                              options=options)
     report: LoweringReport = lower_model(model, layers=layers, pattern=pattern, config=dispatch)
     log.info("%s", report.summary())
+    if not report.layers:  # a dense model compiles as it is; say so rather than return it silently
+        log.warning("compile: no Linear layer of %s holds %s weights, so nothing was lowered and it runs dense: "
+                    "prune it first (sparseforge_compile.sparsify or `sparseforge-compile prune`)",
+                    type(model).__name__, NMPattern.parse(pattern))
     compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph,
                              options=options)
     compiled._sparseforge_report = report
