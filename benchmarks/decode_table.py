@@ -52,8 +52,9 @@ def bench_shape(layer: str, out_f: int, in_f: int, tokens_list: list[int], devic
         x = torch.randn(tokens, in_f, device=device, dtype=dtype)
         ref = x.float() @ w.float().t()
         fns = {"dense": functools.partial(F.linear, x, w)}
-        for n, k in DECODE_TILES:
-            fns[f"decode {n}x{k}"] = functools.partial(dk.decode_linear, x, packed, None, dk.DecodeTiles(n, k))
+        for n, k, split in DECODE_TILES:  # split 0: the kernel's own choice (auto_split)
+            fns[f"decode {n}x{k}/s{split}"] = functools.partial(dk.decode_linear, x, packed, None,
+                                                                dk.DecodeTiles(n, k, split_k=split))
         if cslt is not None:
             fns["cusparselt"] = functools.partial(cslt, x)
         errors = {name: float((fn().float() - ref).norm() / ref.norm()) for name, fn in fns.items()}

@@ -70,6 +70,29 @@ def test_triton_kernel_equals_the_dense_matmul(interpret, tokens, n, k, dtype):
 
 
 @triton_cpu
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_k_split_sums_to_the_same_product(interpret, split_k, bias):
+    """K split over programs (fp32 partials, summed, then the bias): 264 columns in tiles of 32 leave a
+    ragged last split, and 16 asks for more splits than tiles."""
+    w = two_of_four(40, 264, torch.bfloat16, seed=split_k)
+    x = torch.randn(3, 264).to(torch.bfloat16)
+    b = torch.randn(40).to(torch.bfloat16) if bias else None
+    y = dk.decode_linear(x, dk.pack(w), b, dk.DecodeTiles(block_n=32, block_k=32, split_k=split_k))
+    ref = x.float() @ w.float().t() + (b.float() if bias else 0)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 40)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_split_fills_the_processors_in_powers_of_two():
+    cpu = torch.device("cpu")  # counts 4 processors: 16 programs wanted
+    assert dk.auto_split(programs=16, k=4096, block_k=128, device=cpu) == 1
+    assert dk.auto_split(programs=3, k=4096, block_k=128, device=cpu) == 4  # 16/3 -> 6 -> 4
+    assert dk.auto_split(programs=1, k=4096, block_k=128, device=cpu) == dk.MAX_SPLIT_K
+    assert dk.auto_split(programs=1, k=256, block_k=128, device=cpu) == 2  # no more splits than K tiles
+
+
+@triton_cpu
 def test_leading_dims_and_no_bias(interpret):
     w = two_of_four(32, 64, torch.float16)
     x = torch.randn(2, 3, 64).to(torch.float16)

@@ -473,7 +473,7 @@ def test_layout_both_measures_decode_among_the_candidates(monkeypatch, tmp_path)
     def fake_measure(weight, packed, bias, bucket, decode=None):
         seen[bucket] = decode is not None
         if bucket <= 32:
-            return KernelChoice(kernel="decode", block_n=32, block_k=128, dense_ms=1.0, sparse_ms=0.6)
+            return KernelChoice(kernel="decode", block_n=32, block_k=128, split_k=4, dense_ms=1.0, sparse_ms=0.6)
         return KernelChoice(alg_id=2, dense_ms=1.0, sparse_ms=0.7)
 
     monkeypatch.setattr(sl, "sparse_unsupported_reason", lambda w: None)
@@ -495,7 +495,8 @@ def test_layout_both_measures_decode_among_the_candidates(monkeypatch, tmp_path)
         x = torch.randn(tokens, 64)
         torch.testing.assert_close(dp.run_choice(x, layer.packed, layer.state.decode, None,
                                                  dp.choose_kernel(x, 32, "both")), x @ w.t())
-    assert ran == [("decode", dp.DecodeTiles(block_n=32, block_k=128)), ("decode", dp.DecodeTiles(block_n=32, block_k=128)),
+    tiles = dp.DecodeTiles(block_n=32, block_k=128, split_k=4)
+    assert ran == [("decode", tiles), ("decode", tiles),
                    ("cusparselt", 2)]
     assert "|both|bucket 16" in (tmp_path / "kernel_plans.json").read_text()
 
@@ -519,7 +520,7 @@ def test_measure_bucket_times_decode_tiles_only_up_to_its_bucket_cap(monkeypatch
     w = _two_four(32, 64)
     choice = dp.measure_bucket(w, w, None, 16, decode=pack(w))
     assert timed[0] == 2 + len(dp.DECODE_TILES) and choice.kernel == "decode" and not choice.use_dense
-    assert (choice.block_n, choice.block_k) == dp.DECODE_TILES[0]
+    assert (choice.block_n, choice.block_k, choice.split_k) == dp.DECODE_TILES[0]
     timed.clear()
     big = dp.measure_bucket(w, w, None, 2 * dp.DECODE_MAX_BUCKET, decode=pack(w))
     assert timed[0] == 2 and big.kernel == "cusparselt"

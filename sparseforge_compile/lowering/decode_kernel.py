@@ -94,18 +94,22 @@ def unpack(packed: Packed24) -> Tensor:
 
 if triton is not None:
 
-    def _decode_24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
-                          stride_xm, stride_vn, stride_mn, stride_ym,
+    def _decode_24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+                          stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
                           HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
+        # Program (n, m, s) covers K columns [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) (a multiple of BLOCK_K):
+        # with few tokens the row blocks alone are too few programs to keep the GPU's loads in flight.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         groups = tl.arange(0, BLOCK_K // 4)  # groups of four in one K tile
         slots = tl.arange(0, 4)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # a builtin: jitted helpers break the CPU interpreter
-        for k0 in range(0, K, BLOCK_K):
+        k_begin = pid_s * K_PER_SPLIT
+        for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
             g = k0 // 4 + groups  # global group index, (BLOCK_K/4,)
             g_ok = g < K // 4
             w_mask = (rn[:, None] < N) & g_ok[None, :]
@@ -128,7 +132,7 @@ if triton is not None:
                 acc += tl.dot(x_tile, tl.trans(w_tile))
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + pid_s * stride_ys + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -148,12 +152,29 @@ def _kernel():
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    """Tile sizes of one launch (tuned per GPU and shape; any multiple-of-16 sizes are correct)."""
+    """Tile sizes of one launch (tuned per GPU and shape; any multiple-of-16 sizes are correct).
+    ``split_k``: programs along K, each summing its share into an fp32 partial (0: :func:`auto_split`)."""
 
     block_n: int = 64
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 0
+
+
+MAX_SPLIT_K = 16
+PROGRAMS_PER_SM = 4  # programs the grid aims for per multiprocessor, to hide load latency
+
+
+def auto_split(programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """A K split that brings ``programs`` (row blocks x token blocks) up to about PROGRAMS_PER_SM per
+    multiprocessor: a power of two, at most one K tile per split and at most MAX_SPLIT_K."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, -(-PROGRAMS_PER_SM * sms // max(programs, 1)))
+    split = 1
+    while split * 2 <= min(want, MAX_SPLIT_K, -(-k // block_k)):
+        split *= 2
+    return split
 
 
 def _tokens_block(m: int) -> int:
@@ -188,9 +209,22 @@ def decode_linear(x: Tensor, packed: Packed24, bias: Tensor | None = None, tiles
     if m == 0:  # an empty grid is not a launch
         return y.reshape(*lead, n)
     block_m = _tokens_block(m)
-    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, block_m))
-    _kernel()[grid](x2d, packed.values, packed.meta, bias if bias is not None else x2d, y, m, n,
-                            packed.in_features, x2d.stride(0), packed.values.stride(0), packed.meta.stride(0),
-                            y.stride(0), HAS_BIAS=bias is not None, DOT_FP32=x.device.type != "cuda", BLOCK_M=block_m, BLOCK_N=tiles.block_n,
-                            BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    k = packed.in_features
+    blocks = triton.cdiv(n, tiles.block_n) * triton.cdiv(m, block_m)
+    split = min(tiles.split_k or auto_split(blocks, k, tiles.block_k, x.device), triton.cdiv(k, tiles.block_k))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), tiles.block_k) * tiles.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty split
+    # One split stores the output (bias added) directly; several store fp32 partials, summed below.
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, block_m), split)
+    _kernel()[grid](x2d, packed.values, packed.meta, bias if bias is not None and split == 1 else x2d, out, m, n, k,
+                    k_per_split, x2d.stride(0), packed.values.stride(0), packed.meta.stride(0), out.stride(-2),
+                    out.stride(0) if split > 1 else 0, HAS_BIAS=bias is not None and split == 1,
+                    DOT_FP32=x.device.type != "cuda", BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if split > 1:
+        total = out.sum(0)
+        if bias is not None:
+            total += bias.float()
+        y.copy_(total)
     return y.reshape(*lead, n)

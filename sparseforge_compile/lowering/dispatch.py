@@ -52,9 +52,10 @@ SMALL_BUCKET = 1024
 # The decode kernel is timed up to the token count where it hands over to unpack + GEMM.
 DECODE_MAX_BUCKET = DECODE_MAX_TOKENS
 # Decode tile candidates (block_n, block_k): narrow row blocks give more programs for small N at 1 token.
-DECODE_TILES = ((32, 128), (64, 128), (64, 256), (128, 128))
+DECODE_TILES = tuple((n, k, split) for n, k in ((32, 128), (64, 128), (64, 256), (128, 128))
+                     for split in (0, 1, 4))  # (block_n, block_k, split_k); split 0: decode_kernel.auto_split
 LAYOUTS = ("cusparselt", "compact", "both", "fp8")
-CACHE_VERSION = 6  # bump when the dispatch rule changes, so cached decisions are re-measured
+CACHE_VERSION = 7  # bump when the dispatch rule changes, so cached decisions are re-measured
 
 
 @dataclass(frozen=True)
@@ -350,13 +351,14 @@ def _runs(fn: Callable[[], object]) -> bool:
 def _decode_candidates(decode: Packed24 | None, bucket: int) -> list[KernelChoice]:
     if decode is None or bucket > DECODE_MAX_BUCKET:
         return []
-    return [KernelChoice(kernel="decode", block_n=n, block_k=k) for n, k in DECODE_TILES]
+    return [KernelChoice(kernel="decode", block_n=n, block_k=k, split_k=split) for n, k, split in DECODE_TILES]
 
 
 def decode_tiles(choice: KernelChoice) -> DecodeTiles:
     """The decode kernel's tiles a choice names (the default tiles where it names none)."""
     default = DecodeTiles()
-    return DecodeTiles(block_n=choice.block_n or default.block_n, block_k=choice.block_k or default.block_k)
+    return DecodeTiles(block_n=choice.block_n or default.block_n, block_k=choice.block_k or default.block_k,
+                       split_k=choice.split_k)
 
 
 def run_choice(x2d: Tensor, packed: Tensor | None, decode: Packed24 | None, bias: Tensor | None,

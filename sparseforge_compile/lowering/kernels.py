@@ -30,7 +30,8 @@ def padded_tokens(tokens: int) -> int:
 class KernelChoice:
     """What runs for one (device, shape, bucket, dtype): dense cuBLAS, or the fastest sparse kernel
     measured: ``kernel`` ``"cusparselt"`` (``alg_id``/``split_k``/``split_k_mode``) or ``"decode"`` (the
-    compressed-only 2:4 kernel of :mod:`.decode_kernel`, tiles ``block_n`` x ``block_k``; 0: the default)."""
+    compressed-only 2:4 kernel of :mod:`.decode_kernel`, tiles ``block_n`` x ``block_k``, 0: the default;
+    ``split_k`` its K split, 0: chosen from the grid size)."""
 
     use_dense: bool = False
     alg_id: int = 0
