@@ -46,3 +46,18 @@ def test_the_guard_sees_a_clash():
     installed = {"kernels": ["kernels"], "sparseforge_compile": ["sparseforge-compile"], "torch": ["torch"]}
     assert set(clashes(exposed, installed)) == {"kernels"}
     assert {"benchmarks", "accuracy", "conftest"} <= set(_exposed_names())
+
+
+def test_an_uninstalled_checkout_says_to_install_it(tmp_path):
+    """Without `pip install -e .` the package has no `passes` subpackage: the import says what to run
+    instead of failing deep inside the first module that needs it (-S: no site, so no editable finder)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "sparseforge_compile", tmp_path / "sparseforge_compile",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-S", "-c", "import sparseforge_compile"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "is not installed: run `pip install -e .`" in out.stderr.strip().splitlines()[-1]
