@@ -168,7 +168,7 @@ PROGRAMS_PER_SM = 4  # programs the grid aims for per multiprocessor, to hide lo
 
 def auto_split(programs: int, k: int, block_k: int, device: torch.device) -> int:
     """A K split that brings ``programs`` (row blocks x token blocks) up to about PROGRAMS_PER_SM per
-    multiprocessor: a power of two, at most one K tile per split and at most MAX_SPLIT_K."""
+    multiprocessor: a power of two, no more splits than K tiles and at most MAX_SPLIT_K."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = max(1, -(-PROGRAMS_PER_SM * sms // max(programs, 1)))
     split = 1
