@@ -212,7 +212,9 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
 
     setup = prepare_training(model, cfg, captured, report, layers, transposed, calib, tokenizer, data_dir=data_dir,
                              out=out, resume=resume, progress=progress, phases=phases)
-    if identity is not None and not resume:
+    ranks = current_ranks()
+    writes = ranks is None or ranks.main  # the run's files are rank 0's: two writers of one file race
+    if identity is not None and not resume and writes:
         start_record(out, identity)  # what a later --resume must match
     model.train()
     try:
@@ -232,7 +234,7 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     run_stage(harden_passes(), captured.gm)
     _record_layers(model, layers, transposed, cfg)
     phases["harden"] = time.perf_counter() - t
-    if out is not None:
+    if out is not None and writes:
         finish_record(out, keep=cfg.anneal.runtime.keep_training_state)  # the optimizer state is only for --resume
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
