@@ -13,6 +13,7 @@ Layout (made once from an exact 2:4 weight ``(N, K)``, K a multiple of 8):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -166,10 +167,16 @@ MAX_SPLIT_K = 16
 PROGRAMS_PER_SM = 4  # programs the grid aims for per multiprocessor, to hide load latency
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:  # once per GPU: auto_split runs on every eager decode call
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def auto_split(programs: int, k: int, block_k: int, device: torch.device) -> int:
     """A K split that brings ``programs`` (row blocks x token blocks) up to about PROGRAMS_PER_SM per
     multiprocessor: a power of two, no more splits than K tiles and at most MAX_SPLIT_K."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
     want = max(1, -(-PROGRAMS_PER_SM * sms // max(programs, 1)))
     split = 1
     while split * 2 <= min(want, MAX_SPLIT_K, -(-k // block_k)):
