@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .anneal import Annealer, LayerTaps, TrainingBatches
+from .anneal.identity import TEACHER_ROWS_FILE
 from .config import SparsifyConfig
 from .distill import MasklessCausalAttention
 from .distributed import SEED_STRIDE, RankBatches
@@ -109,7 +110,7 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
 
     t = time.perf_counter()
     stream = token_stream(tokenizer, data_dir, sources=cfg.calib_data or None)
-    rows_file = out / "teacher_samples.safetensors" if out is not None else None
+    rows_file = out / TEACHER_ROWS_FILE if out is not None else None
     ranks = current_ranks()
     writes = ranks is None or ranks.main
     sample_batch = 0
