@@ -218,9 +218,9 @@ def decode_linear(x: Tensor, packed: Packed24, bias: Tensor | None = None, tiles
     block_m = _tokens_block(m)
     k = packed.in_features
     blocks = triton.cdiv(n, tiles.block_n) * triton.cdiv(m, block_m)
-    split = min(tiles.split_k or auto_split(blocks, k, tiles.block_k, x.device), triton.cdiv(k, tiles.block_k))
+    split = tiles.split_k or auto_split(blocks, k, tiles.block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), tiles.block_k) * tiles.block_k
-    split = triton.cdiv(k, k_per_split)  # no empty split
+    split = triton.cdiv(k, k_per_split)  # whole K tiles per split: no empty split, none beyond the K tiles
     # One split stores the output (bias added) directly; several store fp32 partials, summed below.
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, block_m), split)
