@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = {"before": {"kd_loss": "plain"}, "after": {"kd_loss": "auto"}}  # the throughput settings off / on
+SETTINGS = {"before": {"kd_loss": "plain"}, "after": {"kd_loss": "fused"}}  # the throughput settings off / on
 METHODS = ("sparseforge", "sparsegpt+kd")
 
 

@@ -140,7 +140,8 @@ class RuntimeConfig:
     kd_loss: str = "auto"
     """The logit distillation loss: fused (its gradient formed in the forward, chunk by chunk, so one
     logits-sized tensor waits for the backward instead of vocab-wide fp32 intermediates; no per-source
-    metrics), plain, or auto (fused on CUDA)."""
+    metrics; a memory option), plain, or auto (plain: the fused loss trained slower on an H100,
+    results/train_throughput_h100.json)."""
     checkpoint_every: int = 0
     """Steps between checkpoints in the output folder (0: none)."""
     keep_training_state: bool = False
@@ -217,7 +218,7 @@ class AnnealConfig:
 
     def fuses_kd(self, device: torch.device) -> bool:
         """Whether the loop uses the fused KD loss (``fused_kd``) on ``device``."""
-        return self.runtime.kd_loss == "fused" or (self.runtime.kd_loss == "auto" and device.type == "cuda")
+        return self.runtime.kd_loss == "fused"
 
     def outlines(self, device: torch.device) -> bool:
         """Whether the compiled masked graph has its blocks outlined, the shared block compiled alone."""
