@@ -134,8 +134,8 @@ def format_plan(plans: dict[str, Plan], chosen: str | None, gpu_bytes: int) -> s
     lines.append(f"{'total':<{width}}  {plans['ddp'].total / GIB:>9.2f}  {plans['fsdp2'].total / GIB:>9.2f}")
     gpus = plans["ddp"].gpus
     verdict = f"mode: {chosen}" if chosen else "fits neither mode"
-    if chosen == "fsdp2":  # say it before a user launches a run that cannot fit
-        verdict += " (not built yet: `prune --nproc` trains data-parallel only, which does not fit here)"
+    if chosen == "fsdp2":  # a replica does not fit: say how to launch the sharded run
+        verdict += f" (`prune --nproc {gpus} --parallel fsdp2`; --parallel auto picks it on these GPUs)"
     lines.append(f"{gpus} GPU(s) of {gpu_bytes / GIB:.0f} GiB ({HEADROOM:.0%} usable): {verdict}")
     return "\n".join(lines)
 

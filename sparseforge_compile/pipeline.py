@@ -229,6 +229,8 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
         for attention in setup.attention.values():
             attention.restore()
     phases["anneal"] = result.seconds
+    if setup.sharded is not None:  # the trained shards back into the model and the graph's mask states
+        setup.sharded.gather_into(model, setup.masks)
 
     t = time.perf_counter()
     run_stage(harden_passes(), captured.gm)

@@ -30,7 +30,7 @@ GPU_DEFAULTS = {"calib_samples": 128, "calib_seqlen": 2048, "batch_size": 32, "s
 
 # The settings prune takes as flags; every other one comes from --recipe (defaults < recipe < flags).
 PRUNE_FLAGS = ("method", "pattern", "sparsity", "exclude", "calib_samples", "calib_seqlen", "steps", "lr", "seed",
-               "batch_size", "seqlen", "warm_start", "compile", "autocast")
+               "batch_size", "seqlen", "warm_start", "compile", "autocast", "parallel")
 
 
 def _flag(name: str) -> str:

@@ -21,6 +21,7 @@ from .distributed import SEED_STRIDE, RankBatches
 from .distributed import current as current_ranks
 from .layers import device_of, weight_of
 from .masks import NMPattern
+from .sharding import ShardedTraining, choose_parallel, shard_for_training
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class TrainingSetup:
     taps: LayerTaps | None = None
     teacher_sample_batch: int = 0
     attention: dict = field(default_factory=dict)  # "teacher" / "student" -> distill.MasklessCausalAttention
+    sharded: ShardedTraining | None = None  # FSDP2: the sharded copies the loop trains
+    masks: dict = field(default_factory=dict)  # the graph's mask states (sharded: gathered into after the run)
 
 
 def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, layers: list[str],
@@ -132,10 +135,15 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
     check_ids = batches.batch(0)[-2:].to(device)  # two rows the checks below run the models on
-    if not acfg.evidence.fixed_mask:  # SparseForge trains the graph: it must be the model, in the loop's precision
+    mode = choose_parallel(acfg.runtime.parallel, model, ranks, acfg.runtime.batch_size, acfg.runtime.seqlen) \
+        if ranks is not None else None
+    if not acfg.evidence.fixed_mask and mode != "fsdp2":  # SparseForge trains the graph: it must be the model
         verify_graph(captured.gm, model, check_ids, autocast=acfg.autocasts(device))
     taps_at = _blocks_of(model) if acfg.loss.hidden_weight else None  # the layer-wise loss records block outputs
     masks = run_stage(mask_passes(pattern, taps_at), captured.gm, eligibility=report).of(InsertMasks).masks
+    if mode == "fsdp2":
+        return _sharded_setup(model, teacher, cfg, layers, transposed, masks, warm_masks, batches, teacher_rows,
+                              sample_batch, check_ids, ranks, out, progress)
     attention = {who: MasklessCausalAttention(m, check_ids, autocast=acfg.autocasts(device))
                  for who, m in (("teacher", teacher), ("student", model))}
     for who, a in attention.items():
@@ -161,7 +169,51 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
                         progress=progress, regions=(teacher, model),
                         compile_forward=_outlined(model, captured.gm) if acfg.outlines(device) and not acfg.evidence.fixed_mask
                         else None, ranks=ranks)
-    return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention)
+    return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention, masks=masks)
+
+
+def _sharded_setup(model: nn.Module, teacher: nn.Module, cfg: SparsifyConfig, layers: list[str],
+                   transposed: dict[str, bool], masks: dict, warm_masks: dict | None, batches, teacher_rows,
+                   sample_batch: int, check_ids: torch.Tensor, ranks, out: Path | None,
+                   progress: bool) -> TrainingSetup:
+    """The annealer over FSDP2-sharded copies of the student and the teacher (``sharding.py``): eager,
+    the masked forward the Hugging Face module itself."""
+    from .anneal import AnnealConfig
+    from .distill import BlockOutputHooks
+    from .evaluate import logits_of
+
+    acfg = cfg.anneal
+    if acfg.evidence.importance == "hutchinson":
+        raise ValueError("importance='hutchinson' does not run sharded (its double backward): use "
+                         "importance='fisher' or --parallel ddp")
+    if acfg.compiles(ranks.device):
+        log.info("parallel=fsdp2 trains eagerly (compile=off)")
+        acfg = AnnealConfig.from_flat({**acfg.flat(), "compile": "off"})
+    shard = shard_for_training(model, teacher, layers, transposed, masks, warm_masks, ranks,
+                               masked=not acfg.evidence.fixed_mask)
+    shard.student.train()
+    params = list(dict.fromkeys(shard.student.parameters()))
+    for p in params:
+        p.requires_grad_(True)
+    attention = {who: MasklessCausalAttention(m, check_ids.to(ranks.device), autocast=acfg.autocasts(ranks.device))
+                 for who, m in (("teacher", shard.teacher), ("student", shard.student))}
+    shard.student.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: a resume writes shards
+
+    def student_logits(ids: torch.Tensor) -> torch.Tensor:
+        return logits_of(shard.student, ids)
+
+    def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
+        return logits_of(shard.teacher, ids)
+
+    taps = None
+    if acfg.loss.hidden_weight:  # one recorder for the student: its masked and plain forwards are one module
+        hooks = [BlockOutputHooks(shard.teacher), BlockOutputHooks(shard.student)]
+        taps = LayerTaps(teacher=hooks[0].recorder, graph=hooks[1].recorder, plain=hooks[1].recorder, hooks=hooks)
+    annealer = Annealer(student_logits, params, shard.masks, {n: shard.weight_view(n) for n in layers},
+                        teacher_logits, batches, acfg, device=ranks.device, warm_masks=shard.warm,
+                        plain_forward=student_logits if acfg.evidence.fixed_mask else None, taps=taps, out_dir=out,
+                        progress=progress, ranks=ranks, layer_params=shard.layer_params)
+    return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention, sharded=shard, masks=masks)
 
 
 @torch.no_grad()

@@ -92,4 +92,4 @@ def test_a_7b_shaped_model_needs_fsdp2_and_enough_gpus():
     assert choose(eight, 80 * GIB) == "fsdp2"
     assert sum(eight["ddp"].parts[k] for k in ("weights", "gradients", "optimizer")) > 100e9  # ~107 GB
     text = format_plan(eight, "fsdp2", 80 * GIB)
-    assert "mode: fsdp2" in text and "mask_state" in text and "not built yet" in text
+    assert "mode: fsdp2" in text and "mask_state" in text and "--parallel fsdp2" in text

@@ -142,6 +142,9 @@ class RuntimeConfig:
     logits-sized tensor waits for the backward instead of vocab-wide fp32 intermediates; no per-source
     metrics; a memory option), plain, or auto (plain: the fused loss trained slower on an H100,
     results/train_throughput_h100.json)."""
+    parallel: str = "auto"
+    """Under torchrun: ddp (a replica per GPU), fsdp2 (the student, teacher and mask state sharded by
+    rows over the ranks; eager) or auto (the memory plan's pick: ddp where a replica fits)."""
     checkpoint_every: int = 0
     """Steps between checkpoints in the output folder (0: none)."""
     keep_training_state: bool = False
@@ -163,6 +166,7 @@ class RuntimeConfig:
         _check_choice("compile", self.compile, ("auto", "on", "off"))
         _check_choice("outline_blocks", self.outline_blocks, ("auto", "regional", "off"))
         _check_choice("kd_loss", self.kd_loss, ("auto", "fused", "plain"))
+        _check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp2"))
 
 
 SECTIONS: dict[str, type] = {"schedule": ScheduleConfig, "loss": LossConfig, "evidence": EvidenceConfig,

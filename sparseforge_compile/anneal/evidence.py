@@ -31,6 +31,8 @@ class Evidence:
     reads_step: bool = False
     #: ``distributed.Ranks`` where the batch is split over processes (None: one process)
     ranks = None
+    #: each rank holds rows of every layer (``sharding.py``), whose mask gradients arrive rank-averaged
+    sharded = False
 
     def __init__(self, cfg: AnnealConfig, masks: dict[str, MaskState]) -> None:
         self.cfg, self.masks = cfg, masks
@@ -94,7 +96,8 @@ class FisherEvidence(Evidence):
         tokens = sampled.numel()
         pairs = [(ms, g.float()) for ms, g in zip(masks, grads) if g is not None]
         if pairs and self.ranks is not None:  # the global batch-mean gradient, averaged before it is squared
-            self.ranks.mean_([g for _, g in pairs])
+            if not self.sharded:  # sharded, the mask gather's backward averaged it already
+                self.ranks.mean_([g for _, g in pairs])
             tokens *= self.ranks.world
         if pairs:
             with torch.no_grad():
@@ -131,6 +134,8 @@ class HutchinsonEvidence(Evidence):
             for ms in self.masks.values():
                 ms.hook_enabled = True
         if self.ranks is not None:  # the same probe vector on every rank: the estimates average
+            if self.sharded:
+                raise ValueError("importance='hutchinson' does not run on a sharded model: use 'fisher'")
             self.ranks.mean_(list(diag.values()))
         beta = self.cfg.evidence.importance_beta
         for n, d in diag.items():
@@ -161,13 +166,23 @@ def make_evidence(cfg: AnnealConfig, masks: dict[str, MaskState]) -> Evidence:
 def refresh_scores(masks: dict[str, MaskState], evidence: Evidence, warm: dict[str, torch.Tensor],
                    margin: float, step: int) -> None:
     """Set every layer's scores from its OBD saliency and the prior toward the warm-start mask."""
+    # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of not having
+    # the weight; in units of the layer's mean |saliency| (over every rank's rows where sharded).
+    means = _sharded_means(masks, evidence) if evidence.sharded else {}
     for name, ms in masks.items():
-        # OBD saliency with the latent weight, the same formula kept or pruned: the loss cost of
-        # not having the weight.
         saliency = evidence.curvature(name, ms)
-        score = saliency / saliency.abs().mean().clamp_min(1e-30) * evidence.weight(ms)
+        mean = means[name] if evidence.sharded else saliency.abs().mean()
+        score = saliency / mean.clamp_min(1e-30) * evidence.weight(ms)
         if name in warm:
             score += margin * (2 * warm[name].float() - 1)
         elif not step:
             score += margin * (2 * ms.hard_mask().float() - 1)  # no warm start: keep magnitude's choice until evidence
         ms.set_scores(score)
+
+
+def _sharded_means(masks: dict[str, MaskState], evidence: Evidence) -> dict[str, torch.Tensor]:
+    """Each layer's mean |saliency| over every rank's rows: one all-reduce of all layers' sums and counts."""
+    totals = torch.stack([t for name, ms in masks.items() for t in (
+        evidence.curvature(name, ms).abs().sum().float(), ms.score.new_tensor(float(ms.score.numel())))])
+    evidence.ranks.sum_([totals])
+    return dict(zip(masks, (totals[0::2] / totals[1::2].clamp_min(1.0)).unbind()))

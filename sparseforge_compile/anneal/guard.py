@@ -18,8 +18,9 @@ class FiniteGuard:
     """``params``: what the optimizer trains; ``names``: id(parameter) -> its layer name."""
 
     def __init__(self, params: list[nn.Parameter], names: dict[int, str], grad_clip: float, device: torch.device,
-                 deferred: bool, out_dir: Path | None = None) -> None:
+                 deferred: bool, out_dir: Path | None = None, ranks=None) -> None:
         self.params, self.names, self.grad_clip, self.out_dir = params, names, grad_clip, out_dir
+        self.ranks = ranks  # distributed.Ranks where gradients are sharded: the norm sums every rank's shards
         self.deferred = deferred
         self.first_bad_step = torch.tensor(-1, device=device)
         self.bad_param = torch.tensor(-1, device=device)
@@ -32,9 +33,13 @@ class FiniteGuard:
         bool: a non-finite loss gives non-finite gradients too, and the norm catches both) and the
         gradient norm before clipping."""
         params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
         per_param = torch.stack(torch._foreach_norm(grads))
         norm = per_param.norm()
+        if self.ranks is not None:
+            square = norm.square().reshape(1)
+            self.ranks.sum_([square])
+            norm = square.sqrt()[0]
         if self.grad_clip:
             torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
         bad = ~torch.isfinite(norm + loss)

@@ -149,6 +149,8 @@ def check_resume(out: Path, identity: Mapping[str, Any], params: list[torch.Tens
         raise AnnealError(f"--resume: {folder} belongs to another run ({difference}): resume with the model, data "
                           f"and settings it was started with, or run without --resume")
     state = read_state(state_path, mmap=True)
+    if isinstance(state, dict) and state.get("shards") and isinstance(state.get("params"), list):
+        params = state["params"]  # rank 0's shards: checked against the sharded model when it loads them
     problem = state_mismatch(state, params, ())
     if problem:
         raise AnnealError(f"{state_path} does not fit this model ({problem}): it is damaged; run without --resume")
@@ -191,7 +193,8 @@ def finish_record(out: Path, keep: bool) -> None:
 def drop_training_state(out: Path) -> None:
     """A finished run's optimizer state and teacher samples: only --resume read them."""
     folder = out / CHECKPOINT_DIR
-    for path in (folder / STATE_FILE, folder / RUN_FILE, folder / (STATE_FILE + ".tmp"), out / TEACHER_ROWS_FILE):
+    for path in (folder / STATE_FILE, folder / RUN_FILE, folder / (STATE_FILE + ".tmp"), out / TEACHER_ROWS_FILE,
+                 *folder.glob("state.rank*.pt*")):  # a sharded run's other ranks' shards
         path.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()

@@ -64,7 +64,7 @@ class Annealer:
                  plain_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  taps: LayerTaps | None = None, out_dir: Path | None = None, progress: bool = True,
                  regions: Sequence[nn.Module] = (), compile_forward: Callable | None = None,
-                 ranks=None) -> None:
+                 ranks=None, layer_params: dict[str, tuple[nn.Parameter, bool]] | None = None) -> None:
         if cfg.loss.hidden_weight and taps is None:
             raise AnnealError("hidden_weight > 0 needs block-output taps on the teacher and the student")
         self.params, self.masks, self.weight_views, self.batches, self.cfg = params, masks, weight_views, batches, cfg
@@ -74,7 +74,10 @@ class Annealer:
         self.evidence = make_evidence(cfg, masks)
         # distributed.Ranks (None: one process): gradients, probes, clocks and writes agree across ranks
         self.ranks, self.evidence.ranks = ranks, ranks
-        self._sync = ranks.gradient_sync(params) if ranks is not None else None
+        # layer_params given: the model is sharded (sharding.py); each rank holds rows of every layer, its
+        # mask state those rows, and FSDP averages the weight gradients.
+        self.sharded = self.evidence.sharded = layer_params is not None and ranks is not None
+        self._sync = ranks.gradient_sync(params) if ranks is not None and not self.sharded else None
         self._world = ranks.world if ranks is not None else 1
         for name, ms in masks.items():
             ms.importance_beta = cfg.evidence.importance_beta
@@ -94,14 +97,19 @@ class Annealer:
         self._autocast = cfg.autocasts(device)
         # Each masked layer's parameter, and whether its (out, in) weight view is the parameter
         # transposed (GPT-2's Conv1D): for gradients and names, which live on the parameter.
-        self._layer_params = {n: _parameter_of(self.weight_views[n]()) for n in masks}
+        self._layer_params = layer_params or {n: _parameter_of(self.weight_views[n]()) for n in masks}
         self.guard = FiniteGuard(params, {id(p): n for n, (p, _) in self._layer_params.items()}, cfg.runtime.grad_clip,
-                                 device, deferred=bool(self.opt.defaults.get("fused")), out_dir=out_dir)
+                                 device, deferred=bool(self.opt.defaults.get("fused")), out_dir=out_dir,
+                                 ranks=ranks if self.sharded else None)
         kd = fused_loss_terms if cfg.fuses_kd(device) else loss_terms
         self.compilation = Compilation(Forwards(forward, plain_forward, teacher, kd), cfg, device, regions,
                                        outlined=compile_forward)
         if not cfg.evidence.fixed_mask:
             refresh_scores(self.masks, self.evidence, self.warm, cfg.evidence.prior_margin, self.step)
+
+    def _global_sum(self, value: torch.Tensor | int) -> float:
+        """A count over the layers' rows: this rank's, or (sharded) every rank's."""
+        return self.ranks.agree(float(value), "sum") if self.sharded else float(value)
 
     @property
     def compiled(self) -> bool:
@@ -220,6 +228,12 @@ class Annealer:
             keys = [k for k in ("ce", "kl", "hidden") if isinstance(parts.get(k), torch.Tensor)]
             loss, *reduced = self._sync([loss.detach(), *(parts[k] for k in keys)])
             parts.update(zip(keys, reduced))
+        elif self.sharded:  # FSDP averaged the gradients; the logged loss is the global batch's too
+            keys = [k for k in ("ce", "kl", "hidden") if isinstance(parts.get(k), torch.Tensor)]
+            packed = torch.stack([t.detach().float() for t in (loss, *(parts[k] for k in keys))])
+            self.ranks.mean_([packed])
+            loss, *reduced = packed.unbind()
+            parts.update(zip(keys, reduced))
         if plain:
             self._mask_gradients()
         bad, grad_norm = self.guard.clip_and_check(loss.detach(), self.step)
@@ -250,7 +264,8 @@ class Annealer:
         for name, ms in self.masks.items():
             param, transposed = self._layer_params[name]
             if param.grad is not None:
-                grads.append(param.grad.t() if transposed else param.grad)
+                grad = _local(param.grad)
+                grads.append(grad.t() if transposed else grad)
                 masks.append(ms._hard_float())
         if grads:
             torch._foreach_mul_(grads, masks)
@@ -270,33 +285,48 @@ class Annealer:
     @torch.no_grad()
     def flips(self) -> int:
         """Weights whose keep/prune decision differs from the warm start."""
-        return int(sum((ms.hard_mask() != self.warm[n]).sum() for n, ms in self.masks.items() if n in self.warm))
+        return int(self._global_sum(sum((ms.hard_mask() != self.warm[n]).sum() for n, ms in self.masks.items()
+                                        if n in self.warm)))
 
     @torch.no_grad()
     def undecided(self) -> float:
         """Fraction of all groups still undecided (one device sync for all layers)."""
-        groups = sum(ms.score.numel() // ms.pattern.m for ms in self.masks.values())
-        return float(sum(ms.undecided_groups() for ms in self.masks.values())) / max(groups, 1)
+        groups = self._global_sum(sum(ms.score.numel() // ms.pattern.m for ms in self.masks.values()))
+        return self._global_sum(sum(ms.undecided_groups() for ms in self.masks.values())) / max(groups, 1)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The run's state; sharded, this rank's shards (``shards``: the world size they were cut for)."""
+        opt = self.opt.state_dict()
+        if self.sharded:
+            opt = {**opt, "state": {i: {k: _local(v) for k, v in st.items()} for i, st in opt["state"].items()}}
         return {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
                 "train_budget_s": self.train_budget_s, "train_seconds": self.train_seconds,
-                "params": [p.detach().clone() for p in self.params],
+                "params": [_local(p).detach().clone() for p in self.params],
                 "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
-                **self.evidence.state_dict(), "opt": self.opt.state_dict(),
+                **({"shards": self._world} if self.sharded else {}),
+                **self.evidence.state_dict(), "opt": opt,
                 "weights_folded": self._weights_folded, "history": list(self.history),
                 "config": self.cfg.to_json(), "rng": {"torch": torch.get_rng_state()}}
 
     def save_checkpoint(self, directory: Path) -> None:
-        if self.ranks is not None and not self._ranks_write():
+        if self.ranks is not None and not self.sharded and not self._ranks_write():
             return
+        path = self._state_path(directory)
+        if self.sharded and not self.ranks.main:
+            self.ranks.barrier()  # rank 0 makes the folder
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "state.pt.tmp"
+        if self.sharded and self.ranks.main:
+            self.ranks.barrier()
+        tmp = path.with_name(path.name + ".tmp")
         torch.save(self.state_dict(), tmp)
-        os.replace(tmp, directory / "state.pt")  # atomic: a crash keeps the previous checkpoint
+        os.replace(tmp, path)  # atomic: a crash keeps the previous checkpoint
         if self.ranks is not None:
             self.ranks.barrier()
+
+    def _state_path(self, directory: Path) -> Path:
+        """``state.pt``; sharded, rank r > 0 keeps its shards beside it in ``state.rank<r>.pt``."""
+        return directory / (f"state.rank{self.ranks.rank}.pt" if self.sharded and not self.ranks.main else "state.pt")
 
     def _ranks_write(self) -> bool:
         """Before rank 0 writes shared state: the mask-gradient EMAs averaged (an EMA is linear, so the
@@ -307,11 +337,17 @@ class Annealer:
         return self.ranks.main
 
     def load_checkpoint(self, directory: Path) -> None:
-        path = directory / "state.pt"
+        path = self._state_path(directory)
         if not path.exists():
             raise AnnealError(f"no checkpoint at {path}: --resume needs a folder written by an earlier run")
         state = read_state(path, self.device)
-        problem = state_mismatch(state, self.params, self.masks)
+        shards = state.get("shards") if isinstance(state, dict) else None
+        if shards != (self._world if self.sharded else None):
+            have = f"shards for {shards} ranks" if shards else "an unsharded state"
+            want = f"sharded over {self._world} ranks" if self.sharded else "not sharded"
+            raise AnnealError(f"{path} holds {have} and this run is {want}: resume with the --nproc and --parallel "
+                              f"it was written with")
+        problem = state_mismatch(state, [_local(p) for p in self.params], self.masks)
         if problem:  # checked before any weight is copied: a failed resume leaves the model as it was
             raise AnnealError(f"{path} does not fit this model ({problem}): run without --resume")
         if not self.cfg.same_run(state["config"]):
@@ -324,11 +360,11 @@ class Annealer:
     def _restore(self, state: dict) -> None:
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
-                p.copy_(saved)
+                _local(p).copy_(saved)
             for n, ms in self.masks.items():
                 ms.load_state_dict(state["masks"][n])
         self.evidence.load_state_dict(state)
-        self.opt.load_state_dict(state["opt"])
+        self.opt.load_state_dict(_sharded_like(state["opt"], self.params) if self.sharded else state["opt"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self._weights_folded = state["weights_folded"]
@@ -425,7 +461,8 @@ class Annealer:
             if key in last:
                 row[key] = float(last[key])
         self._t_last, self._tok_last = now, self.tokens
-        if self.ranks is not None and self.ranks.agree(row["flips"], "max") != self.ranks.agree(row["flips"], "min"):
+        if (self.ranks is not None and not self.sharded
+                and self.ranks.agree(row["flips"], "max") != self.ranks.agree(row["flips"], "min")):
             raise AnnealError(f"step {self.step}: the ranks' masks differ ({row['flips']} flips on rank "
                               f"{self.ranks.rank}); the processes must run the same code on the same kind of device")
         self.history.append(row)
@@ -468,6 +505,25 @@ class Annealer:
         log.info("one step takes %.3fs (probe took %.1fs): %.0fs of training, ~%d steps", per_step,
                  time.perf_counter() - t0, remaining, remaining / per_step)
         return remaining
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sharded_like(opt_state: dict, params: list[nn.Parameter]) -> dict:
+    """An optimizer state saved as local shards, its per-parameter tensors made DTensors like the
+    parameters they belong to (scalars, such as AdamW's step, stay as they are)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for i, st in opt_state["state"].items():
+        p = params[int(i)]
+        state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                          run_check=False) if v.dim() and v.shape == _local(p).shape else v
+                    for k, v in st.items()}
+    return {**opt_state, "state": state}
 
 
 def _parameter_of(view: torch.Tensor) -> tuple[torch.Tensor, bool]:
