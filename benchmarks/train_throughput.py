@@ -7,6 +7,7 @@ Every measurement is its own process (a fresh CUDA context, torchrun for several
 
     python -m benchmarks.train_throughput                   # SmolLM2, 32 x 512 per GPU, 1 GPU
     python -m benchmarks.train_throughput --gpus 1,2,4,8    # + scaling rows
+    python -m benchmarks.train_throughput --gpus 1,2 --parallel fsdp2   # the scaling rows sharded
     python -m benchmarks.train_throughput --smoke           # CPU, tiny model, gloo: checks the script only
 
 ``--smoke`` runs end to end on the CPU; its numbers are no speed.
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 10; 1 with --smoke)")
     p.add_argument("--gpus", default="1", help="comma-separated GPU counts for the scaling rows, e.g. 1,2,4,8")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
+                   help="how the scaling rows split the model over GPUs (fsdp2: sharded, eager)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, gloo processes: the script runs")
     p.add_argument("--out", default=None)
@@ -120,9 +123,10 @@ def main(argv: list[str] | None = None) -> Path:
     if gpus != [1]:
         base = None
         for g in gpus:
-            r = measure(args, methods[0], SETTINGS["after"], g)
+            r = measure(args, methods[0], {"parallel": args.parallel}, g)
             base = base or (r["tokens_per_s"] if g == 1 else None)
-            rows.append({"bench": "scaling", "method": methods[0], "gpus": g, "batch_per_gpu": args.batch_size,
+            rows.append({"bench": "scaling", "method": methods[0], "parallel": args.parallel, "gpus": g,
+                         "batch_per_gpu": args.batch_size,
                          "seqlen": args.seqlen, **r,
                          "speedup": r["tokens_per_s"] / base if base else None})
             print(json.dumps(rows[-1]))

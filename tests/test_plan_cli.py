@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from test_digest import synthetic_data
 
 from sparseforge_compile.cli import main
@@ -31,13 +33,14 @@ def test_plan_of_the_llama_7b_shape(capsys):
     assert "use more GPUs" in capsys.readouterr().err
 
 
-def test_prune_nproc_runs_under_torchrun(tmp_path):
+@pytest.mark.parametrize("method,parallel", [("sparsegpt+kd", "auto"), ("sparseforge", "fsdp2")])
+def test_prune_nproc_runs_under_torchrun(tmp_path, method, parallel):
     data = synthetic_data(tmp_path / "data")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sparseforge_compile.cli", "prune", "--model", "tiny-llama", "--nproc", "2",
-           "--device", "cpu", "--method", "sparsegpt+kd", "--steps", "2", "--batch-size", "1", "--seqlen", "32",
+           "--device", "cpu", "--method", method, "--steps", "2", "--batch-size", "1", "--seqlen", "32",
            "--calib-samples", "2", "--calib-seqlen", "32", "--eval-windows", "0", "--data-dir", str(data),
-           "--out", str(out), "--quiet"]
+           "--parallel", parallel, "--out", str(out), "--quiet"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
                                                                                 **__import__("os").environ})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -12,11 +12,12 @@ from benchmarks import train_throughput
 def test_smoke_writes_settings_and_scaling_rows(tmp_path):
     data = synthetic_data(tmp_path / "data")
     path = train_throughput.main(["--smoke", "--methods", "sparseforge", "--data-dir", str(data),
-                                  "--out", str(tmp_path / "tp.json")])
+                                  "--parallel", "fsdp2", "--out", str(tmp_path / "tp.json")])
     payload = json.loads(path.read_text())
     assert {"command", "commit", "settings", "device", "torch", "date", "rows"} <= payload.keys()
     rows = payload["rows"]
     assert [(r["bench"], r.get("settings")) for r in rows[:2]] == [("settings", "before"), ("settings", "after")]
     scaling = [r for r in rows if r["bench"] == "scaling"]
     assert [r["gpus"] for r in scaling] == [1, 2] and scaling[0]["speedup"] == 1.0
+    assert {r["parallel"] for r in scaling} == {"fsdp2"}
     assert all(r["tokens_per_s"] > 0 and r["steps"] == 4 for r in rows)
