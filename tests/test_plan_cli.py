@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_digest import synthetic_data
 
 from sparseforge_compile.cli import main
