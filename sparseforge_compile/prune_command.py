@@ -120,7 +120,9 @@ def _prune(args: argparse.Namespace, ranks, device: str) -> int:
     if args.eval_windows < -1:
         raise UsageError(f"--eval-windows {args.eval_windows}: give 0 (none), -1 (all) or a count")
     out = check_output_dir(args.out, overwrite=args.overwrite or not main)  # before any training
-    loaded = load_model(args.model, device=device, dtype="fp32")
+    # Sharded, each rank trains shards on its GPU: the model itself, possibly larger than one, waits on the CPU.
+    sharded = ranks is not None and cfg.anneal.runtime.parallel == "fsdp2" and cfg.method not in ONE_SHOT
+    loaded = load_model(args.model, device="cpu" if sharded else device, dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     _check_prune_model(args, cfg, model, tok)
     windows = None

@@ -174,11 +174,14 @@ def shard_for_training(model: nn.Module, teacher: nn.Module, layers: list[str], 
     the teacher sharded alike, and this rank's rows of each layer's mask state. ``masked``: the pruned
     Linears compute ``W * mask`` with the gathered mask (SparseForge); otherwise they stay plain (the
     peer, whose weights the loop re-zeroes)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    student = copy.deepcopy(model).to(ranks.device)
-    teacher = teacher.to(ranks.device)
+    # Copied where the model is (the CPU for one too large for a GPU): fully_shard moves only this rank's
+    # shards to the device.
+    student = copy.deepcopy(model)
+    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
     # GPT-2's Conv1D stores (in, out): sharded on dim 1, so that each rank holds whole N:M groups.
     conv_weights = {id(student.get_submodule(n).weight) for n in layers if transposed[n]}
 
@@ -188,8 +191,8 @@ def shard_for_training(model: nn.Module, teacher: nn.Module, layers: list[str], 
     for module in (student, teacher):
         _, blocks = find_decoder_blocks(module)
         for block in blocks:
-            fully_shard(block, shard_placement_fn=placement if module is student else None)
-        fully_shard(module, shard_placement_fn=placement if module is student else None)
+            fully_shard(block, mesh=mesh, shard_placement_fn=placement if module is student else None)
+        fully_shard(module, mesh=mesh, shard_placement_fn=placement if module is student else None)
 
     masks, local_warm, rows, layer_params = {}, {}, {}, {}
     for name in layers:

@@ -89,10 +89,14 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     device = device_of(model)
     if tokenizer is None:
         raise ValueError(f"{cfg.method} trains on text: pass the model's tokenizer")
+    ranks = current_ranks()
+    mode = choose_parallel(acfg.runtime.parallel, model, ranks, acfg.runtime.batch_size, acfg.runtime.seqlen) \
+        if ranks is not None else None
+    train_device = ranks.device if mode == "fsdp2" else device  # sharded: the model may wait on the CPU
 
     t = time.perf_counter()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if device.type == "cuda" and acfg.autocasts(device):
+    if train_device.type == "cuda" and acfg.autocasts(train_device):
         teacher = teacher.to(torch.bfloat16)  # forward only, and bf16 under autocast anyway: half the bytes
     phases["teacher"] = time.perf_counter() - t
 
@@ -114,7 +118,6 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
     t = time.perf_counter()
     stream = token_stream(tokenizer, data_dir, sources=cfg.calib_data or None)
     rows_file = out / TEACHER_ROWS_FILE if out is not None else None
-    ranks = current_ranks()
     writes = ranks is None or ranks.main
     sample_batch = 0
     if resume and rows_file is not None and rows_file.exists():
@@ -135,8 +138,6 @@ def prepare_training(model: nn.Module, cfg: SparsifyConfig, captured, report, la
         log.info("attention kept its mask in %d node(s): %s", len(causal.stats["kept"]),
                  next(iter(causal.stats["kept"].values())))
     check_ids = batches.batch(0)[-2:].to(device)  # two rows the checks below run the models on
-    mode = choose_parallel(acfg.runtime.parallel, model, ranks, acfg.runtime.batch_size, acfg.runtime.seqlen) \
-        if ranks is not None else None
     if not acfg.evidence.fixed_mask and mode != "fsdp2":  # SparseForge trains the graph: it must be the model
         verify_graph(captured.gm, model, check_ids, autocast=acfg.autocasts(device))
     taps_at = _blocks_of(model) if acfg.loss.hidden_weight else None  # the layer-wise loss records block outputs
