@@ -192,7 +192,6 @@ def _sharded_setup(model: nn.Module, teacher: nn.Module, cfg: SparsifyConfig, la
         acfg = AnnealConfig.from_flat({**acfg.flat(), "compile": "off"})
     shard = shard_for_training(model, teacher, layers, transposed, masks, warm_masks, ranks,
                                masked=not acfg.evidence.fixed_mask)
-    shard.student.train()
     params = list(dict.fromkeys(shard.student.parameters()))
     for p in params:
         p.requires_grad_(True)
@@ -200,8 +199,11 @@ def _sharded_setup(model: nn.Module, teacher: nn.Module, cfg: SparsifyConfig, la
                  for who, m in (("teacher", shard.teacher), ("student", shard.student))}
     shard.student.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: a resume writes shards
 
-    def student_logits(ids: torch.Tensor) -> torch.Tensor:
-        return logits_of(shard.student, ids)
+    def student_logits(ids: torch.Tensor) -> torch.Tensor:  # the masked forward: no dropout, as the graph
+        return logits_of(shard.student.eval(), ids)
+
+    def plain_logits(ids: torch.Tensor) -> torch.Tensor:  # the plain phase: in training mode, as the model
+        return logits_of(shard.student.train(), ids)
 
     def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
         return logits_of(shard.teacher, ids)
@@ -210,9 +212,10 @@ def _sharded_setup(model: nn.Module, teacher: nn.Module, cfg: SparsifyConfig, la
     if acfg.loss.hidden_weight:  # one recorder for the student: its masked and plain forwards are one module
         hooks = [BlockOutputHooks(shard.teacher), BlockOutputHooks(shard.student)]
         taps = LayerTaps(teacher=hooks[0].recorder, graph=hooks[1].recorder, plain=hooks[1].recorder, hooks=hooks)
-    annealer = Annealer(student_logits, params, shard.masks, {n: shard.weight_view(n) for n in layers},
+    forward = plain_logits if acfg.evidence.fixed_mask else student_logits  # the peer trains the plain model
+    annealer = Annealer(forward, params, shard.masks, {n: shard.weight_view(n) for n in layers},
                         teacher_logits, batches, acfg, device=ranks.device, warm_masks=shard.warm,
-                        plain_forward=student_logits if acfg.evidence.fixed_mask else None, taps=taps, out_dir=out,
+                        plain_forward=plain_logits, taps=taps, out_dir=out,
                         progress=progress, ranks=ranks, layer_params=shard.layer_params)
     return TrainingSetup(annealer, teacher_rows, taps, sample_batch, attention, sharded=shard, masks=masks)
 

@@ -39,7 +39,7 @@ def _join(rank: int, world: int, port: int) -> None:
 
 
 def _prune(rank: int, world: int, port: int, data_dir: str, out: str, method: str, global_batch: int,
-           extra: dict, crash_at: int | None, resume: bool) -> None:
+           extra: dict, crash_at: int | None, resume: bool, model_name: str) -> None:
     from sparseforge_compile.anneal import AnnealConfig, Annealer
     from sparseforge_compile.models import ByteTokenizer, tiny_model
     from sparseforge_compile.pipeline import SparsifyConfig, sparsify
@@ -54,7 +54,10 @@ def _prune(rank: int, world: int, port: int, data_dir: str, out: str, method: st
                     raise KeyboardInterrupt
                 return step(self)
             Annealer.train_step = dying
-        model = tiny_model("tiny-llama", seed=0)
+        model = tiny_model(model_name, seed=0)
+        for module in model.modules():  # GPT-2's dropout: ranks and one process would draw different masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         cfg = SparsifyConfig(method=method, budget_s=None, calib_samples=4, calib_seqlen=32, teacher_sample_rows=4,
                              teacher_sample_batch=2, kernel_constraints=None,
                              anneal=AnnealConfig.from_flat({**ANNEAL, "batch_size": global_batch // world, **extra}))
@@ -71,11 +74,11 @@ def _prune(rank: int, world: int, port: int, data_dir: str, out: str, method: st
 
 
 def run(world: int, tmp: Path, name: str, method: str = "sparseforge", global_batch: int = 4,
-        crash_at: int | None = None, resume: bool = False, **extra) -> list[dict]:
+        crash_at: int | None = None, resume: bool = False, model: str = "tiny-llama", **extra) -> list[dict]:
     data = synthetic_data(tmp / "data")
     out = tmp / name
     out.mkdir(exist_ok=True)
-    mp.spawn(_prune, args=(world, _port(), str(data), str(out), method, global_batch, extra, crash_at, resume),
+    mp.spawn(_prune, args=(world, _port(), str(data), str(out), method, global_batch, extra, crash_at, resume, model),
              nprocs=world, join=True)
     if crash_at is not None:
         return []

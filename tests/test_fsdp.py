@@ -13,15 +13,18 @@ from test_distributed import WEIGHT_TOL, _join, _port, _same, run
 SF = {"warm_start": "sparsegpt", "hidden_weight": 3.0, "teacher_data_ratio": 0.0}
 
 
-@pytest.mark.parametrize("method,extra", [("sparseforge", SF), ("sparsegpt+kd", {"teacher_data_ratio": 0.0})])
-def test_fsdp2_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, method, extra):
-    one = run(1, tmp_path, "one", method, **extra)[0]
-    two = run(2, tmp_path, "two", method, parallel="fsdp2", **extra)
+@pytest.mark.parametrize("method,model,extra", [("sparseforge", "tiny-llama", SF),
+                                                ("sparsegpt+kd", "tiny-llama", {"teacher_data_ratio": 0.0}),
+                                                ("sparseforge", "tiny-gpt2", SF)])  # Conv1D: sharded on dim 1
+def test_fsdp2_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, method, model, extra):
+    one = run(1, tmp_path, "one", method, model=model, **extra)[0]
+    two = run(2, tmp_path, "two", method, model=model, parallel="fsdp2", **extra)
     _same(two[0], two[1], 0.0)  # gathered back, every rank holds the one model
     _same(one, two[0], WEIGHT_TOL)
     for a, b in zip(one["history"], two[0]["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-        assert a["flips"] == b["flips"] and a["undecided"] == pytest.approx(b["undecided"])
+        # undecided: a group whose soft mask sits at the 0.1 / 0.9 cut may count on one side or the other
+        assert a["flips"] == b["flips"] and a["undecided"] == pytest.approx(b["undecided"], abs=1e-3)
     if method == "sparseforge":
         assert any(row["flips"] for row in one["history"][:4]), "the soft phase flipped nothing: the test shows little"
 
