@@ -4,7 +4,9 @@ to run: ``sparseforge-compile plan --model M --gpus N``.
 Parts, as the loop holds them: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, the mask
 state of every prunable weight (bytes per weight measured from a live ``MaskState``), the teacher (a
 forward-only copy, bf16 where the loop autocasts), activations kept for the backward at the chosen batch,
-and the logits of student and teacher. DDP replicates all of it; FSDP2 (``fully_shard`` per decoder
+the logits of student and teacher, and the Fisher probe's three fp32 vocab-sized buffers (logits, race
+noise, softmax; SmolLM2 at 32 x 512: 9 GiB, most of the gap between the plan without them and the peak an
+H100 measured, results/train_throughput_h100.json). DDP replicates all of it; FSDP2 (``fully_shard`` per decoder
 block) shards weights, gradients, moments, mask state and the teacher over the GPUs and all-gathers two
 blocks at a time (the one computing and the one prefetched).
 """
@@ -105,6 +107,8 @@ def plan_modes(shape: ModelShape, gpus: int, batch: int, seqlen: int, *, autocas
     per_batch = {
         "activations": int(tokens * activation_bytes_per_token(shape, act)),
         "logits": tokens * shape.vocab * (2 * act),  # the teacher's logits and the loss's gradient
+        # SparseForge's Fisher probe: the logits in fp32, its exponential race noise and the softmax
+        "fisher_probe": 3 * 4 * tokens * shape.vocab,
     }
     ddp = Plan("ddp", gpus, {**replicated, **per_batch})
     sharded = {k: -(-v // gpus) for k, v in replicated.items()}

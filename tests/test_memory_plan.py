@@ -58,6 +58,36 @@ def test_state_parts_equal_the_summed_tensor_sizes(llama):
     assert plan["mask_state"] == pytest.approx(held, rel=0.01)
 
 
+def test_the_fisher_probe_buffers_are_counted(llama):
+    """The plan counts three fp32 vocab-sized buffers for the probe; it makes at least that many."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparseforge_compile.anneal import AnnealConfig
+    from sparseforge_compile.anneal.evidence import FisherEvidence
+
+    shape = ModelShape.of(llama)
+    batch, seqlen, hidden = 2, 16, 64
+    plan = plan_modes(shape, gpus=1, batch=batch, seqlen=seqlen)["ddp"].parts
+    per_buffer = batch * seqlen * shape.vocab * 4
+    assert plan["fisher_probe"] == 3 * per_buffer
+    ms = MaskState((shape.vocab, hidden), NMPattern(2, 4), "head")
+    ms.collecting = True
+    head = torch.randn(shape.vocab, hidden) * ms.make_mask()
+    logits = torch.randn(batch, seqlen + 1, hidden) @ head.t()  # the probe predicts seqlen tokens of seqlen + 1
+
+    class Buffers(TorchDispatchMode):
+        made: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() * 4 == per_buffer:
+                self.made.append(out.numel() * 4)
+            return out
+    with Buffers() as seen:
+        FisherEvidence(AnnealConfig(), {"head": ms}).probe_step(0, logits)
+    assert len(seen.made) >= 3
+
+
 def test_activation_estimate_is_near_what_autograd_saves(llama):
     model = copy.deepcopy(llama)
     shape = ModelShape.of(model)
