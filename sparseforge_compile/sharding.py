@@ -102,8 +102,10 @@ class _MaskedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, local, module, rows, ranks, transposed):
         mask = _gather(local.detach(), rows, ranks)
         w = weight.t() if transposed else weight
-        ctx.save_for_backward(x, local)
-        ctx.module, ctx.rows, ctx.ranks, ctx.transposed = module, rows, ranks, transposed
+        kind = x.device.type
+        # Under autocast the matmul reads x in the autocast dtype: saved so, as linear itself saves it.
+        ctx.save_for_backward(x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x, local)
+        ctx.module, ctx.rows, ctx.ranks, ctx.transposed, ctx.x_dtype = module, rows, ranks, transposed, x.dtype
         return nn.functional.linear(x, w * mask.to(w.dtype), bias)
 
     @staticmethod
@@ -114,7 +116,7 @@ class _MaskedLinear(torch.autograd.Function):
         mask = _gather(local.detach(), ctx.rows, ctx.ranks)
         g = grad.reshape(-1, grad.shape[-1])
         w_eff = (weight * mask.to(weight.dtype)).to(g.dtype)
-        grad_x = (g @ w_eff).reshape(*grad.shape[:-1], w_eff.shape[1]).to(x.dtype)
+        grad_x = (g @ w_eff).reshape(*grad.shape[:-1], w_eff.shape[1]).to(ctx.x_dtype)
         grad_w_eff = (g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float()
         grad_weight = (grad_w_eff * mask.float()).to(weight.dtype)
         grad_weight = grad_weight.t() if ctx.transposed else grad_weight

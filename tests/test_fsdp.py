@@ -66,27 +66,29 @@ def _gather(rank: int, world: int, port: int) -> None:
         # gradients, the mask's averaged over ranks as the loss of the global batch averages them.
         from sparseforge_compile.sharding import _MaskedLinear
 
-        for transposed in (False, True):
+        for transposed, autocast in ((False, False), (True, False), (False, True)):
             module = torch.nn.Linear(8, 5)
             if transposed:
                 module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous())
             x = torch.randn(world, 3, 8, generator=gen)  # each rank's batch
             mask = torch.rand(5, 8, generator=gen)
             local = mask[start:end].clone().requires_grad_()
-            y = _MaskedLinear.apply(x[rank], module.weight, module.bias, local, module, 5, ranks, transposed)
-            (y * upstream[rank, :3, :5]).sum().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = _MaskedLinear.apply(x[rank], module.weight, module.bias, local, module, 5, ranks, transposed)
+            (y.float() * upstream[rank, :3, :5]).sum().backward()
             ref_w = module.weight.detach().clone().requires_grad_()
             ref_b = module.bias.detach().clone().requires_grad_()
             ref_m = mask.clone().requires_grad_()
-            w_eff = (ref_w.t() if transposed else ref_w) * ref_m
-            ref_y = torch.nn.functional.linear(x[rank], w_eff, ref_b)
-            assert torch.allclose(y, ref_y, atol=1e-6)
-            (ref_y * upstream[rank, :3, :5]).sum().backward()
-            assert torch.allclose(module.weight.grad, ref_w.grad, atol=1e-6)
-            assert torch.allclose(module.bias.grad, ref_b.grad, atol=1e-6)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                ref_y = torch.nn.functional.linear(x[rank], (ref_w.t() if transposed else ref_w) * ref_m, ref_b)
+            assert y.dtype == ref_y.dtype and torch.allclose(y, ref_y, atol=1e-6)
+            (ref_y.float() * upstream[rank, :3, :5]).sum().backward()
+            tol = 2e-2 if autocast else 1e-6  # bf16 products summed in another order
+            assert torch.allclose(module.weight.grad, ref_w.grad, atol=tol)
+            assert torch.allclose(module.bias.grad, ref_b.grad, atol=tol)
             mean = ref_m.grad.clone()
             dist.all_reduce(mean)
-            assert torch.allclose(local.grad, (mean / world)[start:end], atol=1e-6)
+            assert torch.allclose(local.grad, (mean / world)[start:end], atol=tol)
     finally:
         dist.destroy_process_group()
 
