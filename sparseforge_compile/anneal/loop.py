@@ -347,6 +347,10 @@ class Annealer:
             want = f"sharded over {self._world} ranks" if self.sharded else "not sharded"
             raise AnnealError(f"{path} holds {have} and this run is {want}: resume with the --nproc and --parallel "
                               f"it was written with")
+        if self.sharded and isinstance(state, dict) and self.ranks.agree(state.get("step", -1), "max") != \
+                self.ranks.agree(state.get("step", -1), "min"):  # a crash between two ranks' writes
+            raise AnnealError(f"{directory}: the ranks' shards were saved at different steps (this rank's at step "
+                              f"{state.get('step')}); the checkpoint cannot resume: run without --resume")
         problem = state_mismatch(state, [_local(p) for p in self.params], self.masks)
         if problem:  # checked before any weight is copied: a failed resume leaves the model as it was
             raise AnnealError(f"{path} does not fit this model ({problem}): run without --resume")
