@@ -38,7 +38,7 @@ def test_fsdp2_killed_run_resumes_to_the_same_result(tmp_path):
     assert (folder / "state.pt").exists() and (folder / "state.rank1.pt").exists()  # each rank's shards
     assert torch.load(folder / "state.pt", weights_only=True)["shards"] == 2
     with pytest.raises(Exception, match="holds shards for 2 ranks and this run is sharded over 1 ranks"):
-        run(1, tmp_path, "cut", resume=True, **extra)  # refused before any weight changes
+        run(1, tmp_path, "cut", resume=True, global_batch=2, **extra)  # the same per-rank batch
     resumed = run(2, tmp_path, "cut", resume=True, **extra)
     _same(whole[0], resumed[0], 0.0)
     _same(resumed[0], resumed[1], 0.0)
