@@ -127,7 +127,8 @@ class _MaskedLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_local, None, None, None, None
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -146,7 +147,7 @@ class ShardedTraining:
     def weight_view(self, name: str) -> Callable[[], torch.Tensor]:
         """This rank's rows of the layer's weight in the mask's (out, in) layout."""
         param, transposed = self.layer_params[name]
-        return lambda: _local(param).t() if transposed else _local(param)
+        return lambda: local_shard(param).t() if transposed else local_shard(param)
 
     @torch.no_grad()
     def gather_into(self, model: nn.Module, graph_masks: dict[str, MaskState]) -> None:
@@ -203,7 +204,7 @@ def shard_for_training(model: nn.Module, teacher: nn.Module, layers: list[str], 
         total, width = whole.score.shape
         start, end = row_range(total, ranks.rank, ranks.world)
         param = module.weight
-        local_view = _local(param).t() if transposed[name] else _local(param)
+        local_view = local_shard(param).t() if transposed[name] else local_shard(param)
         if tuple(local_view.shape) != (end - start, width):
             raise AnnealError(f"{name}: FSDP2 keeps a {tuple(local_view.shape)} shard here, not rows {start}:{end} "
                               f"of ({total}, {width}); run with --parallel ddp")
@@ -228,7 +229,11 @@ def _mask_linear(module: nn.Module, ms: MaskState, rows: int, ranks: Ranks, tran
     if transposed and not is_conv1d(module):
         raise AnnealError(f"{ms.layer}: a transposed weight that is not GPT-2's Conv1D cannot be masked sharded")
 
+    plain = module.forward
+
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if ms.fed is None and ms._blend >= 1.0:  # the plain phase: the loop folded the hard mask into W
+            return plain(x)
         return _MaskedLinear.apply(x, module.weight, module.bias, ms(), module, rows, ranks, transposed)
 
     module.forward = forward

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import AnnealError
+from ..sharding import local_shard
 
 
 class FiniteGuard:
@@ -33,7 +34,7 @@ class FiniteGuard:
         bool: a non-finite loss gives non-finite gradients too, and the norm catches both) and the
         gradient norm before clipping."""
         params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        grads = [local_shard(p.grad) for p in params]
         per_param = torch.stack(torch._foreach_norm(grads))
         norm = per_param.norm()
         if self.ranks is not None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AnnealError
 from ..masks import MaskState, make_masks
+from ..sharding import local_shard
 from .batches import TrainingBatches
 from .compile import Compilation, Forwards
 from .config import AnnealConfig
@@ -264,7 +265,7 @@ class Annealer:
         for name, ms in self.masks.items():
             param, transposed = self._layer_params[name]
             if param.grad is not None:
-                grad = _local(param.grad)
+                grad = local_shard(param.grad)
                 grads.append(grad.t() if transposed else grad)
                 masks.append(ms._hard_float())
         if grads:
@@ -299,10 +300,10 @@ class Annealer:
         """The run's state; sharded, this rank's shards (``shards``: the world size they were cut for)."""
         opt = self.opt.state_dict()
         if self.sharded:
-            opt = {**opt, "state": {i: {k: _local(v) for k, v in st.items()} for i, st in opt["state"].items()}}
+            opt = {**opt, "state": {i: {k: local_shard(v) for k, v in st.items()} for i, st in opt["state"].items()}}
         return {"step": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
                 "train_budget_s": self.train_budget_s, "train_seconds": self.train_seconds,
-                "params": [_local(p).detach().clone() for p in self.params],
+                "params": [local_shard(p).detach().clone() for p in self.params],
                 "masks": {n: {k: v.clone() for k, v in ms.state_dict().items()} for n, ms in self.masks.items()},
                 **({"shards": self._world} if self.sharded else {}),
                 **self.evidence.state_dict(), "opt": opt,
@@ -351,7 +352,7 @@ class Annealer:
                 self.ranks.agree(state.get("step", -1), "min"):  # a crash between two ranks' writes
             raise AnnealError(f"{directory}: the ranks' shards were saved at different steps (this rank's at step "
                               f"{state.get('step')}); the checkpoint cannot resume: run without --resume")
-        problem = state_mismatch(state, [_local(p) for p in self.params], self.masks)
+        problem = state_mismatch(state, [local_shard(p) for p in self.params], self.masks)
         if problem:  # checked before any weight is copied: a failed resume leaves the model as it was
             raise AnnealError(f"{path} does not fit this model ({problem}): run without --resume")
         if not self.cfg.same_run(state["config"]):
@@ -364,7 +365,7 @@ class Annealer:
     def _restore(self, state: dict) -> None:
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
-                _local(p).copy_(saved)
+                local_shard(p).copy_(saved)
             for n, ms in self.masks.items():
                 ms.load_state_dict(state["masks"][n])
         self.evidence.load_state_dict(state)
@@ -511,11 +512,6 @@ class Annealer:
         return remaining
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _sharded_like(opt_state: dict, params: list[nn.Parameter]) -> dict:
     """An optimizer state saved as local shards, its per-parameter tensors made DTensors like the
     parameters they belong to (scalars, such as AdamW's step, stay as they are)."""
@@ -525,7 +521,7 @@ def _sharded_like(opt_state: dict, params: list[nn.Parameter]) -> dict:
     for i, st in opt_state["state"].items():
         p = params[int(i)]
         state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                          run_check=False) if v.dim() and v.shape == _local(p).shape else v
+                                          run_check=False) if v.dim() and v.shape == local_shard(p).shape else v
                     for k, v in st.items()}
     return {**opt_state, "state": state}
 
