@@ -39,9 +39,6 @@ from .masks import MaskState
 
 log = logging.getLogger(__name__)
 
-PARALLEL_MODES = ("auto", "ddp", "fsdp2")
-
-
 def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
     """The rows ``[start, end)`` of a ``rows``-row weight that FSDP2 keeps on ``rank`` (``torch.chunk``
     over dim 0: ceil(rows / world) each, the last ranks fewer or none)."""
@@ -132,6 +129,11 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _rows_of(param: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """This rank's rows of a weight in the mask's (out, in) layout (GPT-2's Conv1D stores (in, out))."""
+    return local_shard(param).t() if transposed else local_shard(param)
+
+
 @dataclass
 class ShardedTraining:
     """The sharded student and teacher, and this rank's rows of every layer's mask state."""
@@ -141,13 +143,13 @@ class ShardedTraining:
     teacher: nn.Module
     masks: dict[str, MaskState]
     warm: dict[str, torch.Tensor]
-    rows: dict[str, tuple[int, int, int]]  # layer -> (start, end, total rows)
+    rows: dict[str, int]  # layer -> its weight's rows on all ranks (this rank's: row_range)
     layer_params: dict[str, tuple[nn.Parameter, bool]] = field(default_factory=dict)
 
     def weight_view(self, name: str) -> Callable[[], torch.Tensor]:
         """This rank's rows of the layer's weight in the mask's (out, in) layout."""
         param, transposed = self.layer_params[name]
-        return lambda: local_shard(param).t() if transposed else local_shard(param)
+        return lambda: _rows_of(param, transposed)
 
     @torch.no_grad()
     def gather_into(self, model: nn.Module, graph_masks: dict[str, MaskState]) -> None:
@@ -159,7 +161,7 @@ class ShardedTraining:
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             target.copy_(full.to(target.device, target.dtype))
         for name, local in self.masks.items():
-            total = self.rows[name][2]
+            total = self.rows[name]
             whole = graph_masks[name]
             for attr in ("score", "importance", "grad_ema"):
                 value = gather_rows(getattr(local, attr).detach(), total, self.ranks)
@@ -204,7 +206,7 @@ def shard_for_training(model: nn.Module, teacher: nn.Module, layers: list[str], 
         total, width = whole.score.shape
         start, end = row_range(total, ranks.rank, ranks.world)
         param = module.weight
-        local_view = local_shard(param).t() if transposed[name] else local_shard(param)
+        local_view = _rows_of(param, transposed[name])
         if tuple(local_view.shape) != (end - start, width):
             raise AnnealError(f"{name}: FSDP2 keeps a {tuple(local_view.shape)} shard here, not rows {start}:{end} "
                               f"of ({total}, {width}); run with --parallel ddp")
@@ -216,7 +218,7 @@ def shard_for_training(model: nn.Module, teacher: nn.Module, layers: list[str], 
         masks[name] = ms
         if warm and name in warm:
             local_warm[name] = warm[name][start:end].to(ranks.device)
-        rows[name] = (start, end, total)
+        rows[name] = total
         layer_params[name] = (param, transposed[name])
         if masked:
             _mask_linear(module, ms, total, ranks, transposed[name])
@@ -242,9 +244,7 @@ def _mask_linear(module: nn.Module, ms: MaskState, rows: int, ranks: Ranks, tran
 def choose_parallel(mode: str, model: nn.Module, ranks: Ranks, batch: int, seqlen: int) -> str:
     """``ddp`` or ``fsdp2``: as asked, or (``auto``) what the memory plan picks for this model on this GPU
     (DDP on the CPU, where memory is the host's)."""
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
-    if mode != "auto":
+    if mode != "auto":  # a value the config checked: ddp or fsdp2
         return mode
     if ranks.device.type != "cuda":
         return "ddp"
