@@ -24,7 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = {"before": {"kd_loss": "plain"}, "after": {"kd_loss": "fused"}}  # the throughput settings off / on
+# The throughput settings off, one at a time, and together (the fused KD loss, measured slower on an
+# H100, is a memory option: results/train_throughput_h100.json).
+SETTINGS = {"before": {"cuda_graphs": "off"}, "graphs": {"cuda_graphs": "on"},
+            "batch": {"cuda_graphs": "off", "batch_size": "auto"}, "after": {"cuda_graphs": "on", "batch_size": "auto"}}
 METHODS = ("sparseforge", "sparsegpt+kd")
 
 
@@ -82,6 +85,7 @@ def worker(spec: dict) -> None:
         if ranks is None or ranks.main:
             Path(spec["result"]).write_text(json.dumps({
                 "tokens_per_s": statistics.median(rates), "steps": result.anneal.steps,
+                "batch_per_gpu": result.batch_size,
                 "compiled": result.anneal.compiled, "peak_gib_per_gpu": peak / 2**30 if peak else None}))
     finally:
         distributed.shutdown()
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
         for name, settings in SETTINGS.items():
             r = measure(args, method, settings, 1)
             rows.append({"bench": "settings", "method": method, "settings": name, **settings, "gpus": 1,
-                         "batch_per_gpu": args.batch_size, "seqlen": args.seqlen, **r})
+                         "seqlen": args.seqlen, **r})
             print(json.dumps(rows[-1]))
     if gpus != [1]:
         base = None
@@ -126,7 +130,6 @@ def main(argv: list[str] | None = None) -> Path:
             r = measure(args, methods[0], {"parallel": args.parallel}, g)
             base = base or (r["tokens_per_s"] if g == 1 else None)
             rows.append({"bench": "scaling", "method": methods[0], "parallel": args.parallel, "gpus": g,
-                         "batch_per_gpu": args.batch_size,
                          "seqlen": args.seqlen, **r,
                          "speedup": r["tokens_per_s"] / base if base else None})
             print(json.dumps(rows[-1]))

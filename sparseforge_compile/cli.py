@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from .memory_plan import GIB, choose, format_plan, model_shape, plan_modes
+    from .memory_plan import BATCH_HEADROOM, GIB, choose, fitting_batch, format_plan, model_shape, plan_modes
 
     if args.gpu_memory_gib is not None:
         gpu_bytes = int(args.gpu_memory_gib * GIB)
@@ -160,15 +160,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory
     else:
         gpu_bytes = 80 * GIB
-    plans = plan_modes(model_shape(args.model), args.gpus, args.batch_size, args.seqlen,
-                       autocast=args.autocast == "bf16")
+    shape = model_shape(args.model)
+    autocast = args.autocast == "bf16"
+    plans = plan_modes(shape, args.gpus, args.batch_size, args.seqlen, autocast=autocast)
     print(f"{args.model}: {args.gpus} GPU(s), {args.batch_size} x {args.seqlen} tokens per GPU")
+    fits = {m: fitting_batch(shape, args.gpus, args.seqlen, gpu_bytes, m, autocast=autocast) for m in plans}
+    fitting = (f"largest batch per GPU in {BATCH_HEADROOM:.0%} of it (--batch-size auto): "
+               + ", ".join(f"{m} {b or 'none'}" for m, b in fits.items()))
     try:
         chosen = choose(plans, gpu_bytes)
     except ValueError as exc:
         print(format_plan(plans, None, gpu_bytes))
+        print(fitting)
         raise UsageError(str(exc)) from exc
     print(format_plan(plans, chosen, gpu_bytes))
+    print(fitting)
     return 0
 
 
@@ -296,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = {**{n: f.type for n, f in top_fields().items()}, **{n: f.type for n, f in flat_fields().items()}}
     for name in PRUNE_FLAGS[4:]:  # method, pattern, sparsity and exclude have their own above
         kind = str(kinds[name])
-        conv = int if ("int" in kind and "float" not in kind) else float if "float" in kind else str
+        conv = (_int_or_word if "str" in kind else int) if ("int" in kind and "float" not in kind) \
+            else float if "float" in kind else str
         p.add_argument(_flag(name), dest=name, type=conv, default=None, help=docs[name])
     p.set_defaults(func=cmd_prune)
 
@@ -331,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", default=None, metavar="PATH", help="write the graph: .dot, .svg or .png")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _int_or_word(value: str) -> int | str:
+    """A flag that takes a number or a word (``--batch-size auto``); the config checks which words."""
+    return int(value) if value.lstrip("-").isdigit() else value
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -6,6 +6,7 @@ capture -> eligibility -> (one-shot peer | warm start + anneal) -> masks in the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class SparsifyResult:
     teacher_tokens: int = 0
     oneshot: object | None = None
     teacher_sample_batch: int = 0  # rows sampled at once (0: none sampled here)
+    batch_size: int = 0  # training sequences per step and process (batch_size "auto" resolved)
     # Training forwards of the teacher and the plain student: "skipped" (distill.MasklessCausalAttention)
     # or why they built their attention mask
     attention_masks: dict[str, str] = field(default_factory=dict)
@@ -51,7 +53,7 @@ class SparsifyResult:
         if self.attention_masks:
             out["attention_masks"] = "; ".join(f"{k}: {v}" for k, v in self.attention_masks.items())
         if self.anneal:
-            out.update(steps=self.anneal.steps, train_tokens=self.anneal.tokens,
+            out.update(steps=self.anneal.steps, batch_size=self.batch_size, train_tokens=self.anneal.tokens,
                        final_loss=self.anneal.final_loss, flips_vs_warm_start=self.anneal.flips_vs_warm_start,
                        compiled=self.anneal.compiled)
         return out
@@ -78,7 +80,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, tokenize
     from .passes.eligibility import analyze_eligibility
 
     check_sparsify_inputs(model, config, out_dir, resume)
-    cfg = config or SparsifyConfig()
+    cfg = _fixed_batch(config or SparsifyConfig(), model)
     start = time.perf_counter()
     deadline = start + cfg.budget_s if cfg.budget_s else None
     phases: dict[str, float] = {}
@@ -174,6 +176,21 @@ def check_sparsify_inputs(model: object, config: object, out_dir: object, resume
                          f"{config.method} runs in one shot: drop --resume")
 
 
+def _fixed_batch(cfg: SparsifyConfig, model: nn.Module) -> SparsifyConfig:
+    """``batch_size = "auto"`` made a number for this model on this GPU, before anything records the config."""
+    runtime = cfg.anneal.runtime
+    if runtime.batch_size != "auto":
+        return cfg
+    from .memory_plan import auto_batch
+
+    ranks = current_ranks()
+    device = ranks.device if ranks is not None else device_of(model)
+    batch = 32 if cfg.method in ONE_SHOT else auto_batch(
+        model, device, ranks.world if ranks is not None else 1, runtime.seqlen, runtime.parallel,
+        cfg.anneal.autocasts(device))
+    return dataclasses.replace(cfg, anneal=cfg.anneal.replace(batch_size=batch))
+
+
 def _vocab_size(model: nn.Module) -> int:
     """The token vocabulary the model takes (its config's, or its input embedding's); 0 when it has none."""
     config = getattr(model, "config", None)
@@ -241,6 +258,6 @@ def _sparsify_trained(model, cfg: SparsifyConfig, captured, report, layers, tran
     rows = setup.teacher_rows
     return SparsifyResult(cfg.method, cfg.pattern, layers, skipped, time.perf_counter() - start, phases,
                           anneal=result, teacher_tokens=int(rows.numel()) if rows is not None else 0,
-                          teacher_sample_batch=setup.teacher_sample_batch,
+                          teacher_sample_batch=setup.teacher_sample_batch, batch_size=cfg.anneal.runtime.batch_size,
                           attention_masks={who: "skipped" if a.applied else str(a.reason)
                                            for who, a in setup.attention.items()})

@@ -140,7 +140,7 @@ def _prune(args: argparse.Namespace, ranks, device: str) -> int:
     if not main:
         return 0
     if ranks is not None:
-        print(f"trained on {ranks.world} processes, {cfg.anneal.runtime.batch_size} sequences each per step")
+        print(f"trained on {ranks.world} processes, {result.batch_size} sequences each per step")
     provenance = {"method": cfg.method, "model": args.model, "config": cfg.to_json(), **result.summary()}
     saved = _save_pruned(model, tok, out, pattern, provenance, args.overwrite)  # before anything else can fail
     after = perplexity(model, windows, progress=not args.quiet, desc="pruned ppl") if windows is not None else None

@@ -49,6 +49,8 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
     if "int" in kind and "float" not in kind:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if "str" in kind and isinstance(value, str):  # a number or a word (batch_size: auto)
+            return int(value) if value.isdigit() else value
         raise RecipeError(f"{where}: {key} = {value!r}: expected an integer")
     if "float" in kind:
         if isinstance(value, int | float) and not isinstance(value, bool):

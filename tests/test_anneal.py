@@ -296,7 +296,7 @@ def test_compiled_annealing_follows_the_eager_run(data_dir, outline, device):
     hardening and final phases, with Fisher probes and taps. In fp32 on CUDA too: the Fisher probe
     samples its labels from the student, and bf16's rounding differences between fused and eager
     kernels flip some samples, which moves single weights' importances by 2x (seen on the H200);
-    the bf16 compiled loop is compared with eager in test_teacher_cuda_graph_gives_the_same_run."""
+    the bf16 loop with CUDA graphs is compared with the compiled one in tests/test_cuda_graph_step.py."""
     runs = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)

@@ -103,7 +103,7 @@ CLI_CASES = [
      "prune --model tiny-llama --method sparseforge --pattern none --sparsity 0.5 --steps 2 --out {out}",
      r"unstructured pruning \(no pattern\) needs --sparsity and a one-shot method"),
     ("prune --batch-size 0", "prune --model tiny-llama --method magnitude --batch-size 0 --out {out}",
-     r"batch_size must be >= 1, got 0"),
+     r"batch_size must be >= 1 or auto, got 0"),
     ("prune --calib-samples 0", "prune --model tiny-llama --method magnitude --calib-samples 0 --out {out}",
      r"calibration needs at least one window"),
     ("prune --seqlen 1", "prune --model tiny-llama --method sparseforge --steps 2 --seqlen 1 --out {out}",

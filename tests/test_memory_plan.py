@@ -123,3 +123,33 @@ def test_a_7b_shaped_model_needs_fsdp2_and_enough_gpus():
     assert sum(eight["ddp"].parts[k] for k in ("weights", "gradients", "optimizer")) > 100e9  # ~107 GB
     text = format_plan(eight, "fsdp2", 80 * GIB)
     assert "mode: fsdp2" in text and "mask_state" in text and "--parallel fsdp2" in text
+
+
+@pytest.mark.parametrize("name,gpus,mode", [("llama-7b-shape", 8, "fsdp2"), ("llama-7b-shape", 16, "fsdp2")])
+def test_the_fitting_batch_is_the_largest_multiple_of_8_in_the_headroom(name, gpus, mode):
+    from sparseforge_compile.memory_plan import BATCH_HEADROOM, fitting_batch
+
+    shape, gpu = named_shape(name), 80 * GIB
+    batch = fitting_batch(shape, gpus, 512, gpu, mode)
+    assert batch % 8 == 0 and 8 <= batch < 256
+    assert plan_modes(shape, gpus, batch, 512)[mode].total <= BATCH_HEADROOM * gpu
+    assert plan_modes(shape, gpus, batch + 8, 512)[mode].total > BATCH_HEADROOM * gpu
+    assert fitting_batch(shape, 1, 512, gpu, "ddp") == 0  # a 7B replica fits no 80 GiB GPU
+    assert fitting_batch(ModelShape.of(tiny_model("tiny-llama")), 1, 512, gpu, "ddp") == 256  # the cap
+
+
+def test_auto_batch_sizes_the_gpu_and_is_32_on_the_cpu(llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparseforge_compile.memory_plan import auto_batch, fitting_batch
+
+    cpu = torch.device("cpu")
+    assert auto_batch(llama, cpu, 1, 512, "auto") == 32
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2 * GIB))
+    gpu = torch.device("cuda")
+    shape = ModelShape.of(llama)
+    assert auto_batch(llama, gpu, 1, 4096, "auto") == fitting_batch(shape, 1, 4096, 2 * GIB, "ddp") > 0
+    # Sharded runs are sized by the sharded plan; a sequence too long for the GPU is one line naming the fix.
+    assert auto_batch(llama, gpu, 2, 4096, "fsdp2") == fitting_batch(shape, 2, 4096, 2 * GIB, "fsdp2")
+    with pytest.raises(ValueError, match="not even 8 sequences of 10000000 tokens fit a 2 GiB GPU"):
+        auto_batch(llama, gpu, 1, 10_000_000, "ddp")

@@ -16,7 +16,8 @@ def test_smoke_writes_settings_and_scaling_rows(tmp_path):
     payload = json.loads(path.read_text())
     assert {"command", "commit", "settings", "device", "torch", "date", "rows"} <= payload.keys()
     rows = payload["rows"]
-    assert [(r["bench"], r.get("settings")) for r in rows[:2]] == [("settings", "before"), ("settings", "after")]
+    assert [r.get("settings") for r in rows[:4]] == ["before", "graphs", "batch", "after"]
+    assert [r["batch_per_gpu"] for r in rows[:4]] == [2, 2, 32, 32]  # batch auto is 32 off CUDA
     scaling = [r for r in rows if r["bench"] == "scaling"]
     assert [r["gpus"] for r in scaling] == [1, 2] and scaling[0]["speedup"] == 1.0
     assert {r["parallel"] for r in scaling} == {"fsdp2"}

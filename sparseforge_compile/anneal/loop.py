@@ -199,6 +199,7 @@ class Annealer:
 
     def _train_step(self) -> dict:
         cfg = self.cfg
+        self.compilation.step_begins()
         point = schedule(cfg, self.step, self.total_steps, progress=self.schedule_progress())
         plain = self._plain_phase(point)
         probing = point.soft_phase and self.step % cfg.evidence.importance_every == 0
