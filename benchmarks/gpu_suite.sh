@@ -27,7 +27,7 @@
 #   e2e_both          e2e.py --layout both: decode, cuSPARSELt and dense measured per bucket
 #   fp8               fp8_table.py --accuracy: FP8 x 2:4 vs FP8 dense vs bf16 at >= 4096 tokens, SmolLM2 FP8 ppl
 #   generate          generate.py: static-cache greedy tokens/s, dense vs lowered (cusparselt, compact)
-#   throughput        train_throughput.py: training tokens/s of SparseForge and the peer, kd_loss plain vs fused,
+#   throughput        train_throughput.py: training tokens/s of SparseForge and the peer, CUDA graphs and batch auto off and on,
 #                     and data-parallel scaling over 1..GPUS GPUs (default 1)
 #
 # Settings: TASKS (zero-shot tasks of the trained steps; default piqa,arc_easy, empty for none), STEP_BATCHES
