@@ -15,6 +15,10 @@ their rows into one results file: a 10-minute budget is then 10 minutes of one w
 method, as when they run one after another. On one GPU, two or more trained methods also run each in
 a fresh process, one after another (``--isolate``, the default there): a method run after another in the
 same process inherited its allocator and compile state (its teacher sampling took 43 % longer).
+
+``--nproc N`` instead trains each method data-parallel over N processes (one per GPU; gloo processes on
+the CPU) under torchrun, one method after another: ``--batch-size`` is per process, ``--anneal
+parallel=fsdp2`` shards the model, and rank 0 evaluates and writes the rows (``nproc`` in each).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tabulate import tabulate
 
 from benchmarks import curves
 from benchmarks.common import RESULTS_DIR, ROOT, write_results
+from sparseforge_compile import distributed
 from sparseforge_compile.anneal import AnnealConfig
 from sparseforge_compile.anneal.config import flat_fields
 from sparseforge_compile.data import calibration_windows, eval_windows, load_wikitext2, tokenize
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each method in a fresh process, one after another (default: on a GPU when two or "
                         "more trained methods share the run, so none inherits another's state)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train each method data-parallel over N processes under torchrun (GPUs; gloo on the CPU)")
     p.add_argument("--runs-prefix", default=None, help=argparse.SUPPRESS)  # --gpus workers: the parent's run dirs
     return p.parse_args(argv)
 
@@ -291,6 +298,26 @@ def run_in_processes(args: argparse.Namespace, argv: list[str], methods: list[st
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.nproc and not distributed.launched():  # rerun under torchrun, one process per GPU
+        if args.gpus > 1:
+            raise SystemExit("--nproc trains one method on several GPUs, --gpus runs several methods side by side: "
+                             "give one of them")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "benchmarks.accuracy", *distributed.strip_launch_flags(argv)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        return subprocess.call(cmd, env=env)
+    if not distributed.launched():
+        return _main(args, argv, None)
+    ranks, args.device = distributed.init_from_env(args.device)
+    try:
+        return _main(args, argv, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _main(args: argparse.Namespace, argv: list[str], ranks) -> int:
+    """The run, in this process; under torchrun (``ranks``) every rank trains, rank 0 evaluates and writes."""
+    writes = ranks is None or ranks.main
     methods = split_methods(args.methods)
     overrides = anneal_overrides(args.anneal)
     for spec in methods:
@@ -307,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     # one method spec must not share a run dir (the second overwrote the first's curve).
     stem = Path(args.out).stem if args.out else f"accuracy_{Path(args.model).name.replace('.', '_')}"
     runs_prefix = args.runs_prefix or str((Path(args.out).parent if args.out else RESULTS_DIR) / "runs" / stem)
-    if len(methods) > 1 and (args.gpus > 1 or isolates(args, methods)):
+    if ranks is None and len(methods) > 1 and (args.gpus > 1 or isolates(args, methods)):
         rows = run_in_processes(args, argv, methods, stem, runs_prefix)
         path = write_results(stem, rows, out=args.out, settings=vars(args))
         _bar_chart(rows, tasks, path.with_suffix(".png"))
@@ -359,12 +386,17 @@ def main(argv: list[str] | None = None) -> int:
                 first = result.anneal.history[0]
                 info["first_log_step"], info["first_log_elapsed_s"] = first["step"], round(first["elapsed_s"], 1)
         wall = time.perf_counter() - t0
+        if not writes:  # rank 0 evaluates; the others wait for it at the next method's first collective
+            del model
+            ranks.barrier()
+            continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         ppl = perplexity(model, windows, total_windows=all_windows.shape[0], progress=not args.quiet)
         row = {"model": args.model, "method": spec, "pattern": args.pattern if method != "dense" else "dense",
                "wikitext2_ppl": round(ppl.ppl, 3), "split": args.split, "eval_windows": ppl.windows,
                "eval_seqlen": args.seqlen, "budget_s": budget_s, "wall_s": round(wall, 1),
-               "peak_gpu_gb": round(peak, 2) if peak is not None else None}
+               "peak_gpu_gb": round(peak, 2) if peak is not None else None,
+               **({"nproc": ranks.world} if ranks is not None else {})}
         if 0 < args.train_seqlen < args.seqlen:
             # Where in the 2048-token window each model loses, split at --train-seqlen for every row
             # (dense too): trained methods saw windows that long (train_seqlen says if one differed).
@@ -405,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         print(tabulate([row], headers="keys", tablefmt="github"), flush=True)
         write_results(stem, rows, out=args.out, settings=vars(args))  # a cut-off run keeps what it finished
         del model
+        if ranks is not None:
+            ranks.barrier()
+    if not writes:
+        return 0
     path = write_results(stem, rows, out=args.out, settings=vars(args))
     _bar_chart(rows, tasks, path.with_suffix(".png"))
     print(tabulate(rows, headers="keys", tablefmt="github"))

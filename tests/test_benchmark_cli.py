@@ -379,3 +379,21 @@ def test_accuracy_rows_carry_lm_eval_metrics_for_every_method(tmp_path, monkeypa
     assert [r["method"] for r in payload["rows"]] == ["dense", "magnitude"]
     assert all({"arc_easy_acc", "arc_easy_acc_norm"} <= set(r) for r in payload["rows"])
     assert payload["settings"]["tasks"] == "arc_easy"
+
+
+def test_nproc_trains_each_method_data_parallel_and_rank_0_writes(tmp_path, monkeypatch, data_dir):
+    """Under torchrun (2 gloo processes): a trained, a one-shot and the dense row, in order, each row once."""
+    import json
+
+    monkeypatch.setenv("SPARSEFORGE_DATA", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--model", "tiny-llama", "--device", "cpu", "--methods", "sparsegpt+kd,wanda,dense",
+                          "--nproc", "2", "--anneal", "steps=2", "--batch-size", "2", "--train-seqlen", "32",
+                          "--seqlen", "64", "--max-windows", "2", "--calib-samples", "2", "--calib-seqlen", "64",
+                          "--quiet", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["nproc"]) for r in rows] == [("sparsegpt+kd", 2), ("wanda", 2), ("dense", 2)]
+    assert rows[0]["steps"] == 2 and rows[0]["train_tokens"] == 2 * 2 * 2 * 32  # steps x ranks x batch x seqlen
+    with pytest.raises(SystemExit, match="give one of them"):
+        accuracy.main(["--nproc", "2", "--gpus", "2", "--out", str(tmp_path / "x.json")])
