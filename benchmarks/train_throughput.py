@@ -8,6 +8,8 @@ Every measurement is its own process (a fresh CUDA context, torchrun for several
     python -m benchmarks.train_throughput                   # SmolLM2, 32 x 512 per GPU, 1 GPU
     python -m benchmarks.train_throughput --gpus 1,2,4,8    # + scaling rows
     python -m benchmarks.train_throughput --gpus 1,2 --parallel fsdp2   # the scaling rows sharded
+    python -m benchmarks.train_throughput --model llama-7b-shape:8 --settings '' --gpus 8 --parallel fsdp2 \
+        --methods sparseforge --batch-size 8   # 8 LLaMA-7B-shaped blocks (random init) sharded over 8 GPUs
     python -m benchmarks.train_throughput --smoke           # CPU, tiny model, gloo: checks the script only
 
 ``--smoke`` runs end to end on the CPU; its numbers are no speed.
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 10; 1 with --smoke)")
     p.add_argument("--gpus", default="1", help="comma-separated GPU counts for the scaling rows, e.g. 1,2,4,8")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"the settings rows, of {', '.join(SETTINGS)} (empty: the scaling rows only)")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
                    help="how the scaling rows split the model over GPUs (fsdp2: sharded, eager)")
     p.add_argument("--data-dir", default=None)
@@ -53,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seqlen = args.seqlen or (32 if small else 512)
     args.steps = args.steps or (4 if small else 40)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 10)
+    unknown = [name for name in args.settings.split(",") if name and name not in SETTINGS]
+    if unknown:
+        p.error(f"--settings {unknown[0]}: choose from {', '.join(SETTINGS)}")
     return args
 
 
@@ -70,7 +77,9 @@ def worker(spec: dict) -> None:
     if distributed.launched():
         ranks, device = distributed.init_from_env(device)
     try:
-        loaded = load_model(spec["model"], device=device)
+        # Sharded, each rank moves only its shards to its GPU: the model, possibly larger than one, waits on the CPU.
+        sharded = ranks is not None and spec["settings"].get("parallel") == "fsdp2"
+        loaded = load_model(spec["model"], device="cpu" if sharded else device)
         anneal = AnnealConfig.from_flat({"steps": spec["steps"], "batch_size": spec["batch_size"],
                                          "seqlen": spec["seqlen"], "log_every": 1, "warm_start": "magnitude",
                                          "teacher_data_ratio": 0.0, **spec["settings"],
@@ -118,13 +127,15 @@ def main(argv: list[str] | None = None) -> Path:
     gpus = [int(g) for g in args.gpus.split(",")] if not args.smoke else [1, 2]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
+    names = [name for name in args.settings.split(",") if name]
     for method in methods:
-        for name, settings in SETTINGS.items():
+        for name in names:
+            settings = SETTINGS[name]
             r = measure(args, method, settings, 1)
             rows.append({"bench": "settings", "method": method, "settings": name, **settings, "gpus": 1,
                          "seqlen": args.seqlen, **r})
             print(json.dumps(rows[-1]))
-    if gpus != [1]:
+    if gpus != [1] or not names:
         base = None
         for g in gpus:
             r = measure(args, methods[0], {"parallel": args.parallel}, g)

@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="GPU memory per part for annealing a model under DDP and FSDP2, and the mode")
     p.add_argument("--model", default=SMOLLM2_NAME,
-                   help="any --model of prune (Hugging Face models read on the meta device) or a named shape: "
-                        "llama-7b-shape")
+                   help="any --model of prune (Hugging Face models and shaped models read on the meta device), e.g. "
+                        "llama-7b-shape or llama-7b-shape:8 (8 of its blocks)")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=GPU_DEFAULTS["batch_size"], help="sequences per GPU")
     p.add_argument("--seqlen", type=int, default=GPU_DEFAULTS["seqlen"])

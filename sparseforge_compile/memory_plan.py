@@ -182,33 +182,30 @@ def format_plan(plans: dict[str, Plan], chosen: str | None, gpu_bytes: int) -> s
     return "\n".join(lines)
 
 
-# Shapes the plan knows by name, built on the meta device (no memory): LLaMA-7B's real shapes.
-NAMED_SHAPES = {
-    "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-}
-
-
 def named_shape(name: str) -> ModelShape:
-    """A :class:`ModelShape` of a named architecture, without allocating its weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A :class:`ModelShape` of a shaped model (``models.SHAPED_MODELS``, ``NAME`` or ``NAME:L``), built on the
+    meta device: no weights allocated."""
+    from transformers import LlamaForCausalLM
 
-    if name not in NAMED_SHAPES:
-        raise ValueError(f"unknown shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    from .models import SHAPED_MODELS, shaped_config
+
+    config = shaped_config(name)
+    if config is None:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPED_MODELS)}")
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**NAMED_SHAPES[name]))
+        model = LlamaForCausalLM(config)
     return ModelShape.of(model)
 
 
 def model_shape(name: str) -> ModelShape:
-    """The shape of any ``--model`` of prune, or of a name in :data:`NAMED_SHAPES`: Hugging Face models
-    (folders, hub ids) are built from their config on the meta device (no weights read or allocated);
-    the tiny models and the embedded default are small enough to load."""
+    """The shape of any ``--model`` of prune: Hugging Face models (folders, hub ids) and the shaped models
+    are built from their config on the meta device (no weights read or allocated); the tiny models and the
+    embedded default are small enough to load."""
     from pathlib import Path
 
-    from .models import SMOLLM2_NAME, TINY_MODELS, load_model
+    from .models import SMOLLM2_NAME, TINY_MODELS, load_model, shaped_config
 
-    if name in NAMED_SHAPES:
+    if shaped_config(name) is not None:
         return named_shape(name)
     path = Path(name).expanduser()
     if name in TINY_MODELS or name == SMOLLM2_NAME or path.suffix == ".gguf" or (path / "sparseforge.json").is_file():

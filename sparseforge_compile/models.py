@@ -84,6 +84,27 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+# Real architectures' shapes, random-init: for speed and memory measurements, never for accuracy.
+# ``NAME:L`` keeps L of the decoder blocks (the widths, and so every layer's cost, stay the real ones).
+SHAPED_MODELS: dict[str, dict] = {
+    "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+def shaped_config(name: str):
+    """The LlamaConfig of ``NAME`` or ``NAME:L`` (L decoder blocks); None where ``name`` is no shaped model."""
+    from transformers import LlamaConfig
+
+    base, _, layers = name.partition(":")
+    if base not in SHAPED_MODELS:
+        return None
+    if layers and not (layers.isdigit() and int(layers) >= 1):
+        raise ModelLoadError(f"{name!r}: write {base}:L with L >= 1 decoder blocks, or {base} for all of them")
+    kwargs = {**SHAPED_MODELS[base], **({"num_hidden_layers": int(layers)} if layers else {})}
+    return LlamaConfig(**kwargs)
+
+
 def tiny_model(name: str, seed: int = 0) -> nn.Module:
     if name not in TINY_MODELS:
         raise ModelLoadError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
@@ -218,7 +239,8 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> tuple[nn.Module, o
 
 def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                seed: int = 0) -> LoadedModel:
-    """Load a model by name: ``smollm2-135m``, ``tiny-*``, a local HF folder, a .gguf file or a hub id."""
+    """Load a model by name: ``smollm2-135m``, ``tiny-*``, a random-init shaped model (``llama-7b-shape[:L]``),
+    a local HF folder, a .gguf file or a hub id."""
     if not isinstance(name, str | os.PathLike):
         raise ModelLoadError(f"load_model takes a model name or path, got {type(name).__name__} {name!r:.40}")
     name = str(name)
@@ -229,8 +251,15 @@ def load_model(name: str = SMOLLM2_NAME, device: str | torch.device = "cpu", dty
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    shaped = shaped_config(name)
     if name in TINY_MODELS:
         model, tokenizer, source = tiny_model(name, seed).to(torch_dtype), ByteTokenizer(), "random-init"
+    elif shaped is not None:
+        from transformers import LlamaForCausalLM
+
+        with _seeded(seed):
+            model = LlamaForCausalLM(shaped).to(torch_dtype)
+        tokenizer, source = ByteTokenizer(), "random-init"
     elif name == SMOLLM2_NAME:
         gguf_path = fetch_smollm2()
         model, tokenizer = _load_gguf(gguf_path, torch_dtype)

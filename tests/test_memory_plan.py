@@ -153,3 +153,15 @@ def test_auto_batch_sizes_the_gpu_and_is_32_on_the_cpu(llama, monkeypatch):
     assert auto_batch(llama, gpu, 2, 4096, "fsdp2") == fitting_batch(shape, 2, 4096, 2 * GIB, "fsdp2")
     with pytest.raises(ValueError, match="not even 8 sequences of 10000000 tokens fit a 2 GiB GPU"):
         auto_batch(llama, gpu, 1, 10_000_000, "ddp")
+
+
+def test_a_shaped_model_keeps_its_widths_with_fewer_blocks():
+    from sparseforge_compile.errors import ModelLoadError
+    from sparseforge_compile.models import shaped_config
+
+    full, eight = named_shape("llama-7b-shape"), named_shape("llama-7b-shape:8")
+    assert (full.layers, eight.layers) == (32, 8) and full.block_params == eight.block_params
+    assert full.params - eight.params == 24 * full.block_params and round(full.params / 1e9, 2) == 6.74
+    assert shaped_config("tiny-llama") is None
+    with pytest.raises(ModelLoadError, match="write llama-7b-shape:L with L >= 1"):
+        shaped_config("llama-7b-shape:0")

@@ -22,3 +22,12 @@ def test_smoke_writes_settings_and_scaling_rows(tmp_path):
     assert [r["gpus"] for r in scaling] == [1, 2] and scaling[0]["speedup"] == 1.0
     assert {r["parallel"] for r in scaling} == {"fsdp2"}
     assert all(r["tokens_per_s"] > 0 and r["steps"] == 4 for r in rows)
+
+
+def test_settings_are_checked_before_anything_runs(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--settings", "before,fastest"])
+    assert "--settings fastest: choose from before, graphs, batch, after" in capsys.readouterr().err
+    assert train_throughput.parse_args(["--settings", ""]).settings == ""
