@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model to N:M (or unstructured) sparsity and save it",
                        description="Common settings are flags; every other one comes from --recipe FILE "
                                    "(sparseforge-compile recipe prints the defaults). Flags override the recipe.")
-    docs = setting_docs()
+    docs = {k: v.replace("%", "%%") for k, v in setting_docs().items()}  # argparse formats help with %
     p.add_argument("--model", default=SMOLLM2_NAME)
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="recipe file (TOML, or YAML where PyYAML is installed): any setting, laid out as "

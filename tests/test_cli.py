@@ -236,3 +236,11 @@ def test_magnitude_says_it_ignores_the_calibration_text(tmp_path, caplog):
         assert main(["prune", "--model", "tiny-llama", "--device", "cpu", "--method", "magnitude", "--eval-windows",
                      "0", "--quiet", "--calib-data", str(text), "--out", str(tmp_path / "out")]) == 0
     assert any("reads no calibration text" in r.getMessage() and str(text) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("command", ["eval", "report", "prune", "plan", "recipe", "generate"])
+def test_every_commands_help_prints(command, capsys):
+    """Help texts come from the settings' docstrings, where a '%' would break argparse's formatting."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "usage: sparseforge-compile " + command in capsys.readouterr().out
