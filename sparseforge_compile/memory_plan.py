@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 GIB = 1024**3
 HEADROOM = 0.9  # of a GPU's memory the plan may fill (allocator fragmentation, CUDA context, workspaces)
-# ``batch_size = "auto"`` fills less: the plan ran 5 % under the peak an H100 measured, and an OOM
-# after minutes of training costs more than a smaller batch.
+# ``batch_size = "auto"`` fills less: the plan runs a few % under measured peaks (docs/results.md), and
+# an OOM after minutes of training costs more than a smaller batch.
 BATCH_HEADROOM = 0.8
 BATCH_MULTIPLE, MAX_AUTO_BATCH = 8, 256
 

@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from .checkpoint.store import file_sha256
 from .errors import ModelLoadError
 from .loaded import DTYPES, ByteTokenizer, LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ SHAPED_MODELS: dict[str, dict] = {
 }
 
 
-def shaped_config(name: str):
+def shaped_config(name: str) -> LlamaConfig | None:
     """The LlamaConfig of ``NAME`` or ``NAME:L`` (L decoder blocks); None where ``name`` is no shaped model."""
     from transformers import LlamaConfig
 

@@ -5,8 +5,8 @@ alone with the graph around it eager (regional). The Hugging Face modules (teach
 are compiled one decoder block at a time: all blocks of a model share one compiled artifact
 (benchmarks/results/step_time_cpu_compile.json). With ``cuda_graphs`` on, the Hugging Face modules'
 blocks replay as CUDA graphs (reduce-overhead): the teacher throughout, the student in the plain phase;
-the loss and the masked graph do not (the loss's outputs outlive the next replay). A compile failure falls back to the flat graph, then to eager, with one
-warning each.
+the loss and the masked graph do not (the loss's outputs outlive the next replay). A failure falls back
+to compiling without graphs, then to the flat graph, then to eager, with one warning each.
 """
 
 from __future__ import annotations
