@@ -386,7 +386,7 @@ def _main(args: argparse.Namespace, argv: list[str], ranks) -> int:
                 first = result.anneal.history[0]
                 info["first_log_step"], info["first_log_elapsed_s"] = first["step"], round(first["elapsed_s"], 1)
         wall = time.perf_counter() - t0
-        if not writes:  # rank 0 evaluates; the others wait for it at the next method's first collective
+        if not writes:  # rank 0 evaluates; the others wait for it at the barrier that ends each method
             del model
             ranks.barrier()
             continue
